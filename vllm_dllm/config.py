@@ -1,0 +1,253 @@
+"""Per-request diffusion parameters: defaults, parsing and validation.
+
+Requests carry the parameters in `SamplingParams.extra_args` (the OpenAI server's `vllm_xargs`)
+under the keys of `DLLM_PARAM_DOCS`; the server may set defaults for the same keys. A request's
+own value wins over a default, and a request that names a selection rule replaces a default rule
+of another kind instead of conflicting with it.
+
+Value types: numbers may arrive as Python/JSON numbers or as strings, because `vllm_xargs` is
+typed `str | int | float | list` and clients (e.g. `curl`, form data) often send strings. A
+string is accepted when it is exactly a decimal literal (surrounding whitespace allowed); an
+integral float such as `32.0` is accepted for an integer parameter (JSON does not distinguish
+`32` from `32.0`). Bools, lists, non-finite numbers and anything else are rejected. A value of
+`None` counts as not given. Keys that do not start with `dllm_` belong to other extensions and
+are ignored; unknown `dllm_` keys are errors.
+
+Every error is a `DllmParamError` (a `ValueError`, which vLLM's server turns into a 400) whose
+message starts with the offending parameter's name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Cache modes (DESIGN section 2, step 1).
+CACHE_MODES = ("none", "prefix", "dual")
+#: Selection rules (DESIGN section 2, step 4); each has the parameter `dllm_<rule>`.
+RULES = ("threshold", "factor", "steps")
+#: Confidence scores for selection (DESIGN section 2, step 3).
+REMASKING_MODES = ("low_confidence", "random")
+
+DEFAULT_BLOCK_LENGTH = 32
+DEFAULT_CACHE = "dual"
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_REMASKING = "low_confidence"
+
+#: Parameter name -> (default, description). The README's parameter table is checked against it.
+DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
+    "dllm_block_length": (
+        DEFAULT_BLOCK_LENGTH,
+        "Tokens per block (int >= 1). The canvas is max_tokens rounded up to a multiple of it; "
+        "blocks are decoded left to right.",
+    ),
+    "dllm_cache": (
+        DEFAULT_CACHE,
+        "KV cache mode: none (recompute everything each step), prefix (Fast-dLLM PrefixCache) "
+        "or dual (Fast-dLLM DualCache).",
+    ),
+    "dllm_threshold": (
+        DEFAULT_THRESHOLD,
+        "Threshold rule (the default rule), float in (0, 1]: commit every masked position with "
+        "confidence >= threshold, and always the most confident one.",
+    ),
+    "dllm_factor": (
+        None,
+        "Factor rule, float > 0: commit the longest run of most-confident positions whose i-th "
+        "confidence is >= 1 - factor / (i + 1). Excludes dllm_threshold and dllm_steps.",
+    ),
+    "dllm_steps": (
+        None,
+        "Steps rule (original LLaDA schedule), int >= 1, a multiple of the number of blocks: "
+        "steps are split evenly over the blocks. Excludes dllm_threshold and dllm_factor.",
+    ),
+    "dllm_remasking": (
+        DEFAULT_REMASKING,
+        "Score used by the rule: low_confidence (the model's probability of its proposal) or "
+        "random (uniform random scores).",
+    ),
+}
+DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
+
+_PREFIX = "dllm_"
+_RULE_KEYS = tuple(_PREFIX + rule for rule in RULES)
+_INT_LITERAL = re.compile(r"[+-]?[0-9]+")
+_FLOAT_LITERAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+class DllmParamError(ValueError):
+    """An invalid diffusion parameter; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class DllmParams:
+    """The validated diffusion parameters of one request.
+
+    Exactly one selection rule is active (`rule`); its parameter is set and the other two rule
+    parameters are `None`. `threshold` may be left out for the threshold rule (0.9 is filled in).
+    Construction validates everything, so a `DllmParams` in hand is always consistent; the
+    error messages use the `dllm_` request keys because they reach users unchanged.
+    """
+
+    max_tokens: int
+    block_length: int = DEFAULT_BLOCK_LENGTH
+    cache: str = DEFAULT_CACHE
+    rule: str = "threshold"
+    threshold: float | None = None
+    factor: float | None = None
+    steps: int | None = None
+    remasking: str = DEFAULT_REMASKING
+
+    def __post_init__(self) -> None:
+        if self.rule == "threshold" and self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD)
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise DllmParamError(f"max_tokens must be an int, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise DllmParamError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+        if self.rule not in RULES:
+            raise DllmParamError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        for key in DLLM_PARAM_NAMES:
+            value = getattr(self, key.removeprefix(_PREFIX))
+            if value is not None:
+                _check_value(key, value, source="")
+        if getattr(self, self.rule) is None:
+            raise DllmParamError(
+                f"dllm_{self.rule} must be set when the selection rule is {self.rule}"
+            )
+        _check_exclusive([_PREFIX + r for r in RULES if getattr(self, r) is not None], source="")
+        if self.steps is not None and self.steps % self.num_blocks:
+            raise DllmParamError(
+                f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
+                f"({self.num_blocks} = ceil(max_tokens / dllm_block_length))"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the canvas: `ceil(max_tokens / block_length)`."""
+        return -(-self.max_tokens // self.block_length)
+
+    @property
+    def gen_length(self) -> int:
+        """Canvas length: `max_tokens` rounded up to a multiple of `block_length`.
+
+        Derived rather than stored so it can never disagree with `max_tokens` and `block_length`.
+        """
+        return self.num_blocks * self.block_length
+
+    @property
+    def steps_per_block(self) -> int | None:
+        """For the steps rule, the denoising steps of each block (`m` of the LLaDA schedule)."""
+        return None if self.steps is None else self.steps // self.num_blocks
+
+
+def parse_dllm_params(
+    extra_args: Mapping[str, Any] | None,
+    max_tokens: int,
+    defaults: Mapping[str, Any] | None = None,
+) -> DllmParams:
+    """Build a request's `DllmParams` from its `extra_args` and the server-wide `defaults`.
+
+    `max_tokens` is the request's resolved generation budget (an int >= 1). Errors in
+    `defaults` are reported with a "server default" prefix, since the user cannot fix them.
+    """
+    request = _read_dllm_args(extra_args, source="")
+    server = _read_dllm_args(defaults, source="server default ")
+    request_rules = [key for key in _RULE_KEYS if key in request]
+    server_rules = [key for key in _RULE_KEYS if key in server]
+    _check_exclusive(request_rules, source="")
+    _check_exclusive(server_rules, source="server default ")
+    # A request that names a rule replaces the server's rule rather than conflicting with it.
+    values = {k: v for k, v in server.items() if not (request_rules and k in _RULE_KEYS)}
+    values.update(request)
+    rule_key = next((key for key in _RULE_KEYS if key in values), "dllm_threshold")
+    return DllmParams(
+        max_tokens=max_tokens,
+        block_length=values.get("dllm_block_length", DEFAULT_BLOCK_LENGTH),
+        cache=values.get("dllm_cache", DEFAULT_CACHE),
+        rule=rule_key.removeprefix(_PREFIX),
+        threshold=values.get("dllm_threshold"),
+        factor=values.get("dllm_factor"),
+        steps=values.get("dllm_steps"),
+        remasking=values.get("dllm_remasking", DEFAULT_REMASKING),
+    )
+
+
+def _read_dllm_args(args: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """The `dllm_` entries of `args` (None values dropped), converted to their Python types."""
+    if not args:
+        return {}
+    out: dict[str, Any] = {}
+    for key, raw in args.items():
+        if not isinstance(key, str) or not key.startswith(_PREFIX):
+            continue
+        if key not in DLLM_PARAM_DOCS:
+            close = difflib.get_close_matches(key, DLLM_PARAM_NAMES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            known = ", ".join(DLLM_PARAM_NAMES)
+            raise DllmParamError(f"{source}{key} is not a known parameter{hint} (known: {known})")
+        if raw is not None:
+            convert, _, _ = _PARAM_RULES[key]
+            out[key] = convert(key, raw, source)
+            _check_value(key, out[key], source)
+    return out
+
+
+def _check_exclusive(rule_keys: list[str], source: str) -> None:
+    if len(rule_keys) > 1:
+        names = ", ".join(rule_keys[:-1]) + " and " + rule_keys[-1]
+        raise DllmParamError(f"{source}{names} are mutually exclusive: pick one selection rule")
+
+
+def _to_int(key: str, raw: Any, source: str) -> int:
+    if isinstance(raw, str) and _INT_LITERAL.fullmatch(raw.strip()):
+        return int(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, float) and math.isfinite(raw) and raw.is_integer():
+        return int(raw)
+    raise DllmParamError(f"{source}{key} must be an integer, got {raw!r}")
+
+
+def _to_float(key: str, raw: Any, source: str) -> float:
+    is_literal = isinstance(raw, str) and _FLOAT_LITERAL.fullmatch(raw.strip()) is not None
+    is_number = isinstance(raw, int | float) and not isinstance(raw, bool)
+    try:
+        value = float(raw) if is_literal or is_number else math.nan
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise DllmParamError(f"{source}{key} must be a finite number, got {raw!r}")
+    return value
+
+
+def _to_str(key: str, raw: Any, source: str) -> str:
+    if not isinstance(raw, str):
+        raise DllmParamError(f"{source}{key} must be a string, got {raw!r}")
+    return raw
+
+
+#: Parameter name -> (converter from the wire value, validity predicate, its wording).
+_PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bool], str]] = {
+    "dllm_block_length": (_to_int, lambda v: v >= 1, "must be >= 1"),
+    "dllm_cache": (_to_str, lambda v: v in CACHE_MODES, f"must be one of {', '.join(CACHE_MODES)}"),
+    "dllm_threshold": (_to_float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "dllm_factor": (_to_float, lambda v: v > 0.0, "must be > 0"),
+    "dllm_steps": (_to_int, lambda v: v >= 1, "must be >= 1"),
+    "dllm_remasking": (
+        _to_str,
+        lambda v: v in REMASKING_MODES,
+        f"must be one of {', '.join(REMASKING_MODES)}",
+    ),
+}
+
+
+def _check_value(key: str, value: Any, source: str) -> None:
+    """Raise unless `value` (already of the right type) is in the valid range of `key`."""
+    _, valid, requirement = _PARAM_RULES[key]
+    if not valid(value):
+        raise DllmParamError(f"{source}{key} {requirement}, got {value!r}")

@@ -1,0 +1,79 @@
+"""Zero-configuration engine set-up for diffusion checkpoints.
+
+vLLM consults `MODELS_CONFIG_MAP` (architecture -> `VerifyAndUpdateConfig`) while it builds its
+`VllmConfig`, before the platform picks a worker or the engine picks a scheduler. Registering our
+architectures there lets the plugin install its scheduler, worker and request validator, and turn
+off what would corrupt a diffusion request, without any dLLM-specific flag from the user.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = init_logger(__name__)
+
+SCHEDULER_CLS = "vllm_dllm.engine.scheduler.DllmScheduler"
+CPU_WORKER_CLS = "vllm_dllm.engine.worker.DllmCPUWorker"
+GPU_WORKER_CLS = "vllm_dllm.engine.worker.DllmGPUWorker"
+PARAMS_VALIDATOR_CLS = "vllm_dllm.engine.request_validation:DllmParamsValidator"
+
+
+class DllmEngineConfig(VerifyAndUpdateConfig):
+    """Configures vLLM to run the denoising loop for a diffusion architecture."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        from vllm.platforms import current_platform
+
+        scheduler_config = vllm_config.scheduler_config
+        if scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
+            raise ValueError(
+                f"vllm-dllm drives diffusion models with its own scheduler; "
+                f"scheduler_cls={scheduler_config.scheduler_cls!r} cannot be used with them."
+            )
+        scheduler_config.scheduler_cls = SCHEDULER_CLS
+        # The denoising step needs the previous step's commits before it can plan the next.
+        scheduler_config.async_scheduling = False
+
+        parallel_config = vllm_config.parallel_config
+        if parallel_config.worker_cls == "auto":
+            parallel_config.worker_cls = (
+                CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+            )
+
+        # A prefix-cache hit would reuse K/V computed without the later canvas tokens, and the
+        # DualCache rewrites K/V of earlier positions in place: both need prefix caching off.
+        vllm_config.cache_config.enable_prefix_caching = False
+
+        # Our step runs on the V1 worker; Model Runner V2 (default where Triton exists) has its
+        # own, incompatible, diffusion path. The variable reaches the workers spawned later.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+        # vLLM runs `validate_params` of the configured logits processors on every request in
+        # the front end: that is where bad `dllm_*` parameters become a 400 naming them.
+        model_config = vllm_config.model_config
+        processors = list(model_config.logits_processors or [])
+        if PARAMS_VALIDATOR_CLS not in processors:
+            processors.append(PARAMS_VALIDATOR_CLS)
+        model_config.logits_processors = processors
+        logger.info(
+            "vllm-dllm: diffusion engine enabled for %s (scheduler %s, worker %s)",
+            model_config.architecture,
+            SCHEDULER_CLS,
+            parallel_config.worker_cls,
+        )
+
+
+def install_config_hooks(architectures: object) -> None:
+    """Register `DllmEngineConfig` for each diffusion architecture name."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for arch in architectures:  # type: ignore[attr-defined]
+        MODELS_CONFIG_MAP.setdefault(arch, DllmEngineConfig)

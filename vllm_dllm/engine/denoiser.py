@@ -1,0 +1,262 @@
+"""One denoising step for a batch of requests, on the model runner's model and paged KV cache.
+
+This replaces the model runner's token-by-token `execute_model` for diffusion models. It keeps
+vLLM's model loading, KV-cache allocation and attention backends, and drives them itself:
+
+1. each scheduled request's `StepPlan` becomes a slice of one flat batch (input ids, positions,
+   KV slots of the window) with non-causal attention metadata whose keys span the whole canvas;
+2. one model forward, then logits only for the rows that score the current block's positions
+   (`logits_shift` moves Dream's rows one position left);
+3. the batched sampler proposes, scores and selects for every request at once;
+4. one device-to-host transfer of the choices, and each request commits and reports the tokens
+   that became final.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+from vllm_dllm.config import parse_dllm_params
+from vllm_dllm.engine.outputs import DllmRunnerOutput
+from vllm_dllm.engine.request_state import RequestState
+from vllm_dllm.sampling import RowGenerator, propose, random_confidence, select
+
+if TYPE_CHECKING:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+
+class Denoiser:
+    def __init__(self, runner: GPUModelRunner) -> None:
+        self.runner = runner
+        self.model = runner.get_model()
+        self.device = runner.device
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(f"diffusion models use one KV cache group, got {len(groups)}")
+        self.kv_block_size: int = groups[0].kv_cache_spec.block_size
+        self.layer_names = list(groups[0].layer_names)
+        self.mask_token_id: int = self.model.mask_token_id
+        self.logits_shift: int = self.model.logits_shift
+        self.states: dict[str, RequestState] = {}
+
+    # ---- request bookkeeping -------------------------------------------------------------
+
+    def _add_request(self, new: NewRequestData) -> None:
+        sp = new.sampling_params
+        assert sp is not None and new.prompt_token_ids is not None
+        params = parse_dllm_params(sp.extra_args, sp.max_tokens)
+        prompt = torch.tensor(new.prompt_token_ids, dtype=torch.long)
+        canvas = torch.cat(
+            [prompt, torch.full((params.gen_length,), self.mask_token_id, dtype=torch.long)]
+        )
+        block_ids = torch.tensor(new.block_ids[0], dtype=torch.long)
+        positions = torch.arange(canvas.shape[0])
+        slots = block_ids[positions // self.kv_block_size] * self.kv_block_size + (
+            positions % self.kv_block_size
+        )
+        end_ids = set(sp.stop_token_ids or ())
+        if sp.eos_token_id is not None:
+            end_ids.add(sp.eos_token_id)
+        needs_rng = sp.temperature > 0 or params.remasking == "random"
+        generator = None
+        if needs_rng:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+        self.states[new.req_id] = RequestState(
+            req_id=new.req_id,
+            prompt_len=prompt.shape[0],
+            params=params,
+            canvas=canvas,
+            slots=slots,
+            block_ids=new.block_ids[0],
+            mask_token_id=self.mask_token_id,
+            logits_shift=self.logits_shift,
+            temperature=float(sp.temperature),
+            end_token_ids=frozenset(end_ids),
+            generator=generator,
+        )
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for req_id in scheduler_output.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self._add_request(new)
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        if not req_ids:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        states = [self.states[r] for r in req_ids]
+        plans = [s.plan() for s in states]
+        for state, plan in zip(states, plans, strict=True):
+            expected = scheduler_output.num_scheduled_tokens[state.req_id]
+            if plan.num_tokens != expected:
+                raise RuntimeError(
+                    f"request {state.req_id}: scheduled {expected} tokens, plan needs "
+                    f"{plan.num_tokens}"
+                )
+
+        hidden = self._forward(states, plans)
+        block_len = max(s.params.block_length for s in states)
+        rows, valid = self._block_rows(states, plans, block_len)
+        logits = self.model.compute_logits(hidden[rows.view(-1)])
+        positions, tokens = self._sample(states, logits, valid, block_len)
+
+        sampled: list[list[int]] = []
+        next_windows: dict[str, int] = {}
+        for state, pos, tok in zip(states, positions, tokens, strict=True):
+            sampled.append(state.commit(pos, tok))
+            if not state.done:
+                next_windows[state.req_id] = state.plan().num_tokens
+        return DllmRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+            next_windows=next_windows,
+        )
+
+    def _forward(self, states: list[RequestState], plans: list) -> torch.Tensor:
+        """One model forward over every request's query window; returns hidden states."""
+        pairs = list(zip(states, plans, strict=True))
+        input_ids = torch.cat([s.canvas[p.start : p.end] for s, p in pairs])
+        positions = torch.cat([torch.arange(p.start, p.end) for p in plans])
+        slot_mapping = torch.cat([s.slots[p.start : p.end] for s, p in pairs])
+        query_lens = np.array([p.num_tokens for p in plans], dtype=np.int32)
+        query_start = np.zeros(len(plans) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start[1:])
+        seq_lens = np.array([p.key_end for p in plans], dtype=np.int32)
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
+        for i, s in enumerate(states):
+            block_table[i, : len(s.block_ids)] = s.block_ids
+
+        dev = self.device
+        query_start_cpu = torch.from_numpy(query_start)
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_cpu.to(dev, non_blocking=True),
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
+            num_reqs=len(states),
+            num_actual_tokens=int(query_start[-1]),
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=torch.from_numpy(block_table).to(dev, non_blocking=True),
+            slot_mapping=slot_mapping.to(dev, non_blocking=True),
+            causal=False,
+        )
+        attn_metadata = {}
+        for group in self.runner.attn_groups[0]:
+            metadata = group.build_metadata(common)
+            for name in group.layer_names:
+                attn_metadata[name] = metadata
+        slots_by_layer = dict.fromkeys(self.layer_names, common.slot_mapping)
+        num_tokens = common.num_actual_tokens
+        with set_forward_context(
+            attn_metadata,
+            self.runner.vllm_config,
+            num_tokens=num_tokens,
+            slot_mapping=slots_by_layer,
+        ):
+            return self.model(
+                input_ids=input_ids.to(dev, non_blocking=True),
+                positions=positions.to(dev, non_blocking=True),
+            )
+
+    def _block_rows(
+        self, states: list[RequestState], plans: list, block_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden-state row scoring each block position, `[R, B]`, and which columns exist.
+
+        Position j is scored by the window row of position `j - logits_shift`, clamped to the
+        window's first row (the reference's `cat(logits[:, :1], logits[:, :-1])` within the
+        window); a clamped row only ever scores an already committed position.
+        """
+        rows = np.zeros((len(states), block_len), dtype=np.int64)
+        valid = np.zeros((len(states), block_len), dtype=bool)
+        offset = 0
+        for i, (s, p) in enumerate(zip(states, plans, strict=True)):
+            b = s.params.block_length
+            pos = np.arange(s.block_start, s.block_start + b) - self.logits_shift
+            rows[i, :b] = offset + np.maximum(pos, p.start) - p.start
+            valid[i, :b] = True
+            offset += p.num_tokens
+        return torch.from_numpy(rows).to(self.device), torch.from_numpy(valid)
+
+    def _sample(
+        self, states: list[RequestState], logits: torch.Tensor, valid: torch.Tensor, block_len: int
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Propose, score and select for every request; returns committed positions and tokens."""
+        num_reqs = len(states)
+        dev = self.device
+        temperature = torch.tensor(
+            [s.temperature for s in states], dtype=torch.float32
+        ).repeat_interleave(block_len)
+        all_greedy = all(s.temperature == 0 for s in states)
+        noise_gens = [
+            RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
+            for i, s in enumerate(states)
+            if s.temperature > 0 and s.generator is not None
+        ]
+        x0, confidence = propose(
+            logits,
+            self.mask_token_id,
+            temperature.to(dev),
+            noise_gens,
+            all_greedy=all_greedy,
+        )
+        if any(s.params.remasking == "random" for s in states):
+            use_random = torch.tensor(
+                [s.params.remasking == "random" for s in states]
+            ).repeat_interleave(block_len)
+            random_gens = [
+                RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
+                for i, s in enumerate(states)
+                if s.params.remasking == "random" and s.generator is not None
+            ]
+            confidence = random_confidence(confidence, use_random.to(dev), random_gens)
+        x0 = x0.view(num_reqs, block_len)
+        confidence = confidence.view(num_reqs, block_len)
+
+        canvas_block = torch.full((num_reqs, block_len), -1, dtype=torch.long)
+        for i, s in enumerate(states):
+            canvas_block[i, : s.params.block_length] = s.canvas[s.block_start : s.block_end]
+        candidates = canvas_block.eq(self.mask_token_id) & valid
+        single = torch.tensor([s.opens_with_single_commit for s in states])
+        # A Dream block opening commits its first position alone (it is predicted from the
+        # prompt side, which no cached step of this block recomputes).
+        first_col = torch.zeros_like(candidates)
+        first_col[:, 0] = True
+        candidates = torch.where(single.unsqueeze(-1), candidates & first_col, candidates)
+
+        chosen = select(
+            confidence,
+            candidates.to(dev),
+            torch.tensor([int(s.rule_id) for s in states], device=dev),
+            torch.tensor([s.params.threshold or 1.0 for s in states], device=dev),
+            torch.tensor([s.params.factor or 1.0 for s in states], device=dev),
+            torch.tensor(
+                [1 if s.opens_with_single_commit else s.quota() for s in states], device=dev
+            ),
+        )
+        chosen = torch.where(
+            single.to(dev).unsqueeze(-1),
+            candidates.to(dev),
+            chosen,
+        )
+        # The one device-to-host transfer of the step.
+        chosen_cpu, x0_cpu = chosen.cpu(), x0.cpu()
+        positions, tokens = [], []
+        for i, s in enumerate(states):
+            cols = chosen_cpu[i].nonzero().view(-1)
+            positions.append((cols + s.block_start).tolist())
+            tokens.append(x0_cpu[i, cols].tolist())
+        return positions, tokens

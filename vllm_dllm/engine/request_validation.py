@@ -1,0 +1,78 @@
+"""Front-end validation of the `dllm_*` request parameters.
+
+vLLM runs `LogitsProcessor.validate_params` on every request before it reaches the engine, and
+turns the error into an HTTP 400 naming the parameter (or a `ValueError` from `LLM.generate`).
+That is the only per-request validation hook vLLM offers plugins, so the validator is a logits
+processor that never edits logits; the config hook installs it for diffusion models only.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+from vllm_dllm.config import DllmParamError, parse_dllm_params
+
+# SamplingParams fields the denoising sampler does not implement, with their neutral values.
+_UNSUPPORTED = {
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "structured_outputs": None,
+}
+
+
+def validate_request(params: SamplingParams) -> None:
+    """Raise `VLLMValidationError` naming the parameter if a diffusion request is invalid."""
+    for name, neutral in _UNSUPPORTED.items():
+        value = getattr(params, name, neutral)
+        if value not in (neutral, None) and not (isinstance(value, list | dict) and not value):
+            raise VLLMValidationError(
+                f"{name}={value!r} is not supported by diffusion models (vllm-dllm)",
+                parameter=name,
+                value=value,
+            )
+    if params.top_k not in (0, -1):
+        raise VLLMValidationError(
+            f"top_k={params.top_k!r} is not supported by diffusion models (vllm-dllm)",
+            parameter="top_k",
+            value=params.top_k,
+        )
+    if params.max_tokens is None:
+        return  # resolved later from the prompt length; the scheduler re-checks at admission
+    try:
+        parse_dllm_params(params.extra_args, params.max_tokens)
+    except DllmParamError as err:
+        message = str(err)
+        # DllmParamError messages start with the parameter's name.
+        raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
+
+
+class DllmParamsValidator(LogitsProcessor):
+    """Validates `dllm_*` parameters in the front end; leaves logits untouched."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        validate_request(sampling_params)
+
+    def __init__(self, vllm_config: object, device: torch.device, is_pin_memory: bool) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        pass

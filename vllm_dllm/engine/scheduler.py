@@ -1,0 +1,198 @@
+"""The diffusion scheduler: admits whole canvases and schedules one denoising step per request.
+
+vLLM's scheduler budgets tokens that extend a sequence; a diffusion request instead re-reads a
+fixed canvas `prompt ++ [MASK] * G` every step. So this scheduler:
+
+- admits a waiting request only when KV slots for its **whole canvas** can be allocated at once.
+  A running request then never needs another block, so KV pressure can never preempt it: under
+  pressure new requests wait instead (no canvas is ever lost or recomputed);
+- schedules every running request for exactly one denoising step per engine step (continuous
+  batching: requests join and leave between any two steps), charging the step's query window to
+  the token budget. The worker reports each request's next window (full canvas at a block start,
+  the cached window otherwise), so the budget is exact;
+- leaves stop handling to vLLM: the worker emits a request's tokens once they are final, and
+  `update_from_output` appends them and applies EOS / stop tokens / `max_tokens` as usual;
+- counts model forwards per request and reports them with the finished request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class _Tracked:
+    canvas_len: int
+    next_window: int
+    forwards: int = 0
+    output_tokens: int = 0
+
+
+class DllmScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A diffusion step emits zero or more tokens and never rolls anything back.
+        self.num_sampled_tokens_per_step = 0
+        self._tracked: dict[str, _Tracked] = {}
+        self._rejected: dict[str, tuple[Request, str]] = {}
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        self.current_step += 1
+        self.kv_cache_manager.new_step_starts()
+        token_budget = self.max_num_scheduled_tokens
+        num_scheduled_tokens: dict[str, int] = {}
+        running: list[Request] = []
+        new_reqs: list[Request] = []
+        new_blocks = {}
+        now = time.monotonic()
+
+        for request in self.running:
+            tracked = self._tracked[request.request_id]
+            if tracked.next_window > token_budget:
+                continue
+            num_scheduled_tokens[request.request_id] = tracked.next_window
+            token_budget -= tracked.next_window
+            running.append(request)
+
+        while self.waiting and len(self.running) < self.max_num_running_reqs:
+            request = self.waiting.peek_request()
+            canvas_len = self._admission_canvas_len(request)
+            if canvas_len is None:
+                continue  # rejected: finished with an error, no longer waiting
+            if canvas_len > token_budget:
+                break
+            blocks = self.kv_cache_manager.allocate_slots(request, canvas_len)
+            if blocks is None:
+                break  # no room for the whole canvas yet: wait, never preempt.
+            self.waiting.pop_request()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            if self.log_stats:
+                request.record_event(EngineCoreEventType.SCHEDULED, now)
+            self._tracked[request.request_id] = _Tracked(canvas_len, canvas_len)
+            new_blocks[request.request_id] = blocks
+            num_scheduled_tokens[request.request_id] = canvas_len
+            token_budget -= canvas_len
+            new_reqs.append(request)
+
+        for req_id, n in num_scheduled_tokens.items():
+            self.requests[req_id].num_in_flight_tokens += n
+            self._tracked[req_id].forwards += 1
+
+        output = SchedulerOutput(
+            scheduled_new_reqs=[
+                NewRequestData.from_request(r, new_blocks[r.request_id].get_block_ids())
+                for r in new_reqs
+            ],
+            scheduled_cached_reqs=_cached_data(running),
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(num_scheduled_tokens.values()),
+            scheduled_spec_decode_tokens={},
+            scheduled_encoder_inputs={},
+            finished_req_ids=self.finished_req_ids,
+            free_encoder_mm_hashes=[],
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def _admission_canvas_len(self, request: Request) -> int | None:
+        """The canvas length of a waiting request; None (and queued as an error) if invalid."""
+        params = request.sampling_params
+        assert params is not None
+        try:
+            dllm = parse_dllm_params(params.extra_args, request.max_tokens)
+        except DllmParamError as err:
+            self._reject(request, str(err))
+            return None
+        canvas_len = request.num_prompt_tokens + dllm.gen_length
+        if canvas_len > self.max_model_len:
+            self._reject(
+                request,
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens rounded up to a "
+                f"multiple of dllm_block_length ({dllm.gen_length}) = {canvas_len} exceeds the "
+                f"model's max_model_len ({self.max_model_len})",
+            )
+            return None
+        if canvas_len > self.max_num_scheduled_tokens:
+            self._reject(
+                request,
+                f"the canvas ({canvas_len} tokens) exceeds max_num_batched_tokens "
+                f"({self.max_num_scheduled_tokens}); a block's first step is one forward over it",
+            )
+            return None
+        return canvas_len
+
+    def _reject(self, request: Request, reason: str) -> None:
+        """Fail one request (its output goes out with the next step); the others carry on."""
+        logger.warning("vllm-dllm: rejecting request %s: %s", request.request_id, reason)
+        self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)
+        self._rejected[request.request_id] = (request, reason)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> dict[int, EngineCoreOutputs]:
+        if isinstance(model_runner_output, DllmRunnerOutput):
+            for req_id, window in model_runner_output.next_windows.items():
+                if req_id in self._tracked:
+                    self._tracked[req_id].next_window = window
+        tracked_before = {
+            req_id: self._tracked[req_id] for req_id in scheduler_output.num_scheduled_tokens
+        }
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for eco in outputs.values():
+            for out in eco.outputs:
+                tracked = tracked_before.get(out.request_id)
+                if tracked is None:
+                    continue
+                tracked.output_tokens += len(out.new_token_ids)
+                if out.finish_reason is not None:
+                    out.kv_transfer_params = {
+                        "dllm": request_stats(tracked.forwards, tracked.output_tokens)
+                    }
+        self._fail_rejected(outputs)
+        return outputs
+
+    def _fail_rejected(self, outputs: dict[int, EngineCoreOutputs]) -> None:
+        if not self._rejected:
+            return
+        rejected, self._rejected = self._rejected, {}
+        for request, reason in rejected.values():
+            eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            eco.outputs.append(
+                EngineCoreOutput(
+                    request_id=request.request_id,
+                    new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    stop_reason=reason,
+                )
+            )
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        self._tracked.pop(request.request_id, None)
+        return super()._free_request(request, delay_free_blocks)
+
+
+def _cached_data(running: list[Request]) -> CachedRequestData:
+    """Requests the worker already holds: nothing new to send beyond their ids."""
+    return CachedRequestData(
+        req_ids=[r.request_id for r in running],
+        resumed_req_ids=set(),
+        new_token_ids=[[] for _ in running],
+        all_token_ids={},
+        new_block_ids=[None for _ in running],
+        num_computed_tokens=[r.num_computed_tokens for r in running],
+        num_output_tokens=[r.num_output_tokens for r in running],
+    )
