@@ -15,7 +15,7 @@ vLLM's model loading, KV-cache allocation and attention backends, and drives the
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
+from vllm_dllm.cache.policy import StepPlan
 from vllm_dllm.config import parse_dllm_params
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.engine.request_state import RequestState
@@ -31,6 +32,15 @@ from vllm_dllm.sampling import RowGenerator, propose, random_confidence, select
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+
+class ForwardSlice(NamedTuple):
+    """One request's part of a batched forward: its canvas, KV slots and this step's plan."""
+
+    canvas: torch.Tensor
+    slots: torch.Tensor
+    block_ids: list[int]
+    plan: StepPlan
 
 
 class Denoiser:
@@ -84,6 +94,34 @@ class Denoiser:
             generator=generator,
         )
 
+    # ---- diagnostics ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], windows: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Logits (unshifted, fp32, CPU) of a fixed canvas for a sequence of query windows.
+
+        Runs the engine's own forward path (paged KV cache, non-causal metadata) for one canvas
+        on scratch KV blocks at the top of the cache, each window attending to keys `[0, L)`;
+        windows after the first see the K/V the earlier ones wrote, exactly as cached steps do.
+        It borrows blocks no request holds only when no request is in flight, so it refuses to
+        run otherwise. Used to check the model and the cache against the oracle.
+        """
+        if self.states:
+            raise RuntimeError("score() needs an idle engine (requests are in flight)")
+        canvas = torch.tensor(token_ids, dtype=torch.long)
+        num_kv_blocks = -(-len(token_ids) // self.kv_block_size)
+        total = self.runner.kv_cache_config.num_blocks
+        block_ids = list(range(total - num_kv_blocks, total))
+        positions = torch.arange(len(token_ids))
+        slots = torch.tensor(block_ids)[positions // self.kv_block_size] * self.kv_block_size
+        slots += positions % self.kv_block_size
+        results = []
+        for start, end in windows:
+            plan = StepPlan(start, end, len(token_ids), full=(start, end) == (0, len(token_ids)))
+            hidden = self._forward([ForwardSlice(canvas, slots, block_ids, plan)])
+            results.append(self.model.compute_logits(hidden).float().cpu())
+        return results
+
     # ---- the step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -105,7 +143,8 @@ class Denoiser:
                     f"{plan.num_tokens}"
                 )
 
-        hidden = self._forward(states, plans)
+        pairs = zip(states, plans, strict=True)
+        hidden = self._forward([ForwardSlice(s.canvas, s.slots, s.block_ids, p) for s, p in pairs])
         block_len = max(s.params.block_length for s in states)
         rows, valid = self._block_rows(states, plans, block_len)
         logits = self.model.compute_logits(hidden[rows.view(-1)])
@@ -113,31 +152,34 @@ class Denoiser:
 
         sampled: list[list[int]] = []
         next_windows: dict[str, int] = {}
+        finished: dict[str, tuple[int, bool]] = {}
         for state, pos, tok in zip(states, positions, tokens, strict=True):
             sampled.append(state.commit(pos, tok))
-            if not state.done:
+            if state.done:
+                finished[state.req_id] = (state.block, state.early_stop)
+            else:
                 next_windows[state.req_id] = state.plan().num_tokens
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
             next_windows=next_windows,
+            finished=finished,
         )
 
-    def _forward(self, states: list[RequestState], plans: list) -> torch.Tensor:
-        """One model forward over every request's query window; returns hidden states."""
-        pairs = list(zip(states, plans, strict=True))
-        input_ids = torch.cat([s.canvas[p.start : p.end] for s, p in pairs])
-        positions = torch.cat([torch.arange(p.start, p.end) for p in plans])
-        slot_mapping = torch.cat([s.slots[p.start : p.end] for s, p in pairs])
-        query_lens = np.array([p.num_tokens for p in plans], dtype=np.int32)
-        query_start = np.zeros(len(plans) + 1, dtype=np.int32)
+    def _forward(self, slices: list[ForwardSlice]) -> torch.Tensor:
+        """One model forward over every slice's query window; returns hidden states."""
+        input_ids = torch.cat([c.canvas[c.plan.start : c.plan.end] for c in slices])
+        positions = torch.cat([torch.arange(c.plan.start, c.plan.end) for c in slices])
+        slot_mapping = torch.cat([c.slots[c.plan.start : c.plan.end] for c in slices])
+        query_lens = np.array([c.plan.num_tokens for c in slices], dtype=np.int32)
+        query_start = np.zeros(len(slices) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-        seq_lens = np.array([p.key_end for p in plans], dtype=np.int32)
-        max_blocks = max(len(s.block_ids) for s in states)
-        block_table = np.zeros((len(states), max_blocks), dtype=np.int32)
-        for i, s in enumerate(states):
-            block_table[i, : len(s.block_ids)] = s.block_ids
+        seq_lens = np.array([c.plan.key_end for c in slices], dtype=np.int32)
+        max_blocks = max(len(c.block_ids) for c in slices)
+        block_table = np.zeros((len(slices), max_blocks), dtype=np.int32)
+        for i, c in enumerate(slices):
+            block_table[i, : len(c.block_ids)] = c.block_ids
 
         dev = self.device
         query_start_cpu = torch.from_numpy(query_start)
@@ -145,7 +187,7 @@ class Denoiser:
             query_start_loc=query_start_cpu.to(dev, non_blocking=True),
             query_start_loc_cpu=query_start_cpu,
             seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
-            num_reqs=len(states),
+            num_reqs=len(slices),
             num_actual_tokens=int(query_start[-1]),
             max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_lens.max()),

@@ -17,12 +17,22 @@ class DllmRunnerOutput(ModelRunnerOutput):
     """
 
     next_windows: dict[str, int] = field(default_factory=dict)
+    #: Requests whose canvas is final this step: (blocks fully decoded, stopped early).
+    finished: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
 
-def request_stats(forwards: int, output_tokens: int) -> dict[str, float | int]:
-    """Per-request statistics, returned as `RequestOutput.kv_transfer_params["dllm"]`."""
+def request_stats(
+    forwards: int, output_tokens: int, blocks: int | None, early_stop: bool | None
+) -> dict[str, float | int | bool | None]:
+    """Per-request statistics, returned as `RequestOutput.kv_transfer_params["dllm"]`.
+
+    `blocks` and `early_stop` are None when the request ended outside the denoising loop (a stop
+    string matched in the front end, or an abort).
+    """
     return {
         "forwards": forwards,
         "output_tokens": output_tokens,
         "tokens_per_forward": round(output_tokens / forwards, 4) if forwards else 0.0,
+        "blocks": blocks,
+        "early_stop": early_stop,
     }

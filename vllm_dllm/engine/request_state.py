@@ -36,6 +36,8 @@ class RequestState:
     masked_at_rule_start: int = 0
     emitted: int = 0
     done: bool = False
+    #: Stopped before decoding the whole canvas (end token, or max_tokens short of the canvas).
+    early_stop: bool = False
     forwards: int = 0
     rule_id: SelectionRule = field(init=False)
     cache_mode: CacheMode = field(init=False)
@@ -113,4 +115,5 @@ class RequestState:
         self.emitted += len(new)
         if self.emitted >= self.params.max_tokens or final_end >= self.canvas_len:
             self.done = True
+        self.early_stop = self.done and final_end < self.canvas_len
         return new

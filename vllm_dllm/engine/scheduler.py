@@ -28,6 +28,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 
 logger = init_logger(__name__)
@@ -39,6 +40,8 @@ class _Tracked:
     next_window: int
     forwards: int = 0
     output_tokens: int = 0
+    blocks: int | None = None
+    early_stop: bool | None = None
 
 
 class DllmScheduler(Scheduler):
@@ -47,6 +50,7 @@ class DllmScheduler(Scheduler):
         # A diffusion step emits zero or more tokens and never rolls anything back.
         self.num_sampled_tokens_per_step = 0
         self._tracked: dict[str, _Tracked] = {}
+        self._metrics = DllmMetrics(self.vllm_config.model_config.served_model_name)
         self._rejected: dict[str, tuple[Request, str]] = {}
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
@@ -148,6 +152,11 @@ class DllmScheduler(Scheduler):
             for req_id, window in model_runner_output.next_windows.items():
                 if req_id in self._tracked:
                     self._tracked[req_id].next_window = window
+            for req_id, (blocks, early_stop) in model_runner_output.finished.items():
+                if req_id in self._tracked:
+                    self._tracked[req_id].blocks = blocks
+                    self._tracked[req_id].early_stop = early_stop
+        self._metrics.forwards.inc(len(scheduler_output.num_scheduled_tokens))
         tracked_before = {
             req_id: self._tracked[req_id] for req_id in scheduler_output.num_scheduled_tokens
         }
@@ -158,12 +167,22 @@ class DllmScheduler(Scheduler):
                 if tracked is None:
                     continue
                 tracked.output_tokens += len(out.new_token_ids)
+                self._metrics.output_tokens.inc(len(out.new_token_ids))
                 if out.finish_reason is not None:
-                    out.kv_transfer_params = {
-                        "dllm": request_stats(tracked.forwards, tracked.output_tokens)
-                    }
+                    self._record_finished(out, tracked)
         self._fail_rejected(outputs)
         return outputs
+
+    def _record_finished(self, out: EngineCoreOutput, tracked: _Tracked) -> None:
+        stats = request_stats(
+            tracked.forwards, tracked.output_tokens, tracked.blocks, tracked.early_stop
+        )
+        out.kv_transfer_params = {"dllm": stats}
+        self._metrics.tokens_per_forward.observe(stats["tokens_per_forward"])
+        if tracked.blocks is not None:
+            self._metrics.blocks.inc(tracked.blocks)
+        if tracked.early_stop:
+            self._metrics.early_stops.inc()
 
     def _fail_rejected(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         if not self._rejected:

@@ -18,11 +18,21 @@ from vllm_dllm.engine.denoiser import Denoiser
 class DllmWorkerMixin:
     _denoiser: Denoiser | None = None
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    @property
+    def denoiser(self) -> Denoiser:
         if self._denoiser is None:
             # Built on first use: the KV cache exists only after the engine's start-up profiling.
             self._denoiser = Denoiser(self.model_runner)  # type: ignore[attr-defined]
-        return self._denoiser.step(scheduler_output)
+        return self._denoiser
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.denoiser.step(scheduler_output)
+
+    def dllm_score(
+        self, token_ids: list[int], windows: list[tuple[int, int]]
+    ) -> list[list[list[float]]]:
+        """`LLM.collective_rpc("dllm_score", args=(ids, windows))`: see `Denoiser.score`."""
+        return [logits.tolist() for logits in self.denoiser.score(token_ids, windows)]
 
 
 class DllmCPUWorker(DllmWorkerMixin, CPUWorker):

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random checkpoints in the released on-disk layouts.
+
+Session-scoped, so each checkpoint is written once per test run. ``tests/`` is a package, so
+test modules import the oracle as ``from tests.reference import ...``.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from vllm_dllm.tiny_checkpoints import write_dream_checkpoint, write_llada_checkpoint
+
+# A scale that makes top-1 probabilities close to 1: every rule commits many tokens per step.
+PEAKED_LM_HEAD_SCALE = 30.0
+
+
+@pytest.fixture(scope="session")
+def llada_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaDA TINY checkpoint, seed 0."""
+    return write_llada_checkpoint(tmp_path_factory.mktemp("llada_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def dream_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Dream TINY checkpoint, seed 0."""
+    return write_dream_checkpoint(tmp_path_factory.mktemp("dream_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def llada_peaked_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaDA TINY checkpoint whose LM head is scaled up: peaked, high-confidence logits."""
+    return write_llada_checkpoint(
+        tmp_path_factory.mktemp("llada_peaked"), seed=0, lm_head_scale=PEAKED_LM_HEAD_SCALE
+    )
+
+
+@pytest.fixture(scope="session")
+def llada_engine(llada_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA checkpoint."""
+    from tests.engines import start_engine
+
+    llm = start_engine(llada_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dream_engine(dream_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny Dream checkpoint."""
+    from tests.engines import start_engine
+
+    llm = start_engine(dream_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint."""
+    from tests.engines import MAX_MODEL_LEN
+    from tests.server import Server
+
+    server = Server(
+        llada_tiny_dir,
+        [
+            "--served-model-name",
+            "tiny-llada",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--seed",
+            "0",
+        ],
+        tmp_path_factory.mktemp("server") / "server.log",
+    )
+    server.wait_ready()
+    yield server
+    server.stop()

@@ -1,0 +1,45 @@
+"""Shared real vLLM engines for the tests (one per checkpoint, started once per session).
+
+A vLLM engine takes 20-30 s to start on 2 cores, so the session fixtures in `conftest.py` build
+each one once; tests that share an engine never depend on its earlier traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# vLLM's CPU platform reads these at start-up; tests run on 2-core machines.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MAX_MODEL_LEN = 512
+
+
+def start_engine(checkpoint: Path, **kwargs):
+    """A real `vllm.LLM` on `checkpoint` in fp32 (exact comparisons with the oracle)."""
+    from vllm import LLM
+
+    options = dict(
+        model=str(checkpoint),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=32,
+        seed=0,
+    )
+    options.update(kwargs)
+    return LLM(**options)
+
+
+def end_token_ids(checkpoint: Path) -> list[int]:
+    """The ids vLLM stops at by default: the config's EOS plus generation_config's eos list."""
+    ids = {json.loads((checkpoint / "config.json").read_text())["eos_token_id"]}
+    generation = checkpoint / "generation_config.json"
+    if generation.exists():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return sorted(ids)

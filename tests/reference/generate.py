@@ -1,0 +1,266 @@
+"""The decoding algorithm of DESIGN.md section 2 for one request: the oracle in code.
+
+Readable over fast: one request, dense attention, fp32. The engine must reproduce its token ids
+and its number of model forwards. Decisions where DESIGN.md leaves room, fixed here:
+
+- **Rules.** Exactly one of ``threshold`` / ``factor`` / ``steps``; none given means
+  ``threshold=0.9``. Candidates are the still-masked positions of the current block.
+- **Ties.** Wherever confidences are ordered (top-1 of the threshold rule, the factor rule's
+  sort, the steps rule's top-k), equal confidences go to the lower position first.
+- **factor f.** Sort candidates by confidence, ``c1 >= c2 >= ...``; select the longest prefix
+  ``1..n`` with ``c_i >= 1 - f / (i + 1)`` for every ``2 <= i <= n``; ``c1`` always.
+- **steps S.** ``S`` must be a positive multiple of the number of blocks; ``m = S / blocks``.
+  With ``M`` masked block positions when the block's first rule step starts (``B`` for LLaDA,
+  ``B - 1`` for Dream), rule step ``i`` of the block commits ``M // m + (i < M % m)`` positions
+  (never more than remain), the most confident first.
+- **Proposal.** The MASK logit is ``-inf`` for proposal and confidence. ``T = 0``: argmax;
+  ``T > 0``: ``argmax(logits + T * Gumbel)``, the noise drawn for the candidate rows in
+  position order. Confidence is ``softmax(logits)[x0]`` of the noise-free logits, in fp32.
+  ``remasking="random"`` draws confidences uniformly instead. One ``torch.Generator`` seeded
+  with ``seed`` serves all draws, in the order they happen.
+- **Finality.** After every step, ``x[P:f]`` is final, ``f`` the first still-masked position at
+  or after ``P`` (``L`` if none). The request stops once that prefix contains an end token or
+  reaches ``max_tokens`` (default: ``gen_length``) tokens. Output: that prefix cut just after its
+  first end token (the end token is kept, as vLLM keeps EOS), then cut to ``max_tokens``.
+- **Counting.** Every model forward counts, the block-start full forwards included.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tests.reference.model import KVCache, ReferenceModel
+
+CACHE_MODES = ("none", "prefix", "dual")
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class Result:
+    """Output tokens (final, cut at the first end token), forwards used, final canvas."""
+
+    tokens: list[int]
+    num_forwards: int
+    canvas: Tensor
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The request's selection rule: exactly one of the three fields is set."""
+
+    threshold: float | None = None
+    factor: float | None = None
+    steps_per_block: int | None = None
+
+
+def generate(
+    model: ReferenceModel,
+    prompt_ids: Sequence[int],
+    *,
+    gen_length: int,
+    block_length: int = 32,
+    cache: str = "dual",
+    threshold: float | None = None,
+    factor: float | None = None,
+    steps: int | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    end_token_ids: Sequence[int] = (),
+    max_tokens: int | None = None,
+    seed: int | None = None,
+) -> Result:
+    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block (DESIGN.md 2)."""
+    if not prompt_ids:
+        raise ValueError("the prompt must not be empty")
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    num_blocks = gen_length // block_length
+    rule = _make_rule(threshold, factor, steps, num_blocks)
+    decoder = _Decoder(
+        model=model,
+        canvas=torch.tensor([*prompt_ids] + [model.spec.mask_token_id] * gen_length),
+        prompt_length=len(prompt_ids),
+        rule=rule,
+        temperature=temperature,
+        remasking=remasking,
+        end_token_ids=frozenset(end_token_ids),
+        max_tokens=gen_length if max_tokens is None else max_tokens,
+        generator=torch.Generator().manual_seed(0 if seed is None else seed),
+    )
+    decode_block = _decode_dream_block if model.spec.family == "dream" else _decode_llada_block
+    for block in range(num_blocks):
+        start = len(prompt_ids) + block * block_length
+        if decode_block(decoder, start, start + block_length, cache):
+            break
+    return Result(decoder.output(), decoder.num_forwards, decoder.canvas)
+
+
+def _make_rule(threshold: float | None, factor: float | None, steps: int | None,
+               num_blocks: int) -> Rule:
+    if sum(value is not None for value in (threshold, factor, steps)) > 1:
+        raise ValueError("give at most one of threshold, factor, steps")
+    if factor is not None:
+        return Rule(factor=factor)
+    if steps is not None:
+        if steps <= 0 or steps % num_blocks:
+            raise ValueError(f"steps {steps} is not a positive multiple of {num_blocks} blocks")
+        return Rule(steps_per_block=steps // num_blocks)
+    return Rule(threshold=0.9 if threshold is None else threshold)
+
+
+@dataclass
+class _Decoder:
+    """One request's state: the canvas, the sampling settings and the forward count."""
+
+    model: ReferenceModel
+    canvas: Tensor
+    prompt_length: int
+    rule: Rule
+    temperature: float
+    remasking: str
+    end_token_ids: frozenset[int]
+    max_tokens: int
+    generator: torch.Generator
+    num_forwards: int = 0
+
+    def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
+        """Logits of window ``[start, end)`` of the canvas; counts the forward."""
+        self.num_forwards += 1
+        positions = torch.arange(start, end)
+        return self.model.forward(self.canvas[start:end], positions, cache, write_cache=write)
+
+    def masked(self, start: int, end: int) -> Tensor:
+        """Positions in ``[start, end)`` still holding MASK."""
+        is_mask = self.canvas[start:end] == self.model.spec.mask_token_id
+        return start + torch.nonzero(is_mask).flatten()
+
+    def rule_step(self, logits: Tensor, window_start: int, start: int, end: int,
+                  step: int, masked_at_start: int) -> bool:
+        """Propose, score, select and commit over the block's masked positions.
+
+        ``logits`` rows are canvas positions ``window_start, window_start + 1, ...``.
+        Returns True when the request is finished.
+        """
+        candidates = self.masked(start, end)
+        x0, confidence = self.propose(logits[candidates - window_start])
+        chosen = _select(confidence, self.rule, step, masked_at_start)
+        self.canvas[candidates[chosen]] = x0[chosen]
+        return self.finished()
+
+    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Proposed tokens and their confidences for rows of logits (MASK never proposed)."""
+        logits = logits.float().clone()
+        logits[:, self.model.spec.mask_token_id] = float("-inf")
+        scores = logits
+        if self.temperature > 0:
+            uniform = torch.rand(logits.shape, generator=self.generator)
+            gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+            scores = logits + self.temperature * gumbel
+        x0 = scores.argmax(dim=-1)
+        if self.remasking == "random":
+            return x0, torch.rand(x0.shape, generator=self.generator)
+        chosen_logit = logits.gather(-1, x0[:, None]).squeeze(-1)
+        return x0, torch.exp(chosen_logit - torch.logsumexp(logits, dim=-1))
+
+    def final_prefix(self) -> Tensor:
+        """``x[P:f]``: the committed tokens before the first MASK at or after ``P``."""
+        masked = self.masked(self.prompt_length, len(self.canvas))
+        first_mask = int(masked[0]) if len(masked) else len(self.canvas)
+        return self.canvas[self.prompt_length:first_mask]
+
+    def finished(self) -> bool:
+        """Early stop: the final prefix holds an end token or reaches ``max_tokens``."""
+        prefix = self.final_prefix().tolist()
+        return len(prefix) >= self.max_tokens or any(t in self.end_token_ids for t in prefix)
+
+    def output(self) -> list[int]:
+        """The final prefix cut just after its first end token, then to ``max_tokens``."""
+        tokens = self.final_prefix().tolist()
+        for index, token in enumerate(tokens):
+            if token in self.end_token_ids:
+                tokens = tokens[: index + 1]
+                break
+        return tokens[: self.max_tokens]
+
+
+def _decode_llada_block(decoder: _Decoder, start: int, end: int, mode: str) -> bool:
+    """LLaDA: every step proposes from the position's own logits row. Returns "finished"."""
+    length = len(decoder.canvas)
+    cache = None if mode == "none" else decoder.model.new_cache(length)
+    logits = decoder.forward(0, length, cache, write=True)
+    masked_at_start = len(decoder.masked(start, end))
+    if decoder.rule_step(logits, 0, start, end, 0, masked_at_start):
+        return True
+    step = 1
+    while len(decoder.masked(start, end)):
+        if mode == "none":
+            window_start, logits = 0, decoder.forward(0, length, None, write=False)
+        elif mode == "prefix":
+            window_start, logits = start, decoder.forward(start, length, cache, write=False)
+        else:
+            window_start, logits = start, decoder.forward(start, end, cache, write=True)
+        if decoder.rule_step(logits, window_start, start, end, step, masked_at_start):
+            return True
+        step += 1
+    return False
+
+
+def _decode_dream_block(decoder: _Decoder, start: int, end: int, mode: str) -> bool:
+    """Dream: position j is predicted from hidden j-1 (shifted logits, within each window).
+
+    The block's full forward commits exactly position ``start`` (proposal only, no rule): a
+    cached step never recomputes hidden ``start - 1``. The rule loop then decodes the rest.
+    """
+    length = len(decoder.canvas)
+    cache = None if mode == "none" else decoder.model.new_cache(length)
+    logits = _shift(decoder.forward(0, length, cache, write=True))
+    x0, _ = decoder.propose(logits[start:start + 1])
+    decoder.canvas[start] = x0[0]
+    if decoder.finished():
+        return True
+    masked_at_start = len(decoder.masked(start, end))
+    step = 0
+    while len(decoder.masked(start, end)):
+        if mode == "none":
+            window_start, logits = 0, decoder.forward(0, length, None, write=False)
+        elif mode == "prefix":
+            window_start, logits = start, decoder.forward(start, length, cache, write=False)
+        else:
+            window_start, logits = start, decoder.forward(start, end, cache, write=True)
+        # Within a window the first row has no predecessor; it belongs to position `start`,
+        # already committed, so it is never a candidate.
+        if decoder.rule_step(_shift(logits), window_start, start, end, step, masked_at_start):
+            return True
+        step += 1
+    return False
+
+
+def _shift(logits: Tensor) -> Tensor:
+    """Row j <- row j-1 (row 0 kept): Dream's next-token-style prediction."""
+    return torch.cat([logits[:1], logits[:-1]], dim=0)
+
+
+def _select(confidence: Tensor, rule: Rule, step: int, masked_at_start: int) -> Tensor:
+    """Indices (into the candidates, which are in position order) to commit this step."""
+    # Stable descending sort: equal confidences keep position order, lower position first.
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    if rule.threshold is not None:
+        above = torch.nonzero(confidence >= rule.threshold).flatten()
+        return above
+    if rule.factor is not None:
+        ranked = confidence[order]
+        count = 1
+        while count < len(ranked) and ranked[count] >= 1 - rule.factor / (count + 2):
+            count += 1
+        return order[:count]
+    per_step, extra = divmod(masked_at_start, rule.steps_per_block)
+    quota = per_step + (1 if step < extra else 0)
+    return order[: min(quota, len(order))]
