@@ -57,7 +57,7 @@ def dream_engine(dream_tiny_dir: Path):
 @pytest.fixture(scope="session")
 def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint."""
-    from tests.engines import MAX_MODEL_LEN
+    from tests.engines import KV_CACHE_BYTES, MAX_MODEL_LEN
     from tests.server import Server
 
     server = Server(
@@ -72,6 +72,8 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             str(MAX_MODEL_LEN),
             "--seed",
             "0",
+            "--kv-cache-memory-bytes",
+            str(KV_CACHE_BYTES),
         ],
         tmp_path_factory.mktemp("server") / "server.log",
     )

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tests.reference import ReferenceModel, generate
 from tests.reference.generate import Rule, _select
@@ -63,6 +72,56 @@ def _canvas(model: ReferenceModel) -> torch.Tensor:
 
 
 # --- the model and its cache -------------------------------------------------------------------
+
+
+def _transformers_twin(model: ReferenceModel, checkpoint: Path) -> PreTrainedModel:
+    """The same weights in transformers' own Llama / Qwen2 code: an independent forward.
+
+    LLaDA's blocks are Llama blocks (ff_proj = gate, up_proj = up, ff_out = down); Dream's are
+    Qwen2 blocks with the released tensor names already.
+    """
+    spec = model.spec
+    tensors = load_file(checkpoint / "model.safetensors")
+    sizes = {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.num_heads * spec.head_dim,
+        "intermediate_size": model.layers[0]["gate"].shape[0],
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "tie_word_embeddings": False,
+    }
+    if spec.family == "dream":
+        twin = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    else:
+        twin = LlamaForCausalLM(LlamaConfig(**sizes))
+        renames = [("model.transformer.ff_out.", "lm_head."), ("transformer.wte.", "embed_tokens."),
+                   ("transformer.ln_f.", "norm."), ("transformer.blocks.", "layers."),
+                   ("attn_norm.", "input_layernorm."), ("ff_norm.", "post_attention_layernorm."),
+                   ("q_proj.", "self_attn.q_proj."), ("k_proj.", "self_attn.k_proj."),
+                   ("v_proj.", "self_attn.v_proj."), ("attn_out.", "self_attn.o_proj."),
+                   ("ff_proj.", "mlp.gate_proj."), ("up_proj.", "mlp.up_proj."),
+                   ("ff_out.", "mlp.down_proj.")]
+        for old, new in renames:
+            tensors = {name.replace(old, new): value for name, value in tensors.items()}
+    twin.load_state_dict(tensors, strict=True)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_reference_forward_matches_transformers_run_bidirectionally(
+    request: pytest.FixtureRequest, family: str
+) -> None:
+    model = request.getfixturevalue(family)
+    twin = _transformers_twin(model, request.getfixturevalue(f"{family}_tiny_dir"))
+    x = _canvas(model)
+    everything_visible = torch.zeros(1, 1, len(x), len(x))  # additive mask: no causal mask
+    with torch.no_grad():
+        expected = twin(input_ids=x[None], attention_mask=everything_visible).logits[0]
+    torch.testing.assert_close(model.forward(x, torch.arange(len(x))), expected,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_cached_logits_equal_full_forward_when_tokens_unchanged(model: ReferenceModel) -> None:
@@ -247,6 +306,26 @@ def test_end_token_stops_early(request: pytest.FixtureRequest, family: str) -> N
     assert model.spec.mask_token_id in stopped.canvas.tolist()  # the last block never ran
 
 
+def test_mask_token_is_never_proposed(llada: ReferenceModel,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when MASK has by far the highest logit everywhere, no MASK is committed."""
+    forward, mask = llada.forward, llada.spec.mask_token_id
+    calls = []
+
+    def mask_loving_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > BLOCK:  # committing MASK would never finish the block
+            raise RuntimeError("the block does not progress")
+        logits = forward(*args, **kwargs)
+        logits[:, mask] += 1000.0
+        return logits
+
+    monkeypatch.setattr(llada, "forward", mask_loving_forward)
+    result = generate(llada, PROMPT, gen_length=BLOCK, block_length=BLOCK, steps=BLOCK)
+    assert mask not in result.tokens
+    assert result.num_forwards == BLOCK
+
+
 def test_max_tokens_stops_early(llada: ReferenceModel) -> None:
     full = generate(llada, PROMPT, gen_length=GEN, block_length=BLOCK, steps=GEN)
     cut = generate(llada, PROMPT, gen_length=GEN, block_length=BLOCK, steps=GEN, max_tokens=5)
@@ -283,6 +362,12 @@ def test_factor_rule_selects_longest_passing_prefix() -> None:
     confidence = torch.tensor([0.3, 0.9, 0.99, 0.8])
     chosen = _select(confidence, Rule(factor=1.0), step=0, masked_at_start=4)
     assert sorted(chosen.tolist()) == [1, 2, 3]
+
+
+def test_factor_rule_bound_for_the_second_is_one_third() -> None:
+    # i = 2: bound 1 - 1/3 = .667, so .6 fails (a bound of 1 - f/i would have passed it).
+    chosen = _select(torch.tensor([0.6, 0.99]), Rule(factor=1.0), step=0, masked_at_start=2)
+    assert chosen.tolist() == [1]
 
 
 def test_factor_rule_always_selects_the_best() -> None:

@@ -75,7 +75,7 @@ def generate(
     if not prompt_ids:
         raise ValueError("the prompt must not be empty")
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block {block_length}")
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if remasking not in REMASKING:
@@ -152,6 +152,7 @@ class _Decoder:
         candidates = self.masked(start, end)
         x0, confidence = self.propose(logits[candidates - window_start])
         chosen = _select(confidence, self.rule, step, masked_at_start)
+        assert len(chosen) > 0, "every step commits at least one token, so every block ends"
         self.canvas[candidates[chosen]] = x0[chosen]
         return self.finished()
 
@@ -254,7 +255,7 @@ def _select(confidence: Tensor, rule: Rule, step: int, masked_at_start: int) -> 
     order = torch.sort(confidence, descending=True, stable=True).indices
     if rule.threshold is not None:
         above = torch.nonzero(confidence >= rule.threshold).flatten()
-        return above
+        return torch.unique(torch.cat([order[:1], above]))
     if rule.factor is not None:
         ranked = confidence[order]
         count = 1

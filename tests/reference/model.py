@@ -125,9 +125,11 @@ class ReferenceModel:
         self.spec = ModelSpec.from_config(json.loads((directory / "config.json").read_text()))
         tensors = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
         embed, final_norm, lm_head = _GLOBAL_NAMES[self.spec.family]
-        self.embed, self.final_norm, self.lm_head = tensors[embed], tensors[final_norm], tensors[lm_head]
+        self.embed, self.final_norm = tensors[embed], tensors[final_norm]
+        self.lm_head = tensors[lm_head]
+        names = _LAYER_NAMES[self.spec.family]
         self.layers = [
-            {part: tensors[name.format(i=i)] for part, name in _LAYER_NAMES[self.spec.family].items()}
+            {part: tensors[name.format(i=i)] for part, name in names.items()}
             for i in range(self.spec.num_layers)
         ]
 

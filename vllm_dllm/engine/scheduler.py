@@ -157,8 +157,12 @@ class DllmScheduler(Scheduler):
                     self._tracked[req_id].blocks = blocks
                     self._tracked[req_id].early_stop = early_stop
         self._metrics.forwards.inc(len(scheduler_output.num_scheduled_tokens))
+        # Requests aborted while the step ran (a stop string matched in the front end, a client
+        # disconnected) are already freed: they have no entry left and get no statistics.
         tracked_before = {
-            req_id: self._tracked[req_id] for req_id in scheduler_output.num_scheduled_tokens
+            req_id: self._tracked[req_id]
+            for req_id in scheduler_output.num_scheduled_tokens
+            if req_id in self._tracked
         }
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for eco in outputs.values():
