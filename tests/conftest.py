@@ -57,7 +57,7 @@ def dream_engine(dream_tiny_dir: Path):
 @pytest.fixture(scope="session")
 def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint."""
-    from tests.engines import KV_CACHE_BYTES, MAX_MODEL_LEN
+    from tests.engines import MAX_MODEL_LEN
     from tests.server import Server
 
     server = Server(
@@ -72,11 +72,19 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             str(MAX_MODEL_LEN),
             "--seed",
             "0",
-            "--kv-cache-memory-bytes",
-            str(KV_CACHE_BYTES),
         ],
         tmp_path_factory.mktemp("server") / "server.log",
     )
     server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def llada_peaked_engine(llada_peaked_dir: Path):
+    """An engine on the peaked checkpoint with a KV cache of only a few 128-token blocks."""
+    from tests.engines import start_engine
+
+    llm = start_engine(llada_peaked_dir, max_model_len=256, num_gpu_blocks_override=4)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()

@@ -17,7 +17,7 @@ and its number of model forwards. Decisions where DESIGN.md leaves room, fixed h
   ``T > 0``: ``argmax(logits + T * Gumbel)``, the noise drawn for the candidate rows in
   position order. Confidence is ``softmax(logits)[x0]`` of the noise-free logits, in fp32.
   ``remasking="random"`` draws confidences uniformly instead. One ``torch.Generator`` seeded
-  with ``seed`` serves all draws, in the order they happen.
+  with ``seed`` (0 when None) serves all draws, in the order they happen.
 - **Finality.** After every step, ``x[P:f]`` is final, ``f`` the first still-masked position at
   or after ``P`` (``L`` if none). The request stops once that prefix contains an end token or
   reaches ``max_tokens`` (default: ``gen_length``) tokens. Output: that prefix cut just after its

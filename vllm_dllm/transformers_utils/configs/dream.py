@@ -72,4 +72,3 @@ class DreamConfig(PreTrainedConfig):
         self.mask_token_id = mask_token_id
         self.pad_token_id = pad_token_id
         super().__init__(**kwargs)
-

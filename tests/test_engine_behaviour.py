@@ -1,0 +1,68 @@
+"""Engine behaviour beyond token equality: parallel commits, KV pressure, bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.inputs import TokensPrompt
+
+from tests.reference import ReferenceModel
+from tests.test_engine_oracle import MAX_TOKENS, PROMPTS, engine_run, oracle_run
+
+
+def test_peaked_checkpoint_commits_several_tokens_per_forward(llada_peaked_engine):
+    extra = {"dllm_cache": "dual", "dllm_block_length": 32, "dllm_threshold": 0.9}
+    outputs = llada_peaked_engine.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, extra_args=extra),
+        use_tqdm=False,
+    )
+    stats = [o.kv_transfer_params["dllm"] for o in outputs]
+    tokens = sum(s["output_tokens"] for s in stats)
+    forwards = sum(s["forwards"] for s in stats)
+    assert tokens / forwards > 2, stats
+
+
+def test_kv_pressure_queues_requests_without_corrupting_them(
+    llada_peaked_engine, llada_peaked_dir
+):
+    """More requests than KV blocks: they wait for whole canvases and still equal the oracle."""
+    num_blocks = llada_peaked_engine.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    oracle = ReferenceModel(llada_peaked_dir)
+    cases = [
+        (PROMPTS[i % 2] + [i], {"dllm_cache": c, "dllm_block_length": 8, "dllm_threshold": t})
+        for i, (c, t) in enumerate(
+            [("dual", 0.9), ("prefix", 0.5), ("none", 0.99), ("dual", 0.3)] * 3
+        )
+    ]
+    assert len(cases) > 2 * num_blocks
+    got = engine_run(
+        llada_peaked_engine,
+        [p for p, _ in cases],
+        [SamplingParams(max_tokens=MAX_TOKENS, temperature=0, extra_args=e) for _, e in cases],
+    )
+    assert got == [oracle_run(oracle, llada_peaked_dir, p, e) for p, e in cases]
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "parameter"),
+    [
+        ({"dllm_threshold": 0.0}, "dllm_threshold"),
+        ({"dllm_cache": "full"}, "dllm_cache"),
+        ({"dllm_factor": -1}, "dllm_factor"),
+        ({"dllm_block_length": 8, "dllm_steps": 5}, "dllm_steps"),
+        ({"dllm_remasking": "lowest"}, "dllm_remasking"),
+        ({"dllm_bogus": 1}, "dllm_bogus"),
+    ],
+)
+def test_bad_parameters_fail_that_request_only(llada_engine, extra_args, parameter):
+    good = SamplingParams(max_tokens=16, temperature=0, extra_args={"dllm_block_length": 8})
+    bad = SamplingParams(max_tokens=16, temperature=0, extra_args=extra_args)
+    with pytest.raises(VLLMValidationError, match=parameter) as err:
+        llada_engine.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], bad, use_tqdm=False)
+    assert err.value.parameter == parameter
+    (out,) = llada_engine.generate(
+        [TokensPrompt(prompt_token_ids=PROMPTS[0])], good, use_tqdm=False
+    )
+    assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids
