@@ -56,7 +56,11 @@ def dream_engine(dream_tiny_dir: Path):
 
 @pytest.fixture(scope="session")
 def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint."""
+    """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint.
+
+    Started with server-wide defaults (block length 8, PrefixCache); the tests that compare with
+    the offline engine pass every parameter explicitly.
+    """
     from tests.engines import MAX_MODEL_LEN
     from tests.server import Server
 
@@ -72,6 +76,8 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             str(MAX_MODEL_LEN),
             "--seed",
             "0",
+            "--dllm-defaults",
+            '{"dllm_block_length": 8, "dllm_cache": "prefix"}',
         ],
         tmp_path_factory.mktemp("server") / "server.log",
     )

@@ -206,6 +206,43 @@ def test_dllm_metrics_move(client, llada_server):
     assert metric_value(llada_server, "vllm_dllm:tokens_per_forward_count") >= 1
 
 
+def test_server_defaults_apply_to_requests_without_parameters(client, llada_engine):
+    """The server runs with `--dllm-defaults` block length 8 + prefix: a bare request uses them."""
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert response.model_extra["kv_transfer_params"]["dllm"]["blocks"] == 2
+    offline = llada_engine.generate(
+        [PROMPT],
+        SamplingParams(
+            max_tokens=16,
+            temperature=0,
+            ignore_eos=True,
+            extra_args={"dllm_block_length": 8, "dllm_cache": "prefix"},
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert response.choices[0].text == offline.text
+
+
+def test_empty_prompt_is_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="", max_tokens=8)
+
+
+def test_invalid_utf8_body_is_400(llada_server):
+    invalid = bytes([0xE9, 0x20, 0xFF, 0xFE])  # Latin-1 bytes, not UTF-8
+    body = b'{"model": "tiny-llada", "prompt": "caf' + invalid + b'", "max_tokens": 8}'
+    response = requests.post(
+        f"{llada_server.url}/v1/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    assert requests.get(f"{llada_server.url}/health", timeout=5).status_code == 200
+
+
 def test_models_and_health(client, llada_server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert requests.get(f"{llada_server.url}/health", timeout=5).status_code == 200

@@ -5,6 +5,9 @@ CLI asks for the version of a distribution named `vllm` before anything else run
 `vllm serve` crashes before plugins load. This entry point answers that one lookup with the
 installed vLLM's version and hands over to vLLM's CLI unchanged: same subcommands, same flags.
 On a CUDA install (`pip install vllm`) plain `vllm serve` works and needs nothing from us.
+
+One flag of ours: `--dllm-defaults '{"dllm_cache": "prefix", ...}'` sets server-wide defaults
+for the `dllm_*` request parameters (the same as the `VLLM_DLLM_DEFAULTS` environment variable).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+from vllm_dllm.config import DEFAULTS_ENV
 
 
 def _answer_vllm_version_lookup() -> None:
@@ -50,8 +55,23 @@ def _merge_process_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 
 
+def _take_dllm_defaults(argv: list[str]) -> list[str]:
+    """Move `--dllm-defaults JSON` (ours, not vLLM's) into `VLLM_DLLM_DEFAULTS`."""
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--dllm-defaults":
+            os.environ[DEFAULTS_ENV] = next(args, "")
+        elif arg.startswith("--dllm-defaults="):
+            os.environ[DEFAULTS_ENV] = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest
+
+
 def main() -> None:
     _answer_vllm_version_lookup()
+    sys.argv = _take_dllm_defaults(sys.argv)
     if sys.argv[1:2] == ["serve"]:
         _merge_process_metrics()
     from vllm.entrypoints.cli.main import main as vllm_main

@@ -20,7 +20,10 @@ message starts with the offending parameter's name.
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +75,11 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     ),
 }
 DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
+
+#: Environment variable with the server-wide defaults: a JSON object of `dllm_*` keys. An
+#: environment variable because every vLLM process that reads parameters (the front end that
+#: validates, the scheduler that sizes canvases, the workers that decode) inherits it.
+DEFAULTS_ENV = "VLLM_DLLM_DEFAULTS"
 
 _PREFIX = "dllm_"
 _RULE_KEYS = tuple(_PREFIX + rule for rule in RULES)
@@ -143,6 +151,25 @@ class DllmParams:
     def steps_per_block(self) -> int | None:
         """For the steps rule, the denoising steps of each block (`m` of the LLaDA schedule)."""
         return None if self.steps is None else self.steps // self.num_blocks
+
+
+@functools.cache
+def server_defaults() -> dict[str, Any]:
+    """The server-wide defaults from `VLLM_DLLM_DEFAULTS` (empty when unset), validated."""
+    raw = os.environ.get(DEFAULTS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        defaults = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object: {err}") from err
+    if not isinstance(defaults, dict):
+        raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r}")
+    _check_exclusive(
+        [k for k in _RULE_KEYS if k in _read_dllm_args(defaults, "server default ")],
+        source="server default ",
+    )
+    return defaults
 
 
 def parse_dllm_params(

@@ -32,6 +32,10 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         from vllm.platforms import current_platform
 
+        from vllm_dllm.config import server_defaults
+
+        server_defaults()  # a malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request
+
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
             raise ValueError(

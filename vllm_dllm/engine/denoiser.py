@@ -14,7 +14,7 @@ vLLM's model loading, KV-cache allocation and attention backends, and drives the
 
 from __future__ import annotations
 
-import random
+import zlib
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -25,7 +25,7 @@ from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_dllm.cache.policy import StepPlan
-from vllm_dllm.config import parse_dllm_params
+from vllm_dllm.config import parse_dllm_params, server_defaults
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.engine.request_state import RequestState
 from vllm_dllm.sampling import RowGenerator, propose, random_confidence, select
@@ -62,7 +62,7 @@ class Denoiser:
     def _add_request(self, new: NewRequestData) -> None:
         sp = new.sampling_params
         assert sp is not None and new.prompt_token_ids is not None
-        params = parse_dllm_params(sp.extra_args, sp.max_tokens)
+        params = parse_dllm_params(sp.extra_args, sp.max_tokens, server_defaults())
         prompt = torch.tensor(new.prompt_token_ids, dtype=torch.long)
         canvas = torch.cat(
             [prompt, torch.full((params.gen_length,), self.mask_token_id, dtype=torch.long)]
@@ -75,11 +75,10 @@ class Denoiser:
         end_ids = set(sp.stop_token_ids or ())
         if sp.eos_token_id is not None:
             end_ids.add(sp.eos_token_id)
-        needs_rng = sp.temperature > 0 or params.remasking == "random"
         generator = None
-        if needs_rng:
+        if sp.temperature > 0 or params.remasking == "random":
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+            generator.manual_seed(sp.seed if sp.seed is not None else self._unseeded_seed(new))
         self.states[new.req_id] = RequestState(
             req_id=new.req_id,
             prompt_len=prompt.shape[0],
@@ -93,6 +92,16 @@ class Denoiser:
             end_token_ids=frozenset(end_ids),
             generator=generator,
         )
+
+    def _unseeded_seed(self, new: NewRequestData) -> int:
+        """A seed for a request that gave none, the same on every tensor-parallel rank.
+
+        Every rank runs the sampler on the same all-gathered logits; drawing from identically
+        seeded generators keeps their commits identical without any communication. The
+        request id makes the seeds differ between requests.
+        """
+        engine_seed = self.runner.model_config.seed or 0
+        return (zlib.crc32(new.req_id.encode()) << 32 | engine_seed) & (2**63 - 1)
 
     # ---- diagnostics ------------------------------------------------------------------------
 

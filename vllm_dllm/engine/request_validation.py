@@ -13,7 +13,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
 _UNSUPPORTED = {
@@ -51,7 +51,7 @@ def validate_request(params: SamplingParams) -> None:
     if params.max_tokens is None:
         return  # resolved later from the prompt length; the scheduler re-checks at admission
     try:
-        parse_dllm_params(params.extra_args, params.max_tokens)
+        parse_dllm_params(params.extra_args, params.max_tokens, server_defaults())
     except DllmParamError as err:
         message = str(err)
         # DllmParamError messages start with the parameter's name.

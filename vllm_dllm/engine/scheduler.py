@@ -27,7 +27,7 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 
@@ -117,7 +117,7 @@ class DllmScheduler(Scheduler):
         params = request.sampling_params
         assert params is not None
         try:
-            dllm = parse_dllm_params(params.extra_args, request.max_tokens)
+            dllm = parse_dllm_params(params.extra_args, request.max_tokens, server_defaults())
         except DllmParamError as err:
             self._reject(request, str(err))
             return None
