@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "llada-arith"
-PROMPTS = ["123+989=", "47+58=", "reverse:diffusion=", "sort:dcba="]
+PROMPTS = ["123+989=", "47+58=", "rev(diffusion)=", "sort(dcba)=", "a=3,b=7,c=1;b?"]
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def main() -> None:
     print("stream:", end=" ", flush=True)
     for chunk in client.completions.create(
         model=args.model,
-        prompt="reverse:diffusion=",
+        prompt="rev(diffusion)=",
         max_tokens=16,
         temperature=0,
         stream=True,
