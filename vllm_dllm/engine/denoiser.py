@@ -43,6 +43,13 @@ class ForwardSlice(NamedTuple):
     plan: StepPlan
 
 
+def canvas_slots(block_ids: list[int], length: int, block_size: int) -> torch.Tensor:
+    """KV slot of each canvas position: `block_ids[pos // block_size] * block_size + offset`."""
+    positions = torch.arange(length)
+    blocks = torch.tensor(block_ids, dtype=torch.long)[positions // block_size]
+    return blocks * block_size + positions % block_size
+
+
 class Denoiser:
     def __init__(self, runner: GPUModelRunner) -> None:
         self.runner = runner
@@ -67,11 +74,6 @@ class Denoiser:
         canvas = torch.cat(
             [prompt, torch.full((params.gen_length,), self.mask_token_id, dtype=torch.long)]
         )
-        block_ids = torch.tensor(new.block_ids[0], dtype=torch.long)
-        positions = torch.arange(canvas.shape[0])
-        slots = block_ids[positions // self.kv_block_size] * self.kv_block_size + (
-            positions % self.kv_block_size
-        )
         end_ids = set(sp.stop_token_ids or ())
         if sp.eos_token_id is not None:
             end_ids.add(sp.eos_token_id)
@@ -84,7 +86,7 @@ class Denoiser:
             prompt_len=prompt.shape[0],
             params=params,
             canvas=canvas,
-            slots=slots,
+            slots=canvas_slots(new.block_ids[0], canvas.shape[0], self.kv_block_size),
             block_ids=new.block_ids[0],
             mask_token_id=self.mask_token_id,
             logits_shift=self.logits_shift,
@@ -121,9 +123,7 @@ class Denoiser:
         num_kv_blocks = -(-len(token_ids) // self.kv_block_size)
         total = self.runner.kv_cache_config.num_blocks
         block_ids = list(range(total - num_kv_blocks, total))
-        positions = torch.arange(len(token_ids))
-        slots = torch.tensor(block_ids)[positions // self.kv_block_size] * self.kv_block_size
-        slots += positions % self.kv_block_size
+        slots = canvas_slots(block_ids, len(token_ids), self.kv_block_size)
         results = []
         for start, end in windows:
             plan = StepPlan(start, end, len(token_ids), full=(start, end) == (0, len(token_ids)))
