@@ -1,24 +1,25 @@
 """Offline batch generation with a diffusion LM through vLLM (the plugin is picked up by itself).
 
-    python examples/offline_batch.py [MODEL] [--cache dual] [--threshold 0.9]
+    python examples/offline_batch.py MODEL [--cache dual] [--threshold 0.9]
 
-MODEL defaults to the small trained LLaDA in models/llada-arith; any LLaDA or Dream checkpoint
-directory (or hub id, where the machine can reach the hub) works the same way.
+MODEL is any LLaDA or Dream checkpoint directory or hub id (GSAI-ML/LLaDA-8B-Instruct where the
+machine can reach the hub). Without one at hand, write a tiny random one (its text is noise):
+
+    python -m vllm_dllm.tiny_checkpoints llada /tmp/tiny-llada
+    python examples/offline_batch.py /tmp/tiny-llada
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "llada-arith"
 PROMPTS = ["123+989=", "47+58=", "rev(diffusion)=", "sort(dcba)=", "a=3,b=7,c=1;b?"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
+    parser.add_argument("model")
     parser.add_argument("--cache", default="dual", choices=["none", "prefix", "dual"])
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--block-length", type=int, default=8)

@@ -1,12 +1,13 @@
 """Talk to `vllm-dllm serve` / `vllm serve` with the official `openai` client.
 
-Start a server first, for example with the bundled model:
+Start a server first (`vllm serve` on a CUDA install), for example on a tiny random checkpoint:
 
-    vllm-dllm serve models/llada-arith --dtype float32 --served-model-name llada-arith
+    python -m vllm_dllm.tiny_checkpoints llada /tmp/tiny-llada
+    vllm-dllm serve /tmp/tiny-llada --dtype float32 --served-model-name tiny-llada
 
 then run:
 
-    python examples/openai_client.py [--base-url http://localhost:8000/v1] [--model llada-arith]
+    python examples/openai_client.py [--base-url http://localhost:8000/v1] [--model tiny-llada]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from openai import OpenAI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", default="http://localhost:8000/v1")
-    parser.add_argument("--model", default="llada-arith")
+    parser.add_argument("--model", default="tiny-llada")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="unused")
     xargs = {"dllm_block_length": 8, "dllm_cache": "dual", "dllm_threshold": 0.9}
