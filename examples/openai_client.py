@@ -51,7 +51,7 @@ def main() -> None:
         max_tokens=16,
         temperature=0,
         stream=True,
-        extra_body={"vllm_xargs": {**xargs, "dllm_steps": 16}},
+        extra_body={"vllm_xargs": {"dllm_block_length": 8, "dllm_steps": 16}},
     ):
         print(repr(chunk.choices[0].text), end=" ", flush=True)
     print()
