@@ -18,6 +18,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def assert_completion_equals_offline(client, model: str, llm, prompt: str, xargs: dict) -> None:
+    """A server completion equals the offline engine's output: text, token ids, statistics."""
+    from vllm import SamplingParams
+
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"vllm_xargs": xargs, "return_token_ids": True},
+    )
+    offline = llm.generate(
+        [prompt], SamplingParams(max_tokens=24, temperature=0, extra_args=xargs), use_tqdm=False
+    )[0].outputs[0]
+    choice = response.choices[0]
+    assert choice.text == offline.text
+    assert choice.model_extra["token_ids"] == list(offline.token_ids)
+    stats = response.model_extra["kv_transfer_params"]["dllm"]
+    assert stats["forwards"] >= 1 and stats["output_tokens"] == len(offline.token_ids)
+
+
 class Server:
     """`vllm-dllm serve CHECKPOINT ARGS...` on a free loopback port; logs go to a file."""
 

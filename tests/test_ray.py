@@ -34,7 +34,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from tests.engines import MAX_MODEL_LEN  # noqa: E402
-from tests.server import free_port  # noqa: E402
+from tests.server import assert_completion_equals_offline, free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -288,21 +288,7 @@ def test_serve_answers_openai_completion(serve_url, llada_engine):
     client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == [SERVED_MODEL]
     prompt = "The quick brown fox"
-    response = client.completions.create(
-        model=SERVED_MODEL,
-        prompt=prompt,
-        max_tokens=24,
-        temperature=0,
-        extra_body={"vllm_xargs": XARGS, "return_token_ids": True},
-    )
-    offline = llada_engine.generate(
-        [prompt], SamplingParams(max_tokens=24, temperature=0, extra_args=XARGS), use_tqdm=False
-    )[0].outputs[0]
-    choice = response.choices[0]
-    assert choice.text == offline.text
-    assert choice.model_extra["token_ids"] == list(offline.token_ids)
-    stats = response.model_extra["kv_transfer_params"]["dllm"]
-    assert stats["output_tokens"] == len(offline.token_ids) and stats["forwards"] >= 1
+    assert_completion_equals_offline(client, SERVED_MODEL, llada_engine, prompt, XARGS)
     # vLLM's own validation still turns a bad diffusion parameter into a 400.
     with pytest.raises(openai.BadRequestError, match="dllm_threshold"):
         client.completions.create(

@@ -11,6 +11,8 @@ import pytest
 import requests
 from vllm import SamplingParams
 
+from tests.server import assert_completion_equals_offline
+
 pytestmark = pytest.mark.server
 
 MODEL = "tiny-llada"
@@ -35,21 +37,7 @@ def metric_value(server, name: str, **labels: str) -> float:
 
 
 def test_completion_equals_offline_engine(client, llada_engine):
-    response = client.completions.create(
-        model=MODEL,
-        prompt=PROMPT,
-        max_tokens=24,
-        temperature=0,
-        extra_body={"vllm_xargs": XARGS, "return_token_ids": True},
-    )
-    offline = llada_engine.generate(
-        [PROMPT], SamplingParams(max_tokens=24, temperature=0, extra_args=XARGS), use_tqdm=False
-    )[0].outputs[0]
-    choice = response.choices[0]
-    assert choice.text == offline.text
-    assert choice.model_extra["token_ids"] == list(offline.token_ids)
-    stats = response.model_extra["kv_transfer_params"]["dllm"]
-    assert stats["forwards"] >= 1 and stats["output_tokens"] == len(offline.token_ids)
+    assert_completion_equals_offline(client, MODEL, llada_engine, PROMPT, XARGS)
 
 
 def test_chat_equals_offline_engine(client, llada_engine):
