@@ -1,0 +1,145 @@
+"""Checkpoints the benchmarks run on, written with fixed seeds (no downloads).
+
+- random LLaDA checkpoints in the released layout (``vllm_dllm.tiny_checkpoints``);
+- a random Hugging Face **Llama** checkpoint with the same hidden size, layers, heads, MLP width
+  and vocabulary (``LlamaConfig`` + safetensors + the same byte-level tokenizer files), which
+  vLLM serves with its own ``LlamaForCausalLM``: the autoregressive reference;
+- the trained ``models/llada-arith`` checkpoint is used in place when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_dllm.tiny_checkpoints import LLaDAShape, write_llada_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINED_MODEL_DIR = REPO_ROOT / "models" / "llada-arith"
+
+#: The cache benchmark's model: the MID preset (hidden 256, 4 layers, 4 heads, MLP 704, 3.4 M
+#: parameters). One full fp32 forward over the 768-token canvas costs ~200 ms on one core of our
+#: CPUs, tens of times the engine's per-step overhead (~6 ms, measured on TINY by the overhead
+#: section, and reported as ``full_forward_over_step_overhead``), so the cache modes are compared
+#: on model compute, not on overhead; yet `none` at one token per step (256 full forwards) still
+#: fits in about a minute.
+BENCH_SHAPE = LLaDAShape.MID
+#: The engine-overhead model: compute is negligible next to the per-step overhead.
+TINY_SHAPE = LLaDAShape.TINY
+
+SEEDS = {"bench": 1234, "tiny": 0, "llama": 4321}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def shape_dict(shape: LLaDAShape) -> dict:
+    """The sizes of a shape (for results.json)."""
+    keys = ("hidden_size", "num_heads", "num_kv_heads", "num_layers", "intermediate_size",
+            "vocab_size")
+    return {k: v for k, v in asdict(shape).items() if k in keys}
+
+
+def num_params(shape: LLaDAShape) -> int:
+    """Parameters of a LLaDA / Llama model of this shape (untied head, no biases)."""
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    kv = shape.num_kv_heads * (h // shape.num_heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return shape.num_layers * layer + 2 * v * h + h
+
+
+def write_llada(path: Path, shape: LLaDAShape, seed: int) -> Path:
+    """A random LLaDA checkpoint (fp32), rewritten only when its config or seed changed."""
+    stamp = {"shape": asdict(shape), "seed": seed, "kind": "llada"}
+    if _fresh(path, stamp):
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    write_llada_checkpoint(path, shape, seed=seed)
+    _stamp(path, stamp)
+    return path
+
+
+def write_llama_like(path: Path, shape: LLaDAShape, seed: int, tokenizer_from: Path) -> Path:
+    """A random HF Llama checkpoint with ``shape``'s sizes, for vLLM's ``LlamaForCausalLM``.
+
+    The tokenizer files are copied from ``tokenizer_from`` (a LLaDA checkpoint of the same
+    vocabulary), so both models read the same prompt ids.
+    """
+    stamp = {"shape": asdict(shape), "seed": seed, "kind": "llama"}
+    if _fresh(path, stamp):
+        return path
+    from transformers import LlamaConfig
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rms_norm_eps=shape.rms_norm_eps,
+        rope_theta=shape.rope_theta,
+        bos_token_id=shape.bos_token_id,
+        eos_token_id=shape.eos_token_id,
+        pad_token_id=shape.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    config.save_pretrained(path)
+    save_file(_llama_tensors(shape, seed), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    for name in _TOKENIZER_FILES:
+        shutil.copy(tokenizer_from / name, path / name)
+    _stamp(path, stamp)
+    return path
+
+
+def _llama_tensors(shape: LLaDAShape, seed: int) -> dict[str, torch.Tensor]:
+    """Llama weights drawn like the tiny LLaDA checkpoints (unit embeddings, 1/sqrt(fan_in))."""
+    gen = torch.Generator().manual_seed(seed)
+    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    kv = shape.num_kv_heads * (h // shape.num_heads)
+
+    def linear(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen) * cols**-0.5
+
+    def norm() -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(h, generator=gen)
+
+    out = {"model.embed_tokens.weight": torch.randn(v, h, generator=gen)}
+    for n in range(shape.num_layers):
+        p = f"model.layers.{n}."
+        out[p + "input_layernorm.weight"] = norm()
+        out[p + "self_attn.q_proj.weight"] = linear(h, h)
+        out[p + "self_attn.k_proj.weight"] = linear(kv, h)
+        out[p + "self_attn.v_proj.weight"] = linear(kv, h)
+        out[p + "self_attn.o_proj.weight"] = linear(h, h)
+        out[p + "post_attention_layernorm.weight"] = norm()
+        out[p + "mlp.gate_proj.weight"] = linear(i, h)
+        out[p + "mlp.up_proj.weight"] = linear(i, h)
+        out[p + "mlp.down_proj.weight"] = linear(h, i)
+    out["model.norm.weight"] = norm()
+    out["lm_head.weight"] = linear(v, h)
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def trained_model() -> Path | None:
+    """``models/llada-arith`` when it holds a complete checkpoint, else None."""
+    d = TRAINED_MODEL_DIR
+    needed = ("config.json", "model.safetensors", "tokenizer.json")
+    return d if all((d / f).exists() for f in needed) else None
+
+
+def _fresh(path: Path, stamp: dict) -> bool:
+    f = path / "bench_stamp.json"
+    return f.exists() and json.loads(f.read_text()) == stamp
+
+
+def _stamp(path: Path, stamp: dict) -> None:
+    (path / "bench_stamp.json").write_text(json.dumps(stamp, indent=2) + "\n")
