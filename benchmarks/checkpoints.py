@@ -129,9 +129,8 @@ def _llama_tensors(shape: LLaDAShape, seed: int) -> dict[str, torch.Tensor]:
     return {k: t.contiguous() for k, t in out.items()}
 
 
-def trained_model() -> Path | None:
-    """``models/llada-arith`` when it holds a complete checkpoint, else None."""
-    d = TRAINED_MODEL_DIR
+def trained_model(d: Path = TRAINED_MODEL_DIR) -> Path | None:
+    """``d`` (default ``models/llada-arith``) when it holds a complete checkpoint, else None."""
     needed = ("config.json", "model.safetensors", "tokenizer.json")
     return d if all((d / f).exists() for f in needed) else None
 

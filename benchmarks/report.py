@@ -88,7 +88,8 @@ def _parallel_section(cases: dict) -> list[dict]:
                "forwards_per_request": _r(c["forwards"] / c["requests"], 2)
                if c["forwards"] else None,
                "output_tokens": c["output_tokens"], "accuracy": c.get("accuracy"),
-               "wall_s": c["best_wall_s"], "name": name, "model": m.get("model")}
+               "wall_s": c["best_wall_s"], "name": name, "model": m.get("model"),
+               "block": m.get("block")}
         if m["rule"] == "one token/step":
             ref[m["mode"]] = c["tokens_per_s"]
         rows.append(row)
@@ -139,19 +140,18 @@ def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict])
     inproc = cases.get("overhead-dual-1tok")
     mp = cases.get("overhead-dual-1tok-mp")
     out: dict[str, Any] = {
-        "ms_per_step_inproc": inproc.get("ms_per_forward") if inproc else None,
+        "ms_per_step_inproc": (profile or {}).get("ms_per_step")
+        or (inproc.get("ms_per_forward") if inproc else None),
         "ms_per_step_multiprocess": mp.get("ms_per_forward") if mp else None,
+        "cpu_per_wall_multiprocess": mp.get("cpu_per_wall") if mp else None,
     }
-    if inproc and mp:
-        out["ipc_ms_per_step"] = _r(mp["ms_per_forward"] - inproc["ms_per_forward"], 3)
     if profile:
         out["profile"] = {k: profile[k] for k in ("steps", "ms_per_step", "stages_ms_per_step",
                                                   "stage_share", "cprofile_top_tottime")
                           if k in profile}
         stages = profile["stages_ms_per_step"]
         non_model = {k: v for k, v in stages.items() if k != "model forward"}
-        biggest = max(stages, key=stages.get)
-        out["biggest_stage"] = biggest
+        out["biggest_stage"] = max(stages, key=stages.get)
         out["biggest_non_model_stage"] = max(non_model, key=non_model.get)
     # How far a full forward of the benchmark model is above the per-step overhead.
     per_step = out["ms_per_step_multiprocess"] or out["ms_per_step_inproc"]
@@ -268,7 +268,8 @@ def markdown(doc: dict) -> str:
         md.append(
             f"Model: {model}. {doc['parallel'][0]['problems']} held-out problems "
             f"(examples/train_tiny_llada.py, seed {pr.get('eval_seed')}), completion prompts, "
-            f"max_tokens {pr.get('gen_len')} (one block), one request at a time, stops at EOS. "
+            f"max_tokens {pr.get('gen_len')}, block {doc['parallel'][0].get('block')}, one "
+            "request at a time, stops at EOS. "
             "Tokens = answer + end token as returned.")
         md.append("")
         md.append(_table(
@@ -314,12 +315,17 @@ def markdown(doc: dict) -> str:
     if ov.get("profile"):
         p = ov["profile"]
         md.append(
-            f"Dual cache, one token per step, batch 1; {p['steps']} steps timed in-process "
-            f"(`VLLM_ENABLE_V1_MULTIPROCESSING=0`): {p['ms_per_step']:.2f} ms per step. "
-            f"Same case in vLLM's normal multi-process mode: "
-            f"{ov.get('ms_per_step_multiprocess') or '-'} ms per step"
-            + (f" (process hops: {ov['ipc_ms_per_step']} ms)." if "ipc_ms_per_step" in ov
-               else "."))
+            f"Dual cache, one token per step, batch 1, prompt {s.get('overhead_prompt')}; "
+            f"{p['steps']} steps timed in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, front "
+            f"end, engine core and worker in one process): {p['ms_per_step']:.2f} ms per step "
+            "(best of 3 runs).")
+        if ov.get("ms_per_step_multiprocess"):
+            cpu = ov.get("cpu_per_wall_multiprocess") or {}
+            busy = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if v >= 0.01)
+            md.append(
+                f"The same case in vLLM's normal multi-process mode (front end, engine core and "
+                f"worker processes): {ov['ms_per_step_multiprocess']:.2f} ms per step; CPU "
+                f"seconds per wall second: {busy}.")
         md.append("")
         md.append(_table(["stage", "ms / step", "share"],
                          [[k, v, f"{100 * p['stage_share'][k]:.1f}%"]
@@ -417,3 +423,27 @@ def write_all(doc: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(markdown(doc))
     chart(doc, out / "results.png")
+
+
+def rebuild(out: Path) -> dict:
+    """Re-assemble OUT/results.* from OUT/jobs/*.result.json (after editing this module)."""
+    old = json.loads((out / "results.json").read_text())
+    info = dict(old["models"], skipped=old.get("skipped", {}))
+    if "problems" in old:
+        info["problems"] = old["problems"]
+    results = []
+    for job in old["jobs"]:
+        f = out / "jobs" / f"{job['job']}.result.json"
+        results.append(dict(json.loads(f.read_text()), **{k: job[k] for k in
+                                                            ("process_wall_s", "loadavg")
+                                                            if k in job})
+                       if f.exists() else job)
+    doc = assemble(old["settings"], old["environment"], info, results)
+    write_all(doc, out)
+    return doc
+
+
+if __name__ == "__main__":
+    import sys
+
+    rebuild(Path(sys.argv[1]))

@@ -52,6 +52,9 @@ from benchmarks.checkpoints import (  # noqa: E402
 )
 
 BLOCK = 32
+#: Block length of the trained model's cases: its 16-token answers in two blocks, as in
+#: examples/eval_llada_arith.py (a 32-block would stretch the canvas past what it was trained on).
+TRAINED_BLOCK = 8
 #: Generation lengths above this measure `none` with one forward per block and extrapolate its
 #: one-token-per-step time (every `none` forward is the same full forward over the canvas, so
 #: its cost does not depend on what the step commits). `--none-measured-max 1024` measures all.
@@ -87,6 +90,7 @@ class Settings:
     #: The smoke test runs every dLLM case on the tiny model in one engine, and no AR engine.
     single_engine: bool = False
     run_ar: bool = True
+    trained_model_dir: Path | None = None
 
     @classmethod
     def for_profile(cls, name: str) -> Settings:
@@ -117,13 +121,14 @@ def fixed_prompt(length: int, seed: int, vocab: int = 256) -> list[int]:
 
 def dllm_case(name: str, group: str, prompts: list[list[int]], gen: int, extra: dict,
               meta: dict, *, rounds: int = 1, ignore_eos: bool = True,
-              concurrency: int | None = None, expected=None, end_ids=()) -> dict:
+              concurrency: int | None = None, expected=None, end_ids=(),
+              block: int = BLOCK) -> dict:
     case = {
         "name": name,
         "group": group,
         "prompts": prompts,
         "params": {"max_tokens": gen, "ignore_eos": ignore_eos,
-                   "extra_args": {"dllm_block_length": BLOCK, **extra}},
+                   "extra_args": {"dllm_block_length": block, **extra}},
         "meta": meta,
         "rounds": rounds,
     }
@@ -194,23 +199,25 @@ PARALLEL_RULES = (
 )
 
 
-def _rule_args(rule: str, gen: int) -> dict:
-    return {"steps": {"dllm_steps": gen}, "threshold": {"dllm_threshold": 0.9},
+def _rule_args(rule: str, canvas: int) -> dict:
+    return {"steps": {"dllm_steps": canvas}, "threshold": {"dllm_threshold": 0.9},
             "factor": {"dllm_factor": 1.0}}[rule]
 
 
 def parallel_cases(s: Settings, problems: dict, model: str = "trained") -> list[dict]:
     n = s.parallel_problems
     gen = problems["gen_len"]
+    canvas = -(-gen // TRAINED_BLOCK) * TRAINED_BLOCK
     cases = []
     for mode in ("dual", "none"):
         for label, rule in PARALLEL_RULES:
             cases.append(dllm_case(
                 f"parallel-{mode}-{rule}", "parallel", problems["prompts"][:n], gen,
-                {"dllm_cache": mode, **_rule_args(rule, gen)},
-                {"mode": mode, "rule": label, "gen": gen, "problems": n, "model": model},
+                {"dllm_cache": mode, **_rule_args(rule, canvas)},
+                {"mode": mode, "rule": label, "gen": gen, "problems": n, "model": model,
+                 "block": TRAINED_BLOCK},
                 ignore_eos=False, concurrency=1, expected=problems["expected"][:n],
-                end_ids=problems["end_ids"]))
+                end_ids=problems["end_ids"], block=TRAINED_BLOCK, rounds=s.rounds))
     return cases
 
 
@@ -220,7 +227,7 @@ def batching_cases(s: Settings, problems: dict | None, model: str = "trained") -
     if problems is not None:
         prompts, gen = problems["prompts"][:n], problems["gen_len"]
         extra_kw = {"ignore_eos": False, "expected": problems["expected"][:n],
-                    "end_ids": problems["end_ids"]}
+                    "end_ids": problems["end_ids"], "block": TRAINED_BLOCK}
     else:  # fallback: the random cache model with short canvases
         n = min(n, 32)
         prompts, gen = [fixed_prompt(32, seed=100 + i) for i in range(n)], 32
@@ -230,7 +237,7 @@ def batching_cases(s: Settings, problems: dict | None, model: str = "trained") -
         dllm_case(f"batching-c{c}", "batching", prompts, gen,
                   {"dllm_cache": "dual", "dllm_threshold": 0.9},
                   {"concurrency": c, "gen": gen, "requests": n, "model": model},
-                  concurrency=c, **extra_kw)
+                  concurrency=c, rounds=s.rounds, **extra_kw)
         for c in s.batching
     ]
 
@@ -263,21 +270,18 @@ def build_jobs(s: Settings, ckpt_dir: Path) -> tuple[list[dict], dict]:
     info["tiny_model"] = {"path": str(tiny), "shape": shape_dict(TINY_SHAPE),
                           "params": num_params(TINY_SHAPE), "seed": SEEDS["tiny"]}
 
-    trained = trained_model()
+    trained = trained_model(s.trained_model_dir) if s.trained_model_dir else trained_model()
     problems = None
     if trained is None and not s.single_engine:
         info["skipped"]["parallel"] = (
-            "models/llada-arith not found (issue 5): the parallel-decoding section needs the "
+            f"{s.trained_model_dir or 'models/llada-arith'} not found (issue 5): the "
+            "parallel-decoding section needs the "
             "trained model; batching ran on the random benchmark model instead. Train it with "
             "`python examples/train_tiny_llada.py --out models/llada-arith`, then rerun.")
     else:
         from benchmarks.arith import heldout_problems
 
-        n = max(s.parallel_problems, s.batching_problems)
-        try:
-            problems = heldout_problems(n, trained)
-        except FileNotFoundError as err:
-            info["skipped"]["parallel"] = f"{err}: no held-out problems"
+        problems = heldout_problems(max(s.parallel_problems, s.batching_problems))
     if trained is not None:
         cfg = json.loads((trained / "config.json").read_text())
         info["trained_model"] = {"path": str(trained), "d_model": cfg.get("d_model"),
@@ -285,7 +289,7 @@ def build_jobs(s: Settings, ckpt_dir: Path) -> tuple[list[dict], dict]:
                                  "mlp_hidden_size": cfg.get("mlp_hidden_size"),
                                  "vocab_size": cfg.get("vocab_size")}
     if problems is not None:
-        keys = ("gen_len", "eval_seed", "train_config_source")
+        keys = ("gen_len", "eval_seed")
         info["problems"] = {k: problems[k] for k in keys}
         info["problems"]["tasks"] = problems["tasks"][: s.parallel_problems]
 
@@ -305,7 +309,7 @@ def build_jobs(s: Settings, ckpt_dir: Path) -> tuple[list[dict], dict]:
             cache_job["cases"] += trained_cases
         else:
             jobs.append({
-                "name": "trained", "rounds": 1,
+                "name": "trained", "rounds": s.rounds,
                 "engine": engine_options(trained, 512, max(s.batching), 8192),
                 "cases": trained_cases,
             })
@@ -466,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"(default {DEFAULT_NONE_MEASURED_MAX}; longer ones are extrapolated)")
     p.add_argument("--prefix-max-gen", type=int, default=None,
                    help=f"longest generation run with prefix (default {DEFAULT_PREFIX_MAX_GEN})")
+    p.add_argument("--trained-model", type=Path, default=None,
+                   help="the trained checkpoint (default models/llada-arith)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these jobs (cache, trained, ar, overhead, overhead-mp)")
     p.add_argument("--job-timeout", type=float, default=1800)
@@ -476,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
         s = replace(s, threads=args.threads)
     if args.gens:
         s = replace(s, cache_gens=args.gens)
+    if args.trained_model is not None:
+        s = replace(s, trained_model_dir=args.trained_model.resolve())
     if args.prefix_max_gen is not None:
         s = replace(s, prefix_max_gen=args.prefix_max_gen)
     if args.none_measured_max is not None:
@@ -500,7 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     env["total_wall_s"] = round(time.perf_counter() - t0, 1)
     env["command"] = "python benchmarks/run.py " + " ".join(argv if argv is not None
                                                            else sys.argv[1:])
-    doc = report.assemble(asdict(s), env, info, results)
+    settings = asdict(s)
+    settings["trained_model_dir"] = str(s.trained_model_dir) if s.trained_model_dir else None
+    doc = report.assemble(settings, env, info, results)
     report.write_all(doc, out)
     print(f"[bench] wrote {out / 'results.json'}, results.md, results.png "
           f"in {env['total_wall_s']:.0f} s", flush=True)

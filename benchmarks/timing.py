@@ -148,9 +148,13 @@ def profile_steps(llm, spec: dict[str, Any]) -> dict[str, Any]:
     case = spec["case"]
     patch_all()
     run_case_once(llm, case)  # warm the patched paths
-    reset()
-    run = run_case_once(llm, case)
-    timers = snapshot()
+    best = None
+    for _ in range(spec.get("repeats", 3)):  # keep the least disturbed of a few timed runs
+        reset()
+        run = run_case_once(llm, case)
+        if best is None or run["wall_s"] < best[0]["wall_s"]:
+            best = (run, snapshot())
+    run, timers = best
     steps = timers.get("core_step", (0.0, 0))[1]
     result = breakdown(timers, run["wall_s"], max(steps, 1))
     result["forwards"] = run["forwards"]

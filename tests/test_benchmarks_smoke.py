@@ -1,0 +1,110 @@
+"""Smoke test of the benchmark code (benchmarks/): tiny sizes, one engine, real vLLM.
+
+`python benchmarks/run.py --smoke` runs every dLLM section's cases (cache modes, parallel rules,
+batching, the in-process overhead profile) on the tiny random LLaDA in ONE engine process, and
+writes results.json / results.md / results.png. The numbers are meaningless at these sizes; the
+test checks the pipeline and the shape and sanity of what it writes. The autoregressive
+reference needs a second engine, so here only its checkpoint writer is checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run
+from benchmarks.checkpoints import TINY_SHAPE, write_llada, write_llama_like
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
+    out = tmp_path_factory.mktemp("bench_out")
+    doc = run.main(["--smoke", "--out", str(out)])
+    return doc, out
+
+
+def test_files_written(smoke) -> None:
+    doc, out = smoke
+    assert json.loads((out / "results.json").read_text())["settings"]["profile"] == "smoke"
+    md = (out / "results.md").read_text()
+    for heading in ("## Targets", "## 1. Cache", "## 2. Parallel", "## 3. Batching",
+                    "## 4. Autoregressive", "## 5. Engine overhead"):
+        assert heading in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [j["job"] for j in doc["jobs"]] == ["cache"]
+    assert all(j.get("error") is None for j in doc["jobs"]), doc["jobs"]
+
+
+def test_cache_rows(smoke) -> None:
+    doc, _ = smoke
+    rows = doc["cache"]
+    gens = doc["settings"]["cache_gens"]
+    assert [(r["gen"], r["mode"]) for r in rows] == [
+        (g, m) for g in gens for m in ("none", "prefix", "dual")
+    ]
+    for r in rows:
+        # One token per step: exactly one forward per generated token.
+        assert r["forwards"] == r["gen"]
+        assert r["tokens_per_s"] > 0 and r["ms_per_forward"] > 0 and r["wall_s"] > 0
+        assert r["speedup_vs_none"] > 0
+        if r["mode"] == "none":
+            assert r["speedup_vs_none"] == 1.0
+    # The longer generation's `none` is extrapolated from one forward per block.
+    assert [r["measured"] for r in rows if r["mode"] == "none"] == [True, False]
+
+
+def test_parallel_and_batching_rows(smoke) -> None:
+    doc, _ = smoke
+    par = doc["parallel"]
+    assert {(r["mode"], r["rule"]) for r in par} == {
+        (m, rule) for m in ("dual", "none") for rule, _ in run.PARALLEL_RULES
+    }
+    for r in par:
+        assert r["problems"] == doc["settings"]["parallel_problems"]
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["tokens_per_s"] > 0 and r["tokens_per_forward"] > 0
+        assert r["forwards_per_request"] >= 1
+    bat = doc["batching"]
+    assert [r["concurrency"] for r in bat] == doc["settings"]["batching"]
+    assert bat[0]["scaling_vs_1"] == 1.0
+    assert all(r["tokens_per_s"] > 0 for r in bat)
+    # Batch independence: every concurrency decodes the same tokens in the same forwards.
+    assert len({(r["output_tokens"], r["forwards"], r["accuracy"]) for r in bat}) == 1
+
+
+def test_overhead_profile(smoke) -> None:
+    doc, _ = smoke
+    ov = doc["overhead"]
+    prof = ov["profile"]
+    assert prof["steps"] == doc["settings"]["overhead_gen"]
+    stages = prof["stages_ms_per_step"]
+    assert stages["model forward"] > 0 and stages["sampler (propose/score/select + D2H)"] > 0
+    assert sum(stages.values()) == pytest.approx(prof["ms_per_step"], rel=0.01)
+    assert ov["biggest_stage"] in stages
+    assert "onednn_mm" in prof["cprofile_top_tottime"] or "ncalls" in prof["cprofile_top_tottime"]
+
+
+def test_targets_listed(smoke) -> None:
+    doc, _ = smoke
+    assert [t["required"] for t in doc["targets"]] == [5.0, 2.5, 2.0]
+    for t in doc["targets"]:
+        assert isinstance(t["measured"], float) and isinstance(t["met"], bool)
+
+
+def test_llama_reference_checkpoint(tmp_path) -> None:
+    """The AR reference checkpoint loads as a transformers Llama with the LLaDA's sizes."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    llada = write_llada(tmp_path / "llada", TINY_SHAPE, 0)
+    llama = write_llama_like(tmp_path / "llama", TINY_SHAPE, 1, tokenizer_from=llada)
+    config = AutoConfig.from_pretrained(llama)
+    assert isinstance(config, LlamaConfig)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.vocab_size) == (TINY_SHAPE.hidden_size, TINY_SHAPE.num_layers,
+                                   TINY_SHAPE.num_heads, TINY_SHAPE.vocab_size)
+    expected = set(LlamaForCausalLM(config).state_dict())
+    with safe_open(str(llama / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == expected
+    assert (llama / "tokenizer.json").read_bytes() == (llada / "tokenizer.json").read_bytes()
