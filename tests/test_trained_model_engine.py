@@ -9,28 +9,22 @@ right.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.scripts import load_example
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "llada-arith"
-EVAL_SCRIPT = REPO / "examples" / "eval_llada_arith.py"
 PROBLEMS = 48
 ACCURACY_FLOOR = 0.95
 
 
 @pytest.fixture(scope="module")
 def eval_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("eval_llada_arith", EVAL_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("eval_llada_arith")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ here too, not only in the engine test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,11 +19,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.scripts import load_example
 from vllm_dllm.tiny_checkpoints import LLADA_CHAT_TEMPLATE, LLaDAShape, llada_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "llada-arith"
-TRAIN_SCRIPT = REPO / "examples" / "train_tiny_llada.py"
 FILES = [
     "config.json",
     "generation_config.json",
@@ -50,12 +48,7 @@ def tokenizer():  # noqa: ANN201  (transformers' tokenizer class varies by versi
 
 @pytest.fixture(scope="module")
 def train_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_tiny_llada", TRAIN_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_tiny_llada")
 
 
 def test_files_present_and_small() -> None:
