@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_seed": EVAL_SEED,
         "max_tokens": gen_len,
         "block_length": args.block_length,
-        "command": "python examples/eval_llada_arith.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python examples/eval_llada_arith.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "engine_wall_s": round(wall, 1),
         "cells": list(results.values()),
     }

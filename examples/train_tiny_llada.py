@@ -24,9 +24,9 @@ weighted by ``L / k``, summed and divided by ``L``. ``--objective k`` (the defau
 uniformly from ``1..L`` and masks exactly ``k`` random positions: the LLaDA paper's equivalent,
 lower-variance form of its loss (same expectation). ``--objective t`` is the form of the paper's
 main text: ``t ~ U(eps, 1)``, each position masked with probability ``t``, weight ``1 / t``. With
-answers this short, ``1 / t`` puts weights up to 1000 on examples with one masked token; on the
-same budget ``t`` reached 55 % held-out accuracy where ``k`` reached 84 % (a sweep with a harder
-task mix, see the model card). At inference the canvas is ``[BOS] prompt [MASK] * L``.
+answers this short, ``1 / t`` puts weights up to 1000 on examples with one masked token (the
+model card has the sweep that compared the two). At inference the canvas is
+``[BOS] prompt [MASK] * L``.
 """
 
 from __future__ import annotations
