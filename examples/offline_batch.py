@@ -3,10 +3,10 @@
     python examples/offline_batch.py MODEL [--cache dual] [--threshold 0.9]
 
 MODEL is any LLaDA or Dream checkpoint directory or hub id (GSAI-ML/LLaDA-8B-Instruct where the
-machine can reach the hub). Without one at hand, write a tiny random one (its text is noise):
+machine can reach the hub). The prompts suit the bundled trained model (3-digit addition,
+reversing and sorting strings of up to 6 characters):
 
-    python -m vllm_dllm.tiny_checkpoints llada /tmp/tiny-llada
-    python examples/offline_batch.py /tmp/tiny-llada
+    python examples/offline_batch.py models/llada-arith
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-PROMPTS = ["123+989=", "47+58=", "rev(diffusion)=", "sort(dcba)=", "a=3,b=7,c=1;b?"]
+PROMPTS = ["123+989=", "555+445=", "rev(vllm42)=", "sort(dream7)="]
 
 
 def main() -> None:

@@ -1,13 +1,12 @@
 """Talk to `vllm-dllm serve` / `vllm serve` with the official `openai` client.
 
-Start a server first (`vllm serve` on a CUDA install), for example on a tiny random checkpoint:
+Start a server first (`vllm serve` on a CUDA install), for example on the bundled trained model:
 
-    python -m vllm_dllm.tiny_checkpoints llada /tmp/tiny-llada
-    vllm-dllm serve /tmp/tiny-llada --dtype float32 --served-model-name tiny-llada
+    vllm-dllm serve models/llada-arith --dtype float32 --served-model-name llada-arith
 
 then run:
 
-    python examples/openai_client.py [--base-url http://localhost:8000/v1] [--model tiny-llada]
+    python examples/openai_client.py [--base-url http://localhost:8000/v1] [--model llada-arith]
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from openai import OpenAI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", default="http://localhost:8000/v1")
-    parser.add_argument("--model", default="tiny-llada")
+    parser.add_argument("--model", default="llada-arith")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="unused")
     xargs = {"dllm_block_length": 8, "dllm_cache": "dual", "dllm_threshold": 0.9}
@@ -37,7 +36,7 @@ def main() -> None:
 
     chat = client.chat.completions.create(
         model=args.model,
-        messages=[{"role": "user", "content": "47+58="}],
+        messages=[{"role": "user", "content": "456+789="}],
         max_tokens=16,
         temperature=0,
         extra_body={"vllm_xargs": xargs},
@@ -47,7 +46,7 @@ def main() -> None:
     print("stream:", end=" ", flush=True)
     for chunk in client.completions.create(
         model=args.model,
-        prompt="rev(diffusion)=",
+        prompt="rev(vllm42)=",
         max_tokens=16,
         temperature=0,
         stream=True,
