@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "llada-arith"
-DEMO_PROMPTS = ["123+989=", "47+58=", "rev(diffusion)=", "sort(dcba)=", "a=3,b=7,c=1;b?"]
+DEMO_PROMPTS = ["123+989=", "555+445=", "rev(vllm42)=", "sort(dream7)="]
 
 # What a CPU replica needs in its environment (vLLM's CPU platform reads these at start-up).
 # Explicit KV-cache space also skips vLLM's check that most of the machine's memory be free,
@@ -89,7 +89,8 @@ def shard(items: list, num_shards: int) -> list[list]:
 def replica_options(
     *, cpu: bool, gpus_per_replica: float = 1, cpus_per_replica: float = 1, runtime_env=None
 ) -> dict[str, Any]:
-    """Ray actor options for one replica: its resources and the environment it starts with."""
+    """Ray actor options for one replica (a batch actor here, a Serve replica in
+    ray_serve.py): its resources and the environment it starts with."""
     runtime_env = dict(runtime_env or {})
     env_vars: dict[str, str] = {}
     if cpu:

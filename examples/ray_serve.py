@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-# What a CPU replica needs in its environment (see examples/ray_batch.py).
-CPU_ENV_VARS = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ray_batch import replica_options  # noqa: E402  (the replicas' resources and environment)
 
 if "app" not in inspect.signature(serve.ingress).parameters or (
     inspect.signature(serve.ingress).parameters["app"].default is inspect.Parameter.empty
@@ -109,19 +107,14 @@ def build_app(
     runtime_env: dict[str, Any] | None = None,
 ):
     """The Serve application: `num_replicas` replicas of `VllmOpenAIServer(vllm_args)`."""
-    runtime_env = dict(runtime_env or {})
-    env_vars: dict[str, str] = {}
-    if cpu:
-        env_vars = {**CPU_ENV_VARS, "OMP_NUM_THREADS": str(max(1, int(cpus_per_replica)))}
-    env_vars.update(runtime_env.get("env_vars", {}))
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    actor_options: dict[str, Any] = {"num_cpus": cpus_per_replica, "runtime_env": runtime_env}
-    if not cpu:
-        actor_options["num_gpus"] = gpus_per_replica
     return VllmOpenAIServer.options(
         num_replicas=num_replicas,
-        ray_actor_options=actor_options,
+        ray_actor_options=replica_options(
+            cpu=cpu,
+            gpus_per_replica=gpus_per_replica,
+            cpus_per_replica=cpus_per_replica,
+            runtime_env=runtime_env,
+        ),
         # Engine start-up (weights, KV cache) takes a while; don't let Serve give up early.
         health_check_timeout_s=120,
         graceful_shutdown_timeout_s=30,

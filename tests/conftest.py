@@ -61,21 +61,13 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     Started with server-wide defaults (block length 8, PrefixCache); the tests that compare with
     the offline engine pass every parameter explicitly.
     """
-    from tests.engines import MAX_MODEL_LEN
+    from tests.engines import server_args
     from tests.server import Server
 
     server = Server(
         llada_tiny_dir,
         [
-            "--served-model-name",
-            "tiny-llada",
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--seed",
-            "0",
+            *server_args("tiny-llada"),
             "--dllm-defaults",
             '{"dllm_block_length": 8, "dllm_cache": "prefix"}',
         ],

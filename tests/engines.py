@@ -37,6 +37,22 @@ def start_engine(checkpoint: Path, **kwargs):
     return LLM(**options)
 
 
+def server_args(served_model_name: str) -> list[str]:
+    """`vllm serve` flags for the settings of `start_engine` that decide tokens (fp32, eager,
+    the same context length and seed), so a server answers like the offline engines."""
+    return [
+        "--served-model-name",
+        served_model_name,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--seed",
+        "0",
+    ]
+
+
 def end_token_ids(checkpoint: Path) -> list[int]:
     """The ids vLLM stops at by default: the config's EOS plus generation_config's eos list."""
     ids = {json.loads((checkpoint / "config.json").read_text())["eos_token_id"]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import os
 import sys
 import time
@@ -33,12 +32,12 @@ import openai  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from tests.engines import MAX_MODEL_LEN  # noqa: E402
+from tests import scripts  # noqa: E402
+from tests.engines import MAX_MODEL_LEN, server_args  # noqa: E402
 from tests.server import assert_completion_equals_offline, free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The session's TP=1 engines use these settings (tests/engines.py); the replicas must match.
 ENGINE_KWARGS = dict(
     dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=32, seed=0
@@ -48,14 +47,9 @@ PROBE_PLUGIN = "dllm_ray_probe_plugin"
 
 def load_example(name: str):
     """Import examples/NAME.py; Ray ships its classes and functions to workers by value."""
-    module_name = f"vllm_dllm_example_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-        ray.cloudpickle.register_pickle_by_value(module)
-    return sys.modules[module_name]
+    module = scripts.load_example(name)
+    ray.cloudpickle.register_pickle_by_value(module)
+    return module
 
 
 def write_probe_plugin_wheel(directory: Path) -> Path:
@@ -254,18 +248,7 @@ def serve_url(ray_cluster, llada_tiny_dir):
     ray_serve = load_example("ray_serve")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    vllm_args = [
-        str(llada_tiny_dir),
-        "--served-model-name",
-        SERVED_MODEL,
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--seed",
-        "0",
-    ]
+    vllm_args = [str(llada_tiny_dir), *server_args(SERVED_MODEL)]
     try:
         serve.run(ray_serve.build_app(vllm_args, cpu=True), name="vllm-dllm", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
