@@ -55,6 +55,27 @@ def dream_engine(dream_tiny_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def llada_compiled_engine(llada_tiny_dir: Path):
+    """The LLaDA engine with vLLM's compilation on (`enforce_eager=False`): on CPU the model
+    runs through the inductor build, on a GPU through the captured CUDA graphs."""
+    from tests.engines import start_engine
+
+    llm = start_engine(llada_tiny_dir, enforce_eager=False)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dream_compiled_engine(dream_tiny_dir: Path):
+    """The Dream engine with vLLM's compilation on (`enforce_eager=False`)."""
+    from tests.engines import start_engine
+
+    llm = start_engine(dream_tiny_dir, enforce_eager=False)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
 def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint.
 

@@ -161,3 +161,29 @@ def test_engine_cached_window_equals_full_forward(engine_and_oracle, window):
     torch.testing.assert_close(
         torch.tensor(cached), torch.tensor(full)[start:end], atol=2e-5, rtol=2e-5
     )
+
+
+def test_random_requests_of_different_block_lengths_are_batch_independent(engine_and_oracle):
+    """Seeded sampling and random remasking with blocks of 8, 16 and 32 in one batch: each
+    request's random numbers depend on that request alone, so it equals its single run."""
+    llm, _, _ = engine_and_oracle
+    cases = [
+        (PROMPTS[i % 2], SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
+            extra_args={"dllm_cache": "dual", "dllm_block_length": block,
+                        "dllm_threshold": 0.3, "dllm_remasking": remasking},
+        ))  # fmt: skip
+        for i, (temperature, seed, block, remasking) in enumerate(
+            [
+                (1.0, 7, 8, "low_confidence"),
+                (0.0, 8, 16, "random"),
+                (1.5, 9, 32, "random"),
+                (0.8, None, 16, "low_confidence"),
+            ]
+        )
+    ]
+    alone = [engine_run(llm, [p], [sp])[0] for p, sp in cases if sp.seed is not None]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        got = engine_run(llm, [cases[i][0] for i in order], [cases[i][1] for i in order])
+        seeded = {i: g for i, g in zip(order, got, strict=True) if cases[i][1].seed is not None}
+        assert [seeded[i] for i in sorted(seeded)] == alone

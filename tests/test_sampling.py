@@ -1,4 +1,4 @@
-"""Proposal, scoring, selection and the steps schedule (DESIGN section 2, steps 2-4)."""
+"""Proposal, scoring, selection, the steps schedule and the counter-based random numbers."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vllm_dllm.sampling import (
-    RowGenerator,
+    GUMBEL_STREAM,
+    REMASK_STREAM,
+    SCRATCH_BYTES,
     SelectionRule,
+    gumbel,
     propose,
-    random_confidence,
+    propose_rows,
+    row_keys,
+    rows_per_chunk,
     select,
     steps_quota,
+    uniform,
 )
+from vllm_dllm.sampling.noise import mix64
 
 T, F, S = SelectionRule.THRESHOLD, SelectionRule.FACTOR, SelectionRule.STEPS
 
@@ -260,13 +267,22 @@ def test_steps_rule_decodes_a_block_in_exactly_m_steps() -> None:
 # --------------------------------------------------------------------------- propose
 
 
+def keys_for(seed: int, rows: int, step: int = 0, first_position: int = 0) -> torch.Tensor:
+    """Gumbel keys of `rows` consecutive positions of one request at one step."""
+    return row_keys(
+        torch.full((rows,), seed), torch.full((rows,), step),
+        torch.arange(first_position, first_position + rows), GUMBEL_STREAM,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("mask_token_id", [0, 5, 9])
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 50.0])
 def test_mask_is_never_proposed(mask_token_id: int, temperature: float) -> None:
     logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(2))
     logits[:, mask_token_id] = 100.0
     temps = torch.full((64,), temperature)
-    x0, conf = propose(logits, mask_token_id, temps, all_greedy=temperature == 0.0)
+    keys = None if temperature == 0.0 else keys_for(1, 64)
+    x0, conf = propose(logits, mask_token_id, temps, keys)
     assert not (x0 == mask_token_id).any()
     # Confidence excludes MASK from the softmax: with MASK it would be below e^-90.
     assert (conf > 1e-6).all()
@@ -274,9 +290,9 @@ def test_mask_is_never_proposed(mask_token_id: int, temperature: float) -> None:
 
 def test_greedy_is_first_argmax_without_mask() -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 2.0, 5.0, 9.0], [0.0, 0.0, 0.0, 0.0]])
-    x0, _ = propose(logits, 3, torch.zeros(3), all_greedy=True)
+    x0, _ = propose(logits, 3, torch.zeros(3))
     assert x0.tolist() == [1, 0, 0]
-    x0_noise_path, _ = propose(logits, 3, torch.zeros(3))
+    x0_noise_path, _ = propose(logits, 3, torch.zeros(3), keys_for(2, 3))
     assert x0_noise_path.tolist() == [1, 0, 0]
 
 
@@ -289,7 +305,7 @@ def test_confidence_matches_float64_softmax(dtype: torch.dtype) -> None:
     logits[1::3, mask] += 30  # MASK would dominate the softmax if it were not excluded
     temps = torch.zeros(48)
     temps[::2] = 1.0
-    x0, conf = propose(logits, mask, temps, default_generator=gen)
+    x0, conf = propose(logits, mask, temps, keys_for(3, 48))
     assert conf.dtype == torch.float32 and x0.dtype == torch.int64
     ref_logits = logits.to(torch.float64)
     ref_logits[:, mask] = float("-inf")
@@ -300,62 +316,85 @@ def test_confidence_matches_float64_softmax(dtype: torch.dtype) -> None:
 
 
 def test_no_float64_vocab_tensor_and_bounded_scratch() -> None:
-    rows, vocab = 32, 1000
-    logits = torch.randn(rows, vocab)
-    with HostSyncDetector() as greedy:
-        propose(logits, 7, torch.zeros(rows), all_greedy=True, max_chunk_elements=4 * vocab)
-    assert greedy.syncs == [] and greedy.float64_numel == 0
-    assert greedy.max_numel <= 4 * vocab  # never a second [N, V] tensor
-    with HostSyncDetector() as sampled:
-        propose(logits, 7, torch.ones(rows), max_chunk_elements=4 * vocab)
-    assert sampled.syncs == [] and sampled.float64_numel == 0
-    assert sampled.max_numel == rows * vocab  # the one noise buffer
+    rows, vocab, chunk = 32, 1000, 4
+    hidden = torch.randn(rows, vocab)
+    for keys, temps in ((None, torch.zeros(rows)), (keys_for(4, rows), torch.ones(rows))):
+        with HostSyncDetector() as detector:
+            propose_rows(hidden, lambda h: h * 2, 7, temps, keys, chunk)
+        assert detector.syncs == [] and detector.float64_numel == 0
+        assert detector.max_numel <= chunk * vocab  # never an [N, V] tensor
+
+
+def test_rows_per_chunk_respects_the_scratch_bound() -> None:
+    for vocab in (1000, 126464, 152064):
+        rows = rows_per_chunk(vocab)
+        assert rows >= 1 and rows * vocab * 28 <= SCRATCH_BYTES
+    assert rows_per_chunk(10**9) == 1
 
 
 def test_chunking_does_not_change_results() -> None:
     gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(37, 300, generator=gen).to(torch.bfloat16)
-    temps = torch.zeros(37)
-    whole = propose(logits, 3, temps, all_greedy=True)
-    for chunk in (1, 300, 301, 3000):
-        chunked = propose(logits, 3, temps, all_greedy=True, max_chunk_elements=chunk)
-        assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    hidden = torch.randn(37, 300, generator=gen).to(torch.bfloat16)
+    temps = torch.linspace(0, 2, 37)
+    keys = keys_for(5, 37)
+    for noise in (None, keys):
+        whole = propose_rows(hidden, lambda h: h, 3, temps, noise, 37)
+        for chunk in (1, 5, 36, 100):
+            chunked = propose_rows(hidden, lambda h: h, 3, temps, noise, chunk)
+            assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
-def _seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def test_noise_bits_equal_a_uint64_reference() -> None:
+    """int64 arithmetic that wraps like uint64: the hash equals NumPy's unsigned SplitMix64."""
+    np = pytest.importorskip("numpy")
+    x = torch.randint(-(2**63), 2**63 - 1, (4096,), dtype=torch.int64)
+    ref = x.numpy().view(np.uint64).copy()
+    with np.errstate(over="ignore"):
+        ref ^= ref >> np.uint64(30)
+        ref *= np.uint64(0xBF58476D1CE4E5B9)
+        ref ^= ref >> np.uint64(27)
+        ref *= np.uint64(0x94D049BB133111EB)
+        ref ^= ref >> np.uint64(31)
+    assert (mix64(x).numpy().view(np.uint64) == ref).all()
+
+
+def test_uniform_is_in_the_open_unit_interval_and_uniform() -> None:
+    u = uniform(torch.arange(200_000))
+    assert u.dtype == torch.float32 and float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert torch.isfinite(gumbel(torch.arange(64), 1000)).all()
 
 
 def test_gumbel_sampling_is_reproducible_and_batch_independent() -> None:
     vocab = 50
-    logits = torch.randn(20, vocab, generator=_seeded(5)) * 0.1  # flat: sampling matters
+    logits = torch.randn(20, vocab, generator=torch.Generator().manual_seed(5)) * 0.1
     # Request A (seed 11) owns rows 0..3 when alone.
-    alone, _ = propose(logits[:4], 0, torch.ones(4), [RowGenerator(0, 4, _seeded(11))])
-    again, _ = propose(logits[:4], 0, torch.ones(4), [RowGenerator(0, 4, _seeded(11))])
+    alone, _ = propose(logits[:4], 0, torch.ones(4), keys_for(11, 4))
+    again, _ = propose(logits[:4], 0, torch.ones(4), keys_for(11, 4))
     assert torch.equal(alone, again)
-    # In a batch: an unseeded request (rows 0..5), request B (seed 12, rows 6..9), then A.
+    # In a batch: another request (rows 0..5), request B (seed 12, rows 6..9), then A.
     batch_logits = torch.cat([logits[4:10], logits[10:14], logits[:4]])
     temps = torch.cat([torch.full((6,), 2.0), torch.full((4,), 0.5), torch.ones(4)])
-    spans = [RowGenerator(6, 10, _seeded(12)), RowGenerator(10, 14, _seeded(11))]
-    batched, _ = propose(batch_logits, 0, temps, spans)
+    keys = torch.cat([keys_for(7, 6), keys_for(12, 4), keys_for(11, 4)])
+    batched, _ = propose(batch_logits, 0, temps, keys)
     assert torch.equal(batched[10:14], alone)
-    other_seed, _ = propose(logits[:4], 0, torch.ones(4), [RowGenerator(0, 4, _seeded(99))])
+    other_seed, _ = propose(logits[:4], 0, torch.ones(4), keys_for(99, 4))
     assert not torch.equal(other_seed, alone)
 
 
-def test_seeded_stream_continues_across_steps() -> None:
-    """Two steps with one generator equal two steps of the same request in another batch."""
-    logits = torch.randn(6, 40, generator=_seeded(6)) * 0.1
-    gen = _seeded(21)
-    steps_alone = [propose(logits[:3], 1, torch.ones(3), [RowGenerator(0, 3, gen)])[0]]
-    steps_alone.append(propose(logits[:3], 1, torch.ones(3), [RowGenerator(0, 3, gen)])[0])
-    gen = _seeded(21)
+def test_seeded_stream_differs_across_steps_and_not_across_batches() -> None:
+    """A request's noise at step k depends on (seed, k, position) only."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(6)) * 0.1
+    steps_alone = [propose(logits[:3], 1, torch.ones(3), keys_for(21, 3, step=k))[0]
+                   for k in (0, 1)]  # fmt: skip
     mixed = torch.cat([logits[3:], logits[:3]])
-    steps_batched = [propose(mixed, 1, torch.ones(6), [RowGenerator(3, 6, gen)])[0][3:]]
-    steps_batched.append(propose(logits[:3], 1, torch.ones(3), [RowGenerator(0, 3, gen)])[0])
+    mixed_keys = torch.cat([keys_for(5, 3), keys_for(21, 3, step=0)])
+    steps_batched = [propose(mixed, 1, torch.ones(6), mixed_keys)[0][3:],
+                     propose(logits[:3], 1, torch.ones(3), keys_for(21, 3, step=1))[0]]  # fmt: skip
     assert torch.equal(steps_alone[0], steps_batched[0])
     assert torch.equal(steps_alone[1], steps_batched[1])
-    assert not torch.equal(steps_alone[0], steps_alone[1])
+    noise = [gumbel(keys_for(21, 3, step=k), 40) for k in (0, 1)]
+    assert not torch.equal(noise[0], noise[1])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -363,7 +402,7 @@ def test_gumbel_samples_follow_softmax_at_temperature(temperature: float) -> Non
     rows = 40_000
     base = torch.tensor([2.0, 0.5, 9.0, 0.0, -1.0])  # index 2 is MASK
     logits = base.expand(rows, -1).contiguous()
-    x0, _ = propose(logits, 2, torch.full((rows,), temperature), default_generator=_seeded(7))
+    x0, _ = propose(logits, 2, torch.full((rows,), temperature), keys_for(7, rows))
     freq = torch.bincount(x0, minlength=5).double() / rows
     kept = base.double().clone()
     kept[2] = float("-inf")
@@ -372,9 +411,9 @@ def test_gumbel_samples_follow_softmax_at_temperature(temperature: float) -> Non
 
 
 def test_greedy_rows_in_a_sampled_batch_are_plain_argmax() -> None:
-    logits = torch.randn(16, 30, generator=_seeded(8))
+    logits = torch.randn(16, 30, generator=torch.Generator().manual_seed(8))
     temps = torch.tensor([0.0, 5.0] * 8)
-    x0, _ = propose(logits, 29, temps, default_generator=_seeded(9))
+    x0, _ = propose(logits, 29, temps, keys_for(9, 16))
     masked = logits.clone()
     masked[:, 29] = float("-inf")
     assert torch.equal(x0[::2], masked.argmax(dim=-1)[::2])
@@ -384,20 +423,17 @@ def test_greedy_rows_in_a_sampled_batch_are_plain_argmax() -> None:
 # --------------------------------------------------------------------------- random remasking
 
 
-def test_random_confidence_replaces_only_random_rows() -> None:
-    conf = torch.full((8,), 2.0)  # out of [0, 1): shows which rows were replaced
-    use_random = torch.tensor([True, False] * 4)
-    out = random_confidence(conf, use_random, default_generator=_seeded(10))
-    assert torch.equal(out[1::2], conf[1::2])
-    assert ((out[::2] >= 0) & (out[::2] < 1)).all()
-    assert out[::2].unique().numel() == 4
+def test_random_scores_are_per_request_and_per_step() -> None:
+    """The `random` remasking score of a position depends on its request's key only."""
 
+    def scores(seed: int, rows: int, step: int = 0) -> torch.Tensor:
+        return uniform(row_keys(torch.full((rows,), seed), torch.full((rows,), step),
+                                torch.arange(rows), REMASK_STREAM))  # fmt: skip
 
-def test_random_confidence_is_reproducible_per_request() -> None:
-    alone = random_confidence(torch.zeros(3), torch.ones(3, dtype=torch.bool),
-                              [RowGenerator(0, 3, _seeded(13))])  # fmt: skip
-    use_random = torch.ones(7, dtype=torch.bool)
-    spans = [RowGenerator(0, 2, _seeded(14)), RowGenerator(4, 7, _seeded(13))]
-    batched = random_confidence(torch.zeros(7), use_random, spans)
-    assert torch.equal(batched[4:7], alone)
-    assert not torch.equal(batched[:3], alone)
+    alone = scores(13, 3)
+    assert ((alone >= 0) & (alone < 1)).all() and alone.unique().numel() == 3
+    batched = torch.cat([scores(14, 4), scores(13, 3)])
+    assert torch.equal(batched[4:], alone)
+    assert not torch.equal(scores(13, 3, step=1), alone)
+    gumbel_keys = keys_for(13, 3)
+    assert not torch.equal(uniform(gumbel_keys), alone)  # streams are independent

@@ -147,6 +147,14 @@ class DllmParams:
         """
         return self.num_blocks * self.block_length
 
+    def canvas_length(self, prompt_len: int) -> int:
+        """Length of a request's canvas: its prompt plus `gen_length` MASK positions.
+
+        The one definition of it: the scheduler allocates KV for this many positions and the
+        worker decodes this many, so they can never disagree.
+        """
+        return prompt_len + self.gen_length
+
     @property
     def steps_per_block(self) -> int | None:
         """For the steps rule, the denoising steps of each block (`m` of the LLaDA schedule)."""

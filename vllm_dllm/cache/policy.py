@@ -26,12 +26,10 @@ class CacheMode(str, Enum):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One forward of one request: recompute `[start, end)`, attend over keys `[0, key_end)`."""
+    """One forward of one request: recompute `[start, end)`, attending over the whole canvas."""
 
     start: int
     end: int
-    key_end: int
-    full: bool
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +45,7 @@ def plan_step(
     tokens' K/V depend on later ones in a bidirectional model, so nothing carries over blocks.
     """
     if first_step or mode is CacheMode.NONE:
-        return StepPlan(0, canvas_len, canvas_len, full=True)
+        return StepPlan(0, canvas_len)
     if mode is CacheMode.PREFIX:
-        return StepPlan(block_start, canvas_len, canvas_len, full=False)
-    return StepPlan(block_start, block_end, canvas_len, full=False)
+        return StepPlan(block_start, canvas_len)
+    return StepPlan(block_start, block_end)

@@ -1,68 +1,85 @@
-"""One denoising step for a batch of requests, on the model runner's model and paged KV cache.
+"""The vLLM side of a denoising step: metadata, the compiled forward, and the transfers.
 
-This replaces the model runner's token-by-token `execute_model` for diffusion models. It keeps
-vLLM's model loading, KV-cache allocation and attention backends, and drives them itself:
+This replaces the model runner's token-by-token `execute_model` for diffusion models. vLLM keeps
+loading the model, allocating the KV cache, choosing attention backends, compiling the model and
+capturing CUDA graphs; a step then is:
 
-1. each scheduled request's `StepPlan` becomes a slice of one flat batch (input ids, positions,
-   KV slots of the window) with non-causal attention metadata whose keys span the whole canvas;
-2. one model forward, then logits only for the rows that score the current block's positions
-   (`logits_shift` moves Dream's rows one position left);
-3. the batched sampler proposes, scores and selects for every request at once;
-4. one device-to-host transfer of the choices, and each request commits and reports the tokens
-   that became final.
+1. one asynchronous upload of the step's per-request integers (`denoising.step.pack`) from a
+   pinned buffer; input ids, positions and KV slots are gathered on the device from the
+   resident canvases;
+2. non-causal attention metadata, and one forward through the runner's model as vLLM itself
+   calls it (compiled; on a GPU, replaying the piecewise CUDA graph captured for the padded
+   token count);
+3. logits only for the positions that may be committed, chunk by chunk with the proposal
+   (`sampling.propose_rows`), then each request's rule and the commits, on the device;
+4. one device-to-host transfer of the commits, from which the host advances every request and
+   reports the tokens that became final.
+
+The algorithm lives in `vllm_dllm.denoising` (state and device math) and `vllm_dllm.sampling`.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from vllm.forward_context import set_forward_context
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import BatchDescriptor, set_forward_context
+from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_dllm.cache.policy import StepPlan
 from vllm_dllm.config import parse_dllm_params, server_defaults
+from vllm_dllm.denoising.canvases import Canvases
+from vllm_dllm.denoising.request import RequestState
+from vllm_dllm.denoising.step import (
+    Field,
+    StepShape,
+    StepTensors,
+    candidates,
+    commit,
+    hidden_rows,
+    pack,
+    packed_size,
+    sampling_inputs,
+    window_inputs,
+)
 from vllm_dllm.engine.outputs import DllmRunnerOutput
-from vllm_dllm.engine.request_state import RequestState
-from vllm_dllm.sampling import RowGenerator, propose, random_confidence, select
+from vllm_dllm.sampling import propose_rows, rows_per_chunk
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 
-class ForwardSlice(NamedTuple):
-    """One request's part of a batched forward: its canvas, KV slots and this step's plan."""
-
-    canvas: torch.Tensor
-    slots: torch.Tensor
-    block_ids: list[int]
-    plan: StepPlan
-
-
-def canvas_slots(block_ids: list[int], length: int, block_size: int) -> torch.Tensor:
-    """KV slot of each canvas position: `block_ids[pos // block_size] * block_size + offset`."""
-    positions = torch.arange(length)
-    blocks = torch.tensor(block_ids, dtype=torch.long)[positions // block_size]
-    return blocks * block_size + positions % block_size
-
-
 class Denoiser:
     def __init__(self, runner: GPUModelRunner) -> None:
         self.runner = runner
-        self.model = runner.get_model()
+        model = runner.get_model()
+        self.mask_token_id: int = model.mask_token_id
+        self.logits_shift: int = model.logits_shift
+        self.compute_logits = model.compute_logits
         self.device = runner.device
         groups = runner.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"diffusion models use one KV cache group, got {len(groups)}")
         self.kv_block_size: int = groups[0].kv_cache_spec.block_size
         self.layer_names = list(groups[0].layer_names)
-        self.mask_token_id: int = self.model.mask_token_id
-        self.logits_shift: int = self.model.logits_shift
+        self.eager = runner.model_config.enforce_eager
+        max_len = runner.max_model_len
+        pin = is_pin_memory_available()
+        # One slot more than running requests can use: `score()` borrows it.
+        num_slots = runner.vllm_config.scheduler_config.max_num_seqs + 1
+        self.canvases = Canvases(
+            num_slots, max_len, -(-max_len // self.kv_block_size), self.mask_token_id,
+            self.device, pin,
+        )  # fmt: skip
+        self._packed = torch.empty(packed_size(num_slots), dtype=torch.int32, pin_memory=pin)
+        self.max_rows = rows_per_chunk(runner.model_config.get_vocab_size())
         self.states: dict[str, RequestState] = {}
+        self.slots: dict[str, int] = {}
 
     # ---- request bookkeeping -------------------------------------------------------------
 
@@ -70,104 +87,108 @@ class Denoiser:
         sp = new.sampling_params
         assert sp is not None and new.prompt_token_ids is not None
         params = parse_dllm_params(sp.extra_args, sp.max_tokens, server_defaults())
-        prompt = torch.tensor(new.prompt_token_ids, dtype=torch.long)
-        canvas = torch.cat(
-            [prompt, torch.full((params.gen_length,), self.mask_token_id, dtype=torch.long)]
-        )
         end_ids = set(sp.stop_token_ids or ())
         if sp.eos_token_id is not None:
             end_ids.add(sp.eos_token_id)
-        generator = None
-        if sp.temperature > 0 or params.remasking == "random":
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(sp.seed if sp.seed is not None else self._unseeded_seed(new))
-        self.states[new.req_id] = RequestState(
-            req_id=new.req_id,
-            prompt_len=prompt.shape[0],
+        state = RequestState(
+            prompt_len=len(new.prompt_token_ids),
             params=params,
-            canvas=canvas,
-            slots=canvas_slots(new.block_ids[0], canvas.shape[0], self.kv_block_size),
-            block_ids=new.block_ids[0],
-            mask_token_id=self.mask_token_id,
             logits_shift=self.logits_shift,
-            temperature=float(sp.temperature),
             end_token_ids=frozenset(end_ids),
-            generator=generator,
+            temperature=float(sp.temperature),
+            seed=(sp.seed if sp.seed is not None else self._unseeded_seed(new)) & (2**63 - 1),
         )
+        self.states[new.req_id] = state
+        self.slots[new.req_id] = self.canvases.add(
+            new.prompt_token_ids, state.canvas_len, new.block_ids[0]
+        )
+
+    def _remove_request(self, req_id: str) -> None:
+        if self.states.pop(req_id, None) is not None:
+            self.canvases.release(self.slots.pop(req_id))
 
     def _unseeded_seed(self, new: NewRequestData) -> int:
         """A seed for a request that gave none, the same on every tensor-parallel rank.
 
         Every rank runs the sampler on the same all-gathered logits; drawing from identically
-        seeded generators keeps their commits identical without any communication. The
+        keyed random numbers keeps their commits identical without any communication. The
         request id makes the seeds differ between requests.
         """
         engine_seed = self.runner.model_config.seed or 0
         return (zlib.crc32(new.req_id.encode()) << 32 | engine_seed) & (2**63 - 1)
-
-    # ---- diagnostics ------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def score(self, token_ids: list[int], windows: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Logits (unshifted, fp32, CPU) of a fixed canvas for a sequence of query windows.
-
-        Runs the engine's own forward path (paged KV cache, non-causal metadata) for one canvas
-        on scratch KV blocks at the top of the cache, each window attending to keys `[0, L)`;
-        windows after the first see the K/V the earlier ones wrote, exactly as cached steps do.
-        It borrows blocks no request holds only when no request is in flight, so it refuses to
-        run otherwise. Used to check the model and the cache against the oracle.
-        """
-        if self.states:
-            raise RuntimeError("score() needs an idle engine (requests are in flight)")
-        canvas = torch.tensor(token_ids, dtype=torch.long)
-        num_kv_blocks = -(-len(token_ids) // self.kv_block_size)
-        total = self.runner.kv_cache_config.num_blocks
-        block_ids = list(range(total - num_kv_blocks, total))
-        slots = canvas_slots(block_ids, len(token_ids), self.kv_block_size)
-        results = []
-        for start, end in windows:
-            plan = StepPlan(start, end, len(token_ids), full=(start, end) == (0, len(token_ids)))
-            hidden = self._forward([ForwardSlice(canvas, slots, block_ids, plan)])
-            results.append(self.model.compute_logits(hidden).float().cpu())
-        return results
 
     # ---- the step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in scheduler_output.finished_req_ids:
-            self.states.pop(req_id, None)
+            self._remove_request(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             self._add_request(new)
         req_ids = list(scheduler_output.num_scheduled_tokens)
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self.states[r] for r in req_ids]
-        plans = [s.plan() for s in states]
-        for state, plan in zip(states, plans, strict=True):
-            expected = scheduler_output.num_scheduled_tokens[state.req_id]
-            if plan.num_tokens != expected:
-                raise RuntimeError(
-                    f"request {state.req_id}: scheduled {expected} tokens, plan needs "
-                    f"{plan.num_tokens}"
-                )
+        slots = [self.slots[r] for r in req_ids]
+        shape = pack(states, slots, self._packed.numpy())
+        if shape.num_tokens != scheduler_output.total_num_scheduled_tokens:
+            raise RuntimeError(
+                f"scheduled {scheduler_output.total_num_scheduled_tokens} tokens, the step plans "
+                f"need {shape.num_tokens}"
+            )
+        block_starts = np.array([s.block_start for s in states])
+        block_lens = np.array([s.params.block_length for s in states])
+        meta = StepTensors(
+            self._packed[: packed_size(shape.num_reqs)].to(self.device, non_blocking=True),
+            shape.num_reqs,
+        )
+        hidden = self._forward(meta, shape)
+        cand = candidates(self.canvases, meta, shape)
+        temperature, noise_keys = sampling_inputs(meta, cand, shape)
+        x0, confidence = propose_rows(
+            hidden[hidden_rows(meta, cand, shape, self.logits_shift)],
+            self.compute_logits,
+            self.mask_token_id,
+            temperature,
+            noise_keys,
+            self.max_rows,
+        )
+        packed = commit(self.canvases, meta, cand, shape, x0, confidence)
+        result = packed.cpu().numpy()  # the step's one device-to-host transfer
+        return self._advance(req_ids, states, slots, shape, block_starts, block_lens, result)
 
-        pairs = zip(states, plans, strict=True)
-        hidden = self._forward([ForwardSlice(s.canvas, s.slots, s.block_ids, p) for s, p in pairs])
-        block_len = max(s.params.block_length for s in states)
-        rows, valid = self._block_rows(states, plans, block_len)
-        logits = self.model.compute_logits(hidden[rows.view(-1)])
-        positions, tokens = self._sample(states, logits, valid, block_len)
-
+    def _advance(
+        self,
+        req_ids: list[str],
+        states: list[RequestState],
+        slots: list[int],
+        shape: StepShape,
+        block_starts: np.ndarray,
+        block_lens: np.ndarray,
+        result: np.ndarray,
+    ) -> DllmRunnerOutput:
+        """Host side of the step: mirror the commits, advance each request, emit final tokens."""
+        width = shape.block_width
+        committed, first_masked = result[:, :width], result[:, width]
+        column = np.arange(width)
+        positions = np.where(
+            column < block_lens[:, None], block_starts[:, None] + column, self.canvases.sink
+        )
+        slot_array = np.asarray(slots)
+        self.canvases.apply_commits(slot_array, positions, committed)
+        num_committed = (committed >= 0).sum(axis=1)
         sampled: list[list[int]] = []
         next_windows: dict[str, int] = {}
         finished: dict[str, tuple[int, bool]] = {}
-        for state, pos, tok in zip(states, positions, tokens, strict=True):
-            sampled.append(state.commit(pos, tok))
+        for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
+            final_end = state.advance(int(num_committed[i]), int(first_masked[i]))
+            start, stop = state.newly_final(final_end)
+            sampled.append(state.emit(self.canvases.host[slots[i], start:stop].tolist(), final_end))
             if state.done:
-                finished[state.req_id] = (state.block, state.early_stop)
+                finished[req_id] = (state.block, state.early_stop)
             else:
-                next_windows[state.req_id] = state.plan().num_tokens
+                plan = state.plan()
+                next_windows[req_id] = plan.end - plan.start
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -176,32 +197,24 @@ class Denoiser:
             finished=finished,
         )
 
-    def _forward(self, slices: list[ForwardSlice]) -> torch.Tensor:
-        """One model forward over every slice's query window; returns hidden states."""
-        input_ids = torch.cat([c.canvas[c.plan.start : c.plan.end] for c in slices])
-        positions = torch.cat([torch.arange(c.plan.start, c.plan.end) for c in slices])
-        slot_mapping = torch.cat([c.slots[c.plan.start : c.plan.end] for c in slices])
-        query_lens = np.array([c.plan.num_tokens for c in slices], dtype=np.int32)
-        query_start = np.zeros(len(slices) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start[1:])
-        seq_lens = np.array([c.plan.key_end for c in slices], dtype=np.int32)
-        max_blocks = max(len(c.block_ids) for c in slices)
-        block_table = np.zeros((len(slices), max_blocks), dtype=np.int32)
-        for i, c in enumerate(slices):
-            block_table[i, : len(c.block_ids)] = c.block_ids
-
-        dev = self.device
-        query_start_cpu = torch.from_numpy(query_start)
+    def _forward(self, meta: StepTensors, shape: StepShape) -> torch.Tensor:
+        """One forward over every request's query window; returns `[num_tokens, hidden]`."""
+        mode, descriptor = self._dispatch(shape.num_tokens)
+        input_ids = self.runner.input_ids.gpu[: descriptor.num_tokens]
+        positions = self.runner.positions[: descriptor.num_tokens]
+        slot_mapping = window_inputs(
+            self.canvases, meta, shape, input_ids, positions, self.kv_block_size
+        )
         common = CommonAttentionMetadata(
-            query_start_loc=query_start_cpu.to(dev, non_blocking=True),
-            query_start_loc_cpu=query_start_cpu,
-            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
-            num_reqs=len(slices),
-            num_actual_tokens=int(query_start[-1]),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            block_table_tensor=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            slot_mapping=slot_mapping.to(dev, non_blocking=True),
+            query_start_loc=meta.query_start,
+            query_start_loc_cpu=torch.from_numpy(shape.query_start.copy()),
+            seq_lens=meta[Field.SEQ_LEN],
+            num_reqs=shape.num_reqs,
+            num_actual_tokens=shape.num_tokens,
+            max_query_len=shape.max_query_len,
+            max_seq_len=int(shape.seq_lens.max()),
+            block_table_tensor=self.canvases.block_table[meta[Field.SLOT].to(torch.int64)],
+            slot_mapping=slot_mapping[: shape.num_tokens],
             causal=False,
         )
         attn_metadata = {}
@@ -209,105 +222,62 @@ class Denoiser:
             metadata = group.build_metadata(common)
             for name in group.layer_names:
                 attn_metadata[name] = metadata
-        slots_by_layer = dict.fromkeys(self.layer_names, common.slot_mapping)
-        num_tokens = common.num_actual_tokens
         with set_forward_context(
             attn_metadata,
             self.runner.vllm_config,
-            num_tokens=num_tokens,
-            slot_mapping=slots_by_layer,
+            num_tokens=descriptor.num_tokens,
+            cudagraph_runtime_mode=mode,
+            batch_descriptor=descriptor,
+            slot_mapping=dict.fromkeys(self.layer_names, slot_mapping),
         ):
-            return self.model(
-                input_ids=input_ids.to(dev, non_blocking=True),
-                positions=positions.to(dev, non_blocking=True),
-            )
+            hidden = self.runner.model(input_ids=input_ids, positions=positions)
+        return hidden[: shape.num_tokens]
 
-    def _block_rows(
-        self, states: list[RequestState], plans: list, block_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden-state row scoring each block position, `[R, B]`, and which columns exist.
+    def _dispatch(self, num_tokens: int) -> tuple[CUDAGraphMode, BatchDescriptor]:
+        """The CUDA-graph mode and padded size vLLM chose for a batch of `num_tokens`.
 
-        Position j is scored by the window row of position `j - logits_shift`, clamped to the
-        window's first row (the reference's `cat(logits[:, :1], logits[:, :-1])` within the
-        window); a clamped row only ever scores an already committed position.
+        Denoising windows are mixed-length, non-causal batches: they replay the piecewise graphs
+        (everything but attention) captured for the padded size, never a full graph, whose
+        captured attention metadata assumes vLLM's own batches. Without captured graphs (CPU,
+        `enforce_eager`, sizes above the largest capture) the size is not padded.
         """
-        rows = np.zeros((len(states), block_len), dtype=np.int64)
-        valid = np.zeros((len(states), block_len), dtype=bool)
-        offset = 0
-        for i, (s, p) in enumerate(zip(states, plans, strict=True)):
-            b = s.params.block_length
-            pos = np.arange(s.block_start, s.block_start + b) - self.logits_shift
-            rows[i, :b] = offset + np.maximum(pos, p.start) - p.start
-            valid[i, :b] = True
-            offset += p.num_tokens
-        return torch.from_numpy(rows).to(self.device), torch.from_numpy(valid)
-
-    def _sample(
-        self, states: list[RequestState], logits: torch.Tensor, valid: torch.Tensor, block_len: int
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Propose, score and select for every request; returns committed positions and tokens."""
-        num_reqs = len(states)
-        dev = self.device
-        temperature = torch.tensor(
-            [s.temperature for s in states], dtype=torch.float32
-        ).repeat_interleave(block_len)
-        all_greedy = all(s.temperature == 0 for s in states)
-        noise_gens = [
-            RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
-            for i, s in enumerate(states)
-            if s.temperature > 0 and s.generator is not None
-        ]
-        x0, confidence = propose(
-            logits,
-            self.mask_token_id,
-            temperature.to(dev),
-            noise_gens,
-            all_greedy=all_greedy,
+        if self.eager:
+            return CUDAGraphMode.NONE, BatchDescriptor(num_tokens)
+        return self.runner.cudagraph_dispatcher.dispatch(
+            num_tokens=num_tokens, uniform_decode=False, invalid_modes={CUDAGraphMode.FULL}
         )
-        if any(s.params.remasking == "random" for s in states):
-            use_random = torch.tensor(
-                [s.params.remasking == "random" for s in states]
-            ).repeat_interleave(block_len)
-            random_gens = [
-                RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
-                for i, s in enumerate(states)
-                if s.params.remasking == "random" and s.generator is not None
-            ]
-            confidence = random_confidence(confidence, use_random.to(dev), random_gens)
-        x0 = x0.view(num_reqs, block_len)
-        confidence = confidence.view(num_reqs, block_len)
 
-        canvas_block = torch.full((num_reqs, block_len), -1, dtype=torch.long)
-        for i, s in enumerate(states):
-            canvas_block[i, : s.params.block_length] = s.canvas[s.block_start : s.block_end]
-        candidates = canvas_block.eq(self.mask_token_id) & valid
-        single = torch.tensor([s.opens_with_single_commit for s in states])
-        # A Dream block opening commits its first position alone (it is predicted from the
-        # prompt side, which no cached step of this block recomputes).
-        first_col = torch.zeros_like(candidates)
-        first_col[:, 0] = True
-        candidates = torch.where(single.unsqueeze(-1), candidates & first_col, candidates)
+    # ---- diagnostics ------------------------------------------------------------------------
 
-        chosen = select(
-            confidence,
-            candidates.to(dev),
-            torch.tensor([int(s.rule_id) for s in states], device=dev),
-            torch.tensor([s.params.threshold or 1.0 for s in states], device=dev),
-            torch.tensor([s.params.factor or 1.0 for s in states], device=dev),
-            torch.tensor(
-                [1 if s.opens_with_single_commit else s.quota() for s in states], device=dev
-            ),
-        )
-        chosen = torch.where(
-            single.to(dev).unsqueeze(-1),
-            candidates.to(dev),
-            chosen,
-        )
-        # The one device-to-host transfer of the step.
-        chosen_cpu, x0_cpu = chosen.cpu(), x0.cpu()
-        positions, tokens = [], []
-        for i, s in enumerate(states):
-            cols = chosen_cpu[i].nonzero().view(-1)
-            positions.append((cols + s.block_start).tolist())
-            tokens.append(x0_cpu[i, cols].tolist())
-        return positions, tokens
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], windows: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Logits (unshifted, fp32, CPU) of a fixed canvas for a sequence of query windows.
+
+        Runs the engine's own forward path (resident canvas, paged KV cache, non-causal
+        metadata) for one canvas on scratch KV blocks at the top of the cache, each window
+        attending to keys `[0, L)`; windows after the first see the K/V the earlier ones wrote,
+        exactly as cached steps do. It borrows blocks no request holds only when no request is
+        in flight, so it refuses to run otherwise. Used to check the model and the cache
+        against the oracle.
+        """
+        if self.states:
+            raise RuntimeError("score() needs an idle engine (requests are in flight)")
+        length = len(token_ids)
+        num_kv_blocks = -(-length // self.kv_block_size)
+        total = self.runner.kv_cache_config.num_blocks
+        slot = self.canvases.add(token_ids, length, list(range(total - num_kv_blocks, total)))
+        try:
+            results = []
+            for start, end in windows:
+                packed = np.zeros(packed_size(1), dtype=np.int32)
+                packed[:2] = (0, end - start)
+                fields = packed[2:].reshape(-1, 1)
+                fields[Field.SLOT], fields[Field.WINDOW_START] = slot, start
+                fields[Field.WINDOW_LEN], fields[Field.SEQ_LEN] = end - start, length
+                shape = StepShape(1, end - start, 0, 1, end - start, False, False, packed[:2],
+                                  fields[Field.SEQ_LEN])  # fmt: skip
+                meta = StepTensors(torch.from_numpy(packed).to(self.device), 1)
+                results.append(self.compute_logits(self._forward(meta, shape)).float().cpu())
+            return results
+        finally:
+            self.canvases.release(slot)

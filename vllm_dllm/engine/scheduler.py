@@ -36,7 +36,6 @@ logger = init_logger(__name__)
 
 @dataclass
 class _Tracked:
-    canvas_len: int
     next_window: int
     forwards: int = 0
     output_tokens: int = 0
@@ -86,7 +85,7 @@ class DllmScheduler(Scheduler):
             request.status = RequestStatus.RUNNING
             if self.log_stats:
                 request.record_event(EngineCoreEventType.SCHEDULED, now)
-            self._tracked[request.request_id] = _Tracked(canvas_len, canvas_len)
+            self._tracked[request.request_id] = _Tracked(next_window=canvas_len)
             new_blocks[request.request_id] = blocks
             num_scheduled_tokens[request.request_id] = canvas_len
             token_budget -= canvas_len
@@ -121,7 +120,7 @@ class DllmScheduler(Scheduler):
         except DllmParamError as err:
             self._reject(request, str(err))
             return None
-        canvas_len = request.num_prompt_tokens + dllm.gen_length
+        canvas_len = dllm.canvas_length(request.num_prompt_tokens)
         if canvas_len > self.max_model_len:
             self._reject(
                 request,

@@ -1,22 +1,28 @@
 """Confidence-aware parallel unmasking: pure torch, batched over requests, no host syncs.
 
-One denoising step of a batch is `propose` (token and confidence per masked position),
-optionally `random_confidence` (the `random` remasking score), then `select` (which positions
-to commit, by each request's rule; `steps_quota` gives the `steps` rule's quota).
+One denoising step of a batch is `propose_rows` (token and confidence per masked position, from
+logits computed chunk by chunk), optionally `uniform` scores for `random` remasking, then
+`select` (which positions to commit, by each request's rule; `steps_quota` gives the `steps`
+rule's quota). Random numbers are counter-based (`noise`): a row's noise depends on its own
+request's seed, step and position only.
 """
 
-from vllm_dllm.sampling.noise import RowGenerator, gumbel_noise, uniform_noise
-from vllm_dllm.sampling.proposal import propose, random_confidence
+from vllm_dllm.sampling.noise import GUMBEL_STREAM, REMASK_STREAM, gumbel, row_keys, uniform
+from vllm_dllm.sampling.proposal import SCRATCH_BYTES, propose, propose_rows, rows_per_chunk
 from vllm_dllm.sampling.schedule import steps_quota
 from vllm_dllm.sampling.selection import SelectionRule, select
 
 __all__ = [
-    "RowGenerator",
+    "GUMBEL_STREAM",
+    "REMASK_STREAM",
+    "SCRATCH_BYTES",
     "SelectionRule",
-    "gumbel_noise",
+    "gumbel",
     "propose",
-    "random_confidence",
+    "propose_rows",
+    "row_keys",
+    "rows_per_chunk",
     "select",
     "steps_quota",
-    "uniform_noise",
+    "uniform",
 ]

@@ -1,79 +1,90 @@
-"""Per-request random numbers for a batch of requests.
+"""Counter-based random numbers: each row's noise is a pure function of its own key.
 
-A seeded request must draw the same numbers alone or in any batch (batch independence, DESIGN
-section 2). A `torch.Generator` produces one stream per call, so the only way to give each
-seeded request its own reproducible stream with torch's generators is one draw per seeded
-request: `fill_per_request` is that single, isolated loop. Its length is the number of *seeded*
-requests in the batch (not rows, not positions) and it never reads tensor values, so it adds no
-host synchronisation. All unseeded rows are filled by one batched draw first (vLLM's own sampler
-uses the same pattern).
+A seeded request must draw the same numbers alone or in any batch, and every tensor-parallel rank
+must draw the same numbers without talking to the others. A stateful `torch.Generator` gives
+neither cheaply: one generator per request means one kernel launch per request per step, and
+how far a generator advances depends on how many rows it was asked for. Here a row's numbers are
+a hash of `(seed, step, canvas position, stream, vocabulary index)` instead: nothing is carried
+between steps, the batch's layout does not matter, rows can be produced in any chunking, the
+whole batch is one chain of element-wise integer kernels (CUDA-graph friendly, no host sync),
+and CPU and GPU produce the same bits.
 
-Callers pass a request's generator only for draws the request itself needs (its Gumbel noise
-only when its temperature is > 0, its uniform scores only when it remasks randomly). A generator
-that also drew because of *other* requests in the batch would advance by a batch-dependent amount
-and lose reproducibility.
+The hash is SplitMix64's finaliser (a bijection on 64-bit integers with full avalanche), applied
+to int64 tensors whose multiplications wrap modulo 2**64 as unsigned arithmetic does; right
+shifts are made logical by masking. `tests/test_sampling.py` checks the bits against a NumPy
+`uint64` implementation. Vocabulary-sized work is done in place: the scratch memory of `gumbel`
+is 16 bytes per element plus its float32 result (see `vllm_dllm.sampling.proposal`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
+#: Stream tags keep the proposal's Gumbel noise and the `random` remasking score independent.
+GUMBEL_STREAM = 1
+REMASK_STREAM = 2
 
-class RowGenerator(NamedTuple):
-    """The contiguous rows `[start, stop)` of one seeded request and the generator they use."""
-
-    start: int
-    stop: int
-    generator: torch.Generator
+_GOLDEN = 0x9E3779B97F4A7C15
+_MUL1 = 0xBF58476D1CE4E5B9
+_MUL2 = 0x94D049BB133111EB
+_POSITION_MUL = 0xD1B54A32D192ED03
 
 
-def fill_per_request(
-    out: Tensor,
-    draw: Callable[[Tensor, torch.Generator | None], object],
-    generators: Sequence[RowGenerator] = (),
-    default_generator: torch.Generator | None = None,
-) -> Tensor:
-    """Fill `out` in place with `draw(view, generator)`, row spans of seeded requests separately.
+def _signed(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned `value`."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
-    Every row is first drawn from `default_generator` in one call, then each seeded span is
-    redrawn from its own generator: overdrawing the seeded rows costs a little RNG throughput
-    and keeps the unseeded path a single kernel whatever the row layout.
+
+def _xor_shr_(x: Tensor, bits: int, scratch: Tensor) -> None:
+    """`x ^= x >>> bits` in place (logical shift: torch's `>>` is arithmetic on int64)."""
+    torch.bitwise_right_shift(x, bits, out=scratch)
+    x.bitwise_xor_(scratch.bitwise_and_((1 << (64 - bits)) - 1))
+
+
+def mix64_(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser on an int64 tensor, in place; one scratch tensor of its size."""
+    scratch = torch.empty_like(x)
+    _xor_shr_(x, 30, scratch)
+    x.mul_(_signed(_MUL1))
+    _xor_shr_(x, 27, scratch)
+    x.mul_(_signed(_MUL2))
+    _xor_shr_(x, 31, scratch)
+    return x
+
+
+def mix64(x: Tensor) -> Tensor:
+    """SplitMix64's finaliser on int64 tensors (returns a new tensor)."""
+    return mix64_(x.clone())
+
+
+def row_keys(seed: Tensor, step: Tensor, position: Tensor, stream: int) -> Tensor:
+    """One int64 key per row from the request's seed, its step count and the row's position.
+
+    All arguments are int64 tensors of one shape (broadcastable); `stream` separates uses.
     """
-    draw(out, default_generator)
-    for span in generators:
-        draw(out[span.start : span.stop], span.generator)
-    return out
+    key = mix64(seed ^ _signed((stream * _GOLDEN) & ((1 << 64) - 1)))
+    key = mix64(key + step * _signed(_GOLDEN))
+    return mix64(key + position * _signed(_POSITION_MUL))
 
 
-def gumbel_noise(
-    num_rows: int,
-    vocab_size: int,
-    device: torch.device | str,
-    generators: Sequence[RowGenerator] = (),
-    default_generator: torch.Generator | None = None,
-) -> Tensor:
-    """Standard Gumbel noise `-log(E)`, `E ~ Exp(1)`, as a float32 `[num_rows, vocab_size]` tensor.
+def _unit_interval_(bits: Tensor) -> Tensor:
+    """float32 in the open interval (0, 1) from the top 24 bits of int64 `bits` (consumed)."""
+    top = bits.bitwise_right_shift_(40).bitwise_and_((1 << 24) - 1)
+    return top.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
 
-    `E` is clamped away from 0 so the noise is always finite: a greedy row multiplies its noise by
-    temperature 0 and must get exactly 0, never `0 * inf = nan`.
+
+def uniform(keys: Tensor) -> Tensor:
+    """One float32 uniform in (0, 1) per key (the `random` remasking score)."""
+    return _unit_interval_(mix64(keys))
+
+
+def gumbel(keys: Tensor, vocab_size: int) -> Tensor:
+    """Standard Gumbel noise `-log(-log U)`, float32 `[len(keys), vocab_size]`.
+
+    `U` is never 0 or 1, so the noise is always finite: a greedy row multiplies it by temperature
+    0 and gets exactly 0, never `0 * inf = nan`.
     """
-    noise = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
-    fill_per_request(noise, lambda t, g: t.exponential_(generator=g), generators, default_generator)
-    return noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
-
-
-def uniform_noise(
-    num_rows: int,
-    device: torch.device | str,
-    generators: Sequence[RowGenerator] = (),
-    default_generator: torch.Generator | None = None,
-) -> Tensor:
-    """One float32 number uniform in `[0, 1)` per row (the `random` remasking score)."""
-    out = torch.empty(num_rows, dtype=torch.float32, device=device)
-    return fill_per_request(
-        out, lambda t, g: t.uniform_(generator=g), generators, default_generator
-    )
+    columns = torch.arange(1, vocab_size + 1, device=keys.device, dtype=torch.int64)
+    bits = mix64_(keys.unsqueeze(-1) + columns * _signed(_GOLDEN))
+    return _unit_interval_(bits).log_().neg_().log_().neg_()

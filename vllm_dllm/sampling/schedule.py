@@ -1,4 +1,4 @@
-"""The `steps` rule's per-step quota (the original LLaDA schedule, DESIGN section 2)."""
+"""The `steps` rule's per-step quota (the original LLaDA schedule, docs/design.md)."""
 
 from __future__ import annotations
 

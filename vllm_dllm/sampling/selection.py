@@ -1,4 +1,4 @@
-"""Step 4 of the denoising loop (DESIGN section 2): choose which masked positions to commit.
+"""Step 4 of the denoising loop (docs/design.md): choose which masked positions to commit.
 
 One batched pass serves a batch that mixes rules: every row is sorted once, each rule's
 selection is computed for all rows over the sorted order, and each row keeps its own rule's.

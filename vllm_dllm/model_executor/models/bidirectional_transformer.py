@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -148,9 +149,12 @@ class DiffusionDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
 class DiffusionTransformer(nn.Module):
+    """The body, compiled by vLLM like its own models (and CUDA-graphed piecewise on GPUs)."""
+
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self, *, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str = ""
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
@@ -203,7 +207,10 @@ class DiffusionLM(nn.Module):
         self.shape = self.shape_from_config(config)
         self.mask_token_id: int = int(config.mask_token_id)
         self.model = DiffusionTransformer(
-            self.shape, vllm_config.cache_config, prefix=_join(prefix, "model")
+            shape=self.shape,
+            cache_config=vllm_config.cache_config,
+            vllm_config=vllm_config,
+            prefix=_join(prefix, "model"),
         )
         self.lm_head = ParallelLMHead(
             self.shape.vocab_size, self.shape.hidden_size, prefix=_join(prefix, "lm_head")

@@ -1,0 +1,57 @@
+"""Functions that run inside an engine's worker process, sent there by `LLM.collective_rpc`.
+
+They read or wrap the worker's own objects (the model body, the denoiser), so tests can check
+what happens where the denoising step actually runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: Tensor methods that read a tensor's values on the host: on a GPU each one waits for the
+#: device to finish (a synchronisation).
+HOST_READS = ("cpu", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def body_compilation(worker: Any) -> tuple[bool, bool]:
+    """(vLLM compiles the model body, the body has been compiled and run)."""
+    body = worker.model_runner.get_model().model
+    return not body.do_not_compile, bool(getattr(body, "compiled", False))
+
+
+def start_counting_host_reads(worker: Any) -> None:
+    """Wrap the denoiser's step so that every host read of a tensor during it is recorded."""
+    denoiser = worker.denoiser
+    original = denoiser.step
+    records: list[tuple[int, list[str]]] = []
+
+    def counting_step(scheduler_output: Any) -> Any:
+        calls: list[str] = []
+        originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+        def recording(name: str, method: Any) -> Any:
+            def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                calls.append(name)
+                return method(self, *args, **kwargs)
+
+            return wrapper
+
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, recording(name, method))
+        try:
+            return original(scheduler_output)
+        finally:
+            for name, method in originals.items():
+                setattr(torch.Tensor, name, method)
+            records.append((len(scheduler_output.num_scheduled_tokens), calls))
+
+    denoiser.step = counting_step
+    worker.dllm_host_reads = records
+
+
+def stop_counting_host_reads(worker: Any) -> list[tuple[int, list[str]]]:
+    """Restore the step; return (requests in the step, host reads) for every step run."""
+    del worker.denoiser.step  # the instance attribute shadowed the class's method
+    return worker.dllm_host_reads

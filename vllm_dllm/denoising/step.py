@@ -1,0 +1,269 @@
+"""One denoising step of a batch as device tensor work, planned from host integers.
+
+The host packs each request's plan and parameters into one int32 array (`pack`), which reaches
+the device in one asynchronous copy from pinned memory. Everything per token or per position is
+then derived on the device (`window_inputs`, `candidates`, `commit`), with shapes the host
+already knows, so no step function reads a device value back. The step's single device-to-host
+transfer is the `[requests, block + 1]` array that `commit` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vllm_dllm.denoising.canvases import Canvases
+from vllm_dllm.denoising.request import RequestState
+from vllm_dllm.sampling import GUMBEL_STREAM, REMASK_STREAM, row_keys, select, uniform
+
+
+class Field(IntEnum):
+    """Rows of the packed per-request array (after the `N + 1` query start offsets)."""
+
+    SLOT = 0
+    WINDOW_START = 1
+    WINDOW_LEN = 2
+    SEQ_LEN = 3
+    BLOCK_START = 4
+    BLOCK_LEN = 5
+    OPENING = 6
+    RULE = 7
+    QUOTA = 8
+    RANDOM = 9
+    SEED_LO = 10
+    SEED_HI = 11
+    STEP = 12
+    # float32 bit patterns:
+    TEMPERATURE = 13
+    THRESHOLD = 14
+    FACTOR = 15
+
+
+NUM_FIELDS = len(Field)
+_FLOATS = (Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR)
+
+
+def packed_size(num_reqs: int) -> int:
+    return num_reqs + 1 + NUM_FIELDS * num_reqs
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What the host knows about the step's shapes without asking the device."""
+
+    num_reqs: int
+    num_tokens: int
+    num_rows: int
+    block_width: int
+    max_query_len: int
+    any_samples: bool
+    any_random: bool
+    query_start: np.ndarray  # [N + 1] int32
+    seq_lens: np.ndarray  # [N] int32
+
+
+def pack(states: Sequence[RequestState], slots: Sequence[int], out: np.ndarray) -> StepShape:
+    """Write the step's per-request integers into `out` (int32, at least `packed_size(N)`)."""
+    n = len(states)
+    plans = [s.plan() for s in states]
+    query_start = out[: n + 1]
+    fields = out[n + 1 : packed_size(n)].reshape(NUM_FIELDS, n)
+    window_len = [p.end - p.start for p in plans]
+    query_start[0] = 0
+    np.cumsum(window_len, out=query_start[1:])
+    floats = np.empty((len(_FLOATS), n), dtype=np.float32)
+    for i, (s, p) in enumerate(zip(states, plans, strict=True)):
+        fields[:, i] = (
+            slots[i], p.start, p.end - p.start, s.canvas_len, s.block_start,
+            s.params.block_length, s.opens_with_single_commit, s.rule_id, s.quota(),
+            s.remasks_randomly, _low_word(s.seed), (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0,
+        )  # fmt: skip
+        floats[:, i] = (s.temperature, s.params.threshold or 1.0, s.params.factor or 1.0)
+    fields[Field.TEMPERATURE :] = floats.view(np.int32)
+    return StepShape(
+        num_reqs=n,
+        num_tokens=int(query_start[-1]),
+        num_rows=sum(s.num_candidates for s in states),
+        block_width=max(s.params.block_length for s in states),
+        max_query_len=max(window_len),
+        any_samples=any(s.samples for s in states),
+        any_random=any(s.remasks_randomly for s in states),
+        query_start=query_start,
+        seq_lens=fields[Field.SEQ_LEN],
+    )
+
+
+def _low_word(value: int) -> int:
+    """The low 32 bits of `value` as a signed int32 (the device masks them back)."""
+    low = value & 0xFFFFFFFF
+    return low - (1 << 32) if low >= 1 << 31 else low
+
+
+class StepTensors:
+    """Device views of a packed array: per-request int32 fields and float32 parameters."""
+
+    def __init__(self, packed: Tensor, num_reqs: int) -> None:
+        self.query_start = packed[: num_reqs + 1]
+        self.fields = packed[num_reqs + 1 : packed_size(num_reqs)].view(NUM_FIELDS, num_reqs)
+
+    def __getitem__(self, field: Field) -> Tensor:
+        row = self.fields[field]
+        return row.view(torch.float32) if field in _FLOATS else row
+
+    def seed(self) -> Tensor:
+        lo = self[Field.SEED_LO].to(torch.int64) & 0xFFFFFFFF
+        return (self[Field.SEED_HI].to(torch.int64) << 32) | lo
+
+
+def window_inputs(
+    canvases: Canvases,
+    meta: StepTensors,
+    shape: StepShape,
+    input_ids: Tensor,
+    positions: Tensor,
+    kv_block_size: int,
+) -> Tensor:
+    """Fill `input_ids` and `positions` (padded to their length) with every query window's
+    tokens and positions; return the windows' KV slots, padded the same way.
+
+    The two buffers are the model runner's persistent inputs: a captured CUDA graph reads its
+    inputs from the addresses it was captured with. Padding tokens read position 0 of slot 0's
+    canvas and write KV slot -1, which vLLM's cache writers skip, so they touch no cache.
+    """
+    device = meta.fields.device
+    num_padded = input_ids.shape[0]
+    request = torch.repeat_interleave(
+        torch.arange(shape.num_reqs, device=device),
+        meta[Field.WINDOW_LEN],
+        output_size=shape.num_tokens,
+    )
+    offset = torch.arange(shape.num_tokens, device=device) - meta.query_start[request]
+    positions[: shape.num_tokens] = meta[Field.WINDOW_START][request] + offset
+    positions[shape.num_tokens :] = 0
+    slot = torch.zeros(num_padded, dtype=torch.int64, device=device)
+    slot[: shape.num_tokens] = meta[Field.SLOT][request]
+    input_ids.copy_(canvases.tokens[slot, positions])
+    kv_block = canvases.block_table[slot, positions // kv_block_size].to(torch.int64)
+    slot_mapping = kv_block * kv_block_size + positions % kv_block_size
+    slot_mapping[shape.num_tokens :] = -1
+    return slot_mapping
+
+
+@dataclass
+class Candidates:
+    """The current block of every request, `[N, block_width]`, and its committable positions."""
+
+    positions: Tensor  # canvas position of each column (the sink past a request's block)
+    values: Tensor  # tokens there now
+    mask: Tensor  # still MASK, inside the block, and allowed this step
+    rows: Tensor  # [R] flat indices (row-major) of the candidates: the rows that get logits
+
+
+def candidates(canvases: Canvases, meta: StepTensors, shape: StepShape) -> Candidates:
+    device = meta.fields.device
+    column = torch.arange(shape.block_width, device=device)
+    inside = column < meta[Field.BLOCK_LEN].unsqueeze(-1)
+    positions = torch.where(
+        inside, meta[Field.BLOCK_START].unsqueeze(-1) + column, canvases.sink
+    ).to(torch.int64)
+    slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
+    values = canvases.tokens[slot, positions]
+    # A Dream block opening may commit only the block's first position.
+    allowed = (column == 0) | (meta[Field.OPENING] == 0).unsqueeze(-1)
+    mask = values.eq(canvases.mask_token_id) & inside & allowed
+    return Candidates(positions, values, mask, _compact(mask.view(-1), shape.num_rows))
+
+
+def _compact(flags: Tensor, count: int) -> Tensor:
+    """Indices of the True entries of `flags`, in order; `count` (their number) comes from the
+    host, so the result has a known shape and needs no sync (unlike `nonzero`)."""
+    destination = torch.where(flags, flags.cumsum(0) - 1, count)
+    out = torch.empty(count + 1, dtype=torch.int64, device=flags.device)
+    out.scatter_(0, destination, torch.arange(flags.numel(), device=flags.device))
+    return out[:count]
+
+
+def hidden_rows(meta: StepTensors, cand: Candidates, shape: StepShape, logits_shift: int) -> Tensor:
+    """Row of the flat forward output that scores each candidate.
+
+    Position j is scored by the window row of position `j - logits_shift`, clamped to the
+    window's first row (the reference's `cat(logits[:, :1], logits[:, :-1])` within a window);
+    a clamped row only ever belongs to an already committed position.
+    """
+    request = cand.rows // shape.block_width
+    position = cand.positions.view(-1)[cand.rows]
+    start = meta[Field.WINDOW_START][request]
+    return meta.query_start[request] + torch.clamp(position - logits_shift, min=start) - start
+
+
+def noise_keys(
+    meta: StepTensors, cand: Candidates, shape: StepShape, stream: int
+) -> tuple[Tensor, Tensor]:
+    """Per-candidate request index and counter-based random key for `stream`."""
+    request = cand.rows // shape.block_width
+    position = cand.positions.view(-1)[cand.rows]
+    keys = row_keys(meta.seed()[request], meta[Field.STEP][request].to(torch.int64), position,
+                    stream)  # fmt: skip
+    return request, keys
+
+
+def sampling_inputs(
+    meta: StepTensors, cand: Candidates, shape: StepShape
+) -> tuple[Tensor, Tensor | None]:
+    """Per-candidate temperature and Gumbel keys (None when every request is greedy)."""
+    if not shape.any_samples:
+        return torch.zeros(shape.num_rows, device=meta.fields.device), None
+    request, keys = noise_keys(meta, cand, shape, GUMBEL_STREAM)
+    return meta[Field.TEMPERATURE][request], keys
+
+
+def commit(
+    canvases: Canvases,
+    meta: StepTensors,
+    cand: Candidates,
+    shape: StepShape,
+    x0: Tensor,
+    confidence: Tensor,
+) -> Tensor:
+    """Select by each request's rule, write the commits into the canvases, and pack the result.
+
+    Returns `[N, block_width + 1]` int32: the committed token of each block column (-1 where
+    nothing was committed), then the block offset of the first position still masked (the block
+    length when none is left). That is all the host needs to advance every request.
+    """
+    if shape.any_random:
+        request, keys = noise_keys(meta, cand, shape, REMASK_STREAM)
+        confidence = torch.where(meta[Field.RANDOM][request].bool(), uniform(keys), confidence)
+    flat_shape = (shape.num_reqs * shape.block_width,)
+    dense_conf = torch.zeros(flat_shape, device=confidence.device).index_copy_(
+        0, cand.rows, confidence
+    )
+    dense_x0 = torch.zeros(flat_shape, dtype=torch.int32, device=x0.device).index_copy_(
+        0, cand.rows, x0.to(torch.int32)
+    )
+    dense_conf = dense_conf.view(shape.num_reqs, -1)
+    dense_x0 = dense_x0.view(shape.num_reqs, -1)
+    chosen = select(
+        dense_conf,
+        cand.mask,
+        meta[Field.RULE].to(torch.int64),
+        meta[Field.THRESHOLD],
+        meta[Field.FACTOR],
+        meta[Field.QUOTA].to(torch.int64),
+    )
+    new_values = torch.where(chosen, dense_x0, cand.values)
+    slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
+    canvases.tokens[slot, cand.positions] = new_values
+    still_masked = new_values.eq(canvases.mask_token_id) & (cand.positions != canvases.sink)
+    first_masked = torch.where(
+        still_masked.any(dim=-1),
+        still_masked.to(torch.int32).argmax(dim=-1).to(torch.int32),
+        meta[Field.BLOCK_LEN],
+    )
+    committed = torch.where(chosen, dense_x0, -1)
+    return torch.cat([committed, first_masked.unsqueeze(-1)], dim=-1)
