@@ -1,0 +1,284 @@
+"""Random-weight Fast-dLLM v2 and SDAR checkpoints in their released on-disk layouts.
+
+What is as released: config.json keys and values' meaning (Fast-dLLM v2: the keys of
+``Efficient-Large-Model/Fast_dLLM_v2_1.5B``'s config, ``bd_size``, ``layer_types``, tied LM head;
+SDAR: the keys of ``JetLM/SDAR-1.7B-Chat``'s config, ``block_size``, ``mask_token_id``,
+``head_dim``, untied LM head), safetensors tensor names (Qwen2 / Qwen3 layout: ``model.layers.{i}.
+self_attn.{q,k,v,o}_proj``, q/k/v biases for Fast-dLLM v2, ``self_attn.{q,k}_norm`` for SDAR, no
+``lm_head.weight`` when tied), the mask token's spelling in the tokenizer (``|<MASK>|`` /
+``<|MASK|>``), and ChatML turn markers.
+
+Deliberate differences (none changes how a loader reads the files):
+- small sizes: head_dim 64 (vLLM's CPU attention accepts it), 2 layers, a vocabulary of 320;
+- so the special ids are small, in the same order as the releases: ``<|endoftext|>`` 256
+  (151643), ``<|im_start|>`` 257 (151644), ``<|im_end|>`` 258 (151645), mask 259 (Fast-dLLM v2
+  151665, SDAR 151669). The real ids would need a 151936-row embedding; readers take every id from
+  the files, never from constants, so the small ids exercise the same code;
+- a byte-level tokenizer (256 byte tokens, no merges) and a short ChatML chat template (system,
+  user and assistant turns; no tools, no thinking tags) instead of the Qwen BPE tokenizer;
+- one ``model.safetensors`` instead of shards; generation_config.json holds only the token ids.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+ENDOFTEXT, IM_START, IM_END, MASK = 256, 257, 258, 259
+VOCAB_SIZE = 320
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Sizes of a tiny block-diffusion checkpoint."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    intermediate_size: int
+    block_size: int
+    tie_word_embeddings: bool
+
+    FAST_DLLM_V2: ClassVar["BlockShape"]
+    SDAR: ClassVar["BlockShape"]
+
+
+# Fast-dLLM v2 1.5B: GQA 12/2, tied head, bd_size 32. Here 2 q heads over 1 kv head.
+BlockShape.FAST_DLLM_V2 = BlockShape(hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64,
+                                     num_layers=2, intermediate_size=256, block_size=32,
+                                     tie_word_embeddings=True)
+# SDAR 1.7B: 16 q / 8 kv heads of 128 on a 2048 hidden (q width != hidden), untied, block 4.
+BlockShape.SDAR = BlockShape(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64,
+                             num_layers=2, intermediate_size=256, block_size=4,
+                             tie_word_embeddings=False)
+
+_SPECIAL_TOKENS = {ENDOFTEXT: "<|endoftext|>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
+
+
+def fast_dllm_v2_config_dict(shape: BlockShape) -> dict[str, Any]:
+    """config.json of a Fast-dLLM v2 checkpoint: the release's keys, in its order."""
+    return {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"],
+        "attention_dropout": 0.0,
+        "auto_map": {
+            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+            "AutoModel": "modeling.Fast_dLLM_QwenModel",
+            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
+        },
+        "bd_size": shape.block_size,
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": IM_END,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate_size,
+        "layer_types": ["full_attention"] * shape.num_layers,
+        "max_position_embeddings": 32768,
+        "max_window_layers": shape.num_layers,
+        "model_type": "Fast_dLLM_Qwen",
+        "num_attention_heads": shape.num_heads,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
+        "pad_token_id": IM_END,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "torch_dtype": "float32",
+        "transformers_version": "4.53.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": VOCAB_SIZE,
+    }
+
+
+def sdar_config_dict(shape: BlockShape) -> dict[str, Any]:
+    """config.json of an SDAR checkpoint: the release's keys, in its order."""
+    return {
+        "architectures": ["SDARForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_sdar.SDARConfig",
+            "AutoModel": "modeling_sdar.SDARModel",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+        },
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_implementation": "flex_attention",
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": ENDOFTEXT,
+        "block_size": shape.block_size,
+        "mask_token_id": MASK,
+        "ep_size": 1,
+        "fuse_cross_entropy": True,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": 32768,
+        "max_window_layers": shape.num_layers,
+        "micro_forward": False,
+        "model_type": "sdar",
+        "num_attention_heads": shape.num_heads,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "skip_checkpoint": False,
+        "sliding_window": None,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "torch_dtype": "float32",
+        "transformers_version": "4.52.4",
+        "use_cache": False,
+        "use_deepep": False,
+        "use_sliding_window": False,
+        "vocab_size": VOCAB_SIZE,
+    }
+
+
+def write_fast_dllm_v2_checkpoint(path: str | Path, shape: BlockShape = BlockShape.FAST_DLLM_V2,
+                                  *, seed: int = 0, logit_scale: float = 1.0) -> Path:
+    """A random Fast-dLLM v2 checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
+    return _write(Path(path), fast_dllm_v2_config_dict(shape), shape, "|<MASK>|", seed,
+                  logit_scale, qkv_bias=True, qk_norm=False)
+
+
+def write_sdar_checkpoint(path: str | Path, shape: BlockShape = BlockShape.SDAR, *,
+                          seed: int = 0, logit_scale: float = 1.0) -> Path:
+    """A random SDAR checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
+    return _write(Path(path), sdar_config_dict(shape), shape, "<|MASK|>", seed, logit_scale,
+                  qkv_bias=False, qk_norm=True)
+
+
+def _write(out: Path, config: dict[str, Any], shape: BlockShape, mask_text: str, seed: int,
+           logit_scale: float, *, qkv_bias: bool, qk_norm: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": ENDOFTEXT,
+        "eos_token_id": [IM_END, ENDOFTEXT],
+        "pad_token_id": ENDOFTEXT,
+        "transformers_version": config["transformers_version"],
+    })
+    _write_tokenizer(out, {**_SPECIAL_TOKENS, MASK: mask_text})
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {name: _draw(size, kind, gen, logit_scale)
+               for name, size, kind in _tensors(shape, qkv_bias=qkv_bias, qk_norm=qk_norm)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _tensors(shape: BlockShape, *, qkv_bias: bool,
+             qk_norm: bool) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    q, kv = shape.num_heads * d, shape.num_kv_heads * d
+    tied = shape.tie_word_embeddings
+    yield "model.embed_tokens.weight", (VOCAB_SIZE, h), "tied_embedding" if tied else "embedding"
+    for n in range(shape.num_layers):
+        p = f"model.layers.{n}."
+        yield p + "input_layernorm.weight", (h,), "norm"
+        for proj, rows, kind in (("q_proj", q, "query_key"), ("k_proj", kv, "query_key"),
+                                 ("v_proj", kv, "linear")):
+            yield p + f"self_attn.{proj}.weight", (rows, h), kind
+            if qkv_bias:
+                yield p + f"self_attn.{proj}.bias", (rows,), "bias"
+        if qk_norm:
+            yield p + "self_attn.q_norm.weight", (d,), "qk_norm"
+            yield p + "self_attn.k_norm.weight", (d,), "qk_norm"
+        yield p + "self_attn.o_proj.weight", (h, q), "linear"
+        yield p + "post_attention_layernorm.weight", (h,), "norm"
+        yield p + "mlp.gate_proj.weight", (i, h), "linear"
+        yield p + "mlp.up_proj.weight", (i, h), "linear"
+        yield p + "mlp.down_proj.weight", (h, i), "linear"
+    yield "model.norm.weight", (h,), "final_norm"
+    if not shape.tie_word_embeddings:
+        yield "lm_head.weight", (VOCAB_SIZE, h), "lm_head"
+
+
+def _draw(size: tuple[int, ...], kind: str, gen: torch.Generator,
+          logit_scale: float) -> torch.Tensor:
+    """Initialise so that every sublayer matters and logits are far from uniform.
+
+    Unit-variance embeddings (2/sqrt(hidden) when the embedding is also the LM head) and
+    1/sqrt(fan_in) linears give each sublayer an O(1) share of the
+    residual stream; q/k drawn 4x larger (and SDAR's per-head q/k norm weights near 2) make
+    attention sharp enough that positions differ. Norm weights and biases are perturbed away from
+    1 and 0 so a loader that drops one fails the logits comparison. The final norm carries
+    ``logit_scale``: logits are linear in it, for tied and untied heads alike.
+    """
+    noise = torch.randn(size, generator=gen, dtype=torch.float32)
+    if kind == "embedding":
+        return noise
+    if kind == "tied_embedding":  # also the LM head: logits of O(1), like an untied head's
+        return 2.0 * size[1] ** -0.5 * noise
+    if kind == "norm":
+        return 1.0 + 0.1 * noise
+    if kind == "final_norm":
+        return logit_scale * (1.0 + 0.1 * noise)
+    if kind == "qk_norm":
+        return 2.0 + 0.2 * noise
+    if kind == "bias":
+        return 0.2 * noise
+    gain = {"linear": 1.0, "query_key": 4.0, "lm_head": 1.0}[kind]
+    return gain * size[1] ** -0.5 * noise
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _write_tokenizer(out: Path, special_tokens: dict[int, str]) -> None:
+    """Byte-level tokenizer: ids 0-255 are bytes, the special tokens at their ids, the rest of
+    the vocabulary plain reserved entries so every logit row decodes."""
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    for token_id in range(256, VOCAB_SIZE):
+        vocab[special_tokens.get(token_id, f"<|reserved_token_{token_id}|>")] = token_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for _, t in sorted(special_tokens.items())])
+    tok.save(str(out / "tokenizer.json"))
+    entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+             "special": True}
+    _write_json(out / "tokenizer_config.json", {
+        "added_tokens_decoder": {str(i): {"content": t, **entry}
+                                 for i, t in sorted(special_tokens.items())},
+        "bos_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": _SPECIAL_TOKENS[IM_END],
+        "model_max_length": 32768,
+        "pad_token": _SPECIAL_TOKENS[ENDOFTEXT],
+        "split_special_tokens": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": None,
+    })
+
+
+def _write_json(file: Path, content: dict[str, Any]) -> None:
+    file.write_text(json.dumps(content, indent=2) + "\n")
