@@ -339,6 +339,17 @@ def test_v2_mid_block_prompt_is_never_changed_and_blocks_chain(v2: BlockReferenc
     assert 3 <= result.num_forwards <= 20 + 31 + 2
 
 
+def test_v2_prompt_past_one_block_and_mid_block(v2: BlockReferenceModel) -> None:
+    """Prompt 40: [0, 32) prefilled; block [32, 64) holds 8 prompt tokens (recomputed with the
+    masks every step) and 24 masks in sub-blocks [40, 48) [48, 56) [56, 64); threshold 1 commits
+    one per step: 1 + 24 forwards, and the request ends before the finished-block forward."""
+    prompt = (PROMPT * 4)[:40]
+    result = generate_fast_dllm_v2(v2, prompt, max_new_tokens=24, threshold=1.0,
+                                   end_token_ids=NO_END)
+    assert result.num_forwards == 1 + 24 and len(result.tokens) == 24
+    assert result.canvas[:40].tolist() == prompt
+
+
 def test_v2_early_stop_at_end_token(v2: BlockReferenceModel) -> None:
     full = generate_fast_dllm_v2(v2, PROMPT, max_new_tokens=64, end_token_ids=NO_END)
     end = full.tokens[3]
@@ -362,16 +373,20 @@ def test_v2_sub_block_cache_recomputes_only_the_sub_block(v2: BlockReferenceMode
     stored block K/V; a step whose sub-block starts masked forwards the whole block. Outputs
     differ from the uncached loop here (stale K/V), as in the release."""
     widths: list[int] = []
+    first_slots_of_sub_block_steps: list[int] = []
     forward = v2.forward
 
     def spy(ids: torch.Tensor, *args: object, **kwargs: object) -> object:
         widths.append(len(ids))
+        if len(ids) == 8:
+            first_slots_of_sub_block_steps.append(int(ids[0]))
         return forward(ids, *args, **kwargs)
 
     monkeypatch.setattr(v2, "forward", spy)
     cached = generate_fast_dllm_v2(v2, PROMPT, max_new_tokens=52, use_block_cache=True,
                                    end_token_ids=NO_END)
     assert widths.count(8) > 0 and set(widths) == {8, 32}
+    assert v2.spec.mask_token_id not in first_slots_of_sub_block_steps
     assert len(widths) == cached.num_forwards
     monkeypatch.undo()
     plain = generate_fast_dllm_v2(v2, PROMPT, max_new_tokens=52, end_token_ids=NO_END)
@@ -422,6 +437,9 @@ def test_sdar_static_steps_forward_count(sdar: BlockReferenceModel) -> None:
     halved = generate_sdar(sdar, PROMPT, max_new_tokens=32, denoising_steps=2,
                            remasking="low_confidence_static", end_token_ids=NO_END)
     assert halved.num_forwards == 1 + 16 + 7
+    one_block = generate_sdar(sdar, PROMPT[:4], max_new_tokens=4,
+                              remasking="low_confidence_static", end_token_ids=NO_END)
+    assert one_block.num_forwards == 1 + 4  # a prompt of exactly one block is prefilled
 
 
 def test_sdar_first_step_scores_each_slot_by_its_own_row(sdar: BlockReferenceModel) -> None:
