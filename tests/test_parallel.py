@@ -77,8 +77,10 @@ class CanvasRecorder:
 
         def execute_model(scheduler_output):
             output = plugin_step(self, scheduler_output)
+            canvases = self.denoiser.canvases
             for req_id, state in self.denoiser.states.items():
-                log.setdefault(req_id, []).append(zlib.crc32(state.canvas.numpy().tobytes()))
+                canvas = canvases.tokens[self.denoiser.slots[req_id], : state.canvas_len]
+                log.setdefault(req_id, []).append(zlib.crc32(canvas.cpu().numpy().tobytes()))
             return output
 
         self.execute_model = execute_model
