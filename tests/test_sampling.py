@@ -1,4 +1,4 @@
-"""Proposal, scoring, selection and the steps schedule (DESIGN section 2, steps 2-4)."""
+"""Proposal, scoring, selection and the steps schedule (docs/design.md, steps 2-4)."""
 
 from __future__ import annotations
 
