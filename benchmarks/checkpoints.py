@@ -14,16 +14,15 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 from vllm_dllm.testing.checkpoints import (
+    DREAM_NAMES,
     LLADA_MID,
     LLADA_REAL,
     LLADA_TINY,
     TinyCheckpoint,
     write_llada_checkpoint,
+    write_weights,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,41 +106,13 @@ def write_llama_like(
         torch_dtype="float32",
     )
     config.save_pretrained(path)
-    save_file(_llama_tensors(shape, seed), str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    # Llama's tensor names are Dream's (Qwen2's), without the q/k/v biases.
+    write_weights(path / "model.safetensors", replace(shape, qkv_bias=False), DREAM_NAMES,
+                  seed=seed)
     for name in _TOKENIZER_FILES:
         shutil.copy(tokenizer_from / name, path / name)
     _stamp(path, stamp)
     return path
-
-
-def _llama_tensors(shape: TransformerShape, seed: int) -> dict[str, torch.Tensor]:
-    """Llama weights drawn like the tiny LLaDA checkpoints (unit embeddings, 1/sqrt(fan_in))."""
-    gen = torch.Generator().manual_seed(seed)
-    h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    kv = shape.kv_size
-
-    def linear(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=gen) * cols**-0.5
-
-    def norm() -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(h, generator=gen)
-
-    out = {"model.embed_tokens.weight": torch.randn(v, h, generator=gen)}
-    for n in range(shape.num_layers):
-        p = f"model.layers.{n}."
-        out[p + "input_layernorm.weight"] = norm()
-        out[p + "self_attn.q_proj.weight"] = linear(h, h)
-        out[p + "self_attn.k_proj.weight"] = linear(kv, h)
-        out[p + "self_attn.v_proj.weight"] = linear(kv, h)
-        out[p + "self_attn.o_proj.weight"] = linear(h, h)
-        out[p + "post_attention_layernorm.weight"] = norm()
-        out[p + "mlp.gate_proj.weight"] = linear(i, h)
-        out[p + "mlp.up_proj.weight"] = linear(i, h)
-        out[p + "mlp.down_proj.weight"] = linear(h, i)
-    out["model.norm.weight"] = norm()
-    out["lm_head.weight"] = linear(v, h)
-    return {k: t.contiguous() for k, t in out.items()}
 
 
 def trained_model(d: Path = TRAINED_MODEL_DIR) -> Path | None:

@@ -255,7 +255,8 @@ def markdown(doc: dict) -> str:
 
     def section(title: str, text: str, headers: list[str], rows: list[list[Any]],
                 skipped: str | None = None) -> list[str]:
-        body = [text, "", _table(headers, rows)] if rows else [f"Skipped: {skipped}"]
+        intro = [text, ""] if text else []
+        body = [*intro, _table(headers, rows)] if rows else [f"Skipped: {skipped}"]
         return [f"## {title}", "", *body, ""]
 
     pr = doc.get("problems", {})

@@ -86,6 +86,9 @@ class Settings:
     overhead_prompt: int = 64
     overhead_gen: int = 128
     overhead_mp: bool = True
+    #: The step benchmark. Off in --quick (`--step` turns it on): each of its two engines
+    #: loads a 0.5 GB checkpoint with a 126464-token tokenizer, minutes on a small CPU.
+    run_step: bool = True
     step_prompt: int = 256
     step_gen: int = 128
     threads: int = 1
@@ -101,7 +104,7 @@ class Settings:
             "quick": cls(profile="quick", prompt_len=256, cache_gens=[64], rounds=2,
                          none_rounds=1, ar_batches=[1, 4], parallel_problems=24,
                          batching=[1, 4, 16], batching_problems=16, overhead_gen=64,
-                         step_prompt=64, step_gen=32),
+                         run_step=False, step_prompt=64, step_gen=32),
             "smoke": cls(profile="smoke", prompt_len=32, cache_gens=[32, 64],
                          none_measured_max=32, rounds=1, none_rounds=1, ar_batches=[1, 2],
                          parallel_problems=3, batching=[1, 2], batching_problems=2,
@@ -287,6 +290,9 @@ def build_jobs(s: Settings, ckpt_dir: Path) -> tuple[list[dict], dict]:
         jobs.append({"name": "overhead-mp", "engine": engine(tiny, 1024, 16, 2048),
                      "cases": [dict(overhead, name="overhead-dual-1tok-mp",
                                     group="overhead_mp")]})
+    if not s.run_step:
+        info["skipped"]["step"] = "off in this profile (`--step` runs it)"
+        return jobs, info
     step = write_llada(ckpt_dir / "llada-step", STEP_MODEL, SEEDS["step"])
     info["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
     step_len = _round_up(s.step_prompt + s.step_gen, 512)
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="longest generation whose `none` is measured one token per step")
     p.add_argument("--prefix-max-gen", type=int, help="longest generation run with prefix")
     p.add_argument("--trained-model", type=Path, help="default models/llada-arith")
+    p.add_argument("--step", action="store_true", help="run the step benchmark in --quick too")
     p.add_argument("--only", nargs="+", help="run only these jobs (cache, trained, ar, "
                    "overhead, overhead-mp, step-eager, step-compiled)")
     p.add_argument("--job-timeout", type=float, default=1800)
@@ -388,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = {"threads": args.threads, "cache_gens": args.gens,
                  "none_measured_max": args.none_measured_max,
                  "prefix_max_gen": args.prefix_max_gen,
-                 "trained_model_dir": args.trained_model and args.trained_model.resolve()}
+                 "trained_model_dir": args.trained_model and args.trained_model.resolve(),
+                 "run_step": args.step or None}
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -407,8 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
                total_wall_s=round(time.perf_counter() - t0, 1),
                command="python benchmarks/run.py " + " ".join(
                    sys.argv[1:] if argv is None else argv))
-    settings = {**asdict(s), "trained_model_dir": s.trained_model_dir and str(
-        s.trained_model_dir)}
+    settings = {**asdict(s), "run_ar": not s.single_engine,
+                "trained_model_dir": s.trained_model_dir and str(s.trained_model_dir)}
     doc = report.assemble(settings, env, info, results)
     report.write_all(doc, out)
     print(report.step_table(doc["step"]))

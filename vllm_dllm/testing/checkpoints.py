@@ -255,8 +255,8 @@ def _write(out: Path, ckpt: TinyCheckpoint, names: Mapping[str, str],
     _write_json(out / "generation_config.json", generation)
     write_tokenizer(out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config,
                     special_map=special_map)
-    _save_weights(out / "model.safetensors", _tensors(ckpt.shape, names), seed, lm_head_scale,
-                  dtype)
+    write_weights(out / "model.safetensors", ckpt.shape, names, seed=seed,
+                  lm_head_scale=lm_head_scale, dtype=dtype)
     return out
 
 
@@ -265,7 +265,7 @@ _TensorSpec = tuple[str, tuple[int, ...], str]
 
 
 #: Tensor names of each family: the embedding, one layer's tensors (with `{}` for the layer
-#: index) by role, the final norm and the untied LM head.
+#: index) by role, the final norm and the untied LM head. Dream's are Qwen2's and Llama's.
 LLADA_NAMES = {
     "embed": "model.transformer.wte", "norm": "model.transformer.ln_f",
     "lm_head": "model.transformer.ff_out", "layer": "model.transformer.blocks.{}.",
@@ -325,16 +325,20 @@ def _draw(
     return gain * size[1] ** -0.5 * noise
 
 
-def _save_weights(
+def write_weights(
     file: Path,
-    specs: Iterator[_TensorSpec],
+    shape: TransformerShape,
+    names: Mapping[str, str],
+    *,
     seed: int,
-    lm_head_scale: float,
-    dtype: torch.dtype,
+    lm_head_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
+    """A random safetensors file with the tensors of ``shape`` under the family's ``names``."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {
-        name: _draw(size, kind, gen, lm_head_scale).to(dtype) for name, size, kind in specs
+        name: _draw(size, kind, gen, lm_head_scale).to(dtype)
+        for name, size, kind in _tensors(shape, names)
     }
     save_file(tensors, str(file), metadata={"format": "pt"})
 
