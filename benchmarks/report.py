@@ -1,7 +1,6 @@
 """Turn the per-job results into results.json, results.md (tables) and results.png (bar charts).
 
-The PNG is drawn with Pillow (vLLM already depends on it), so the benchmarks need no plotting
-package.
+The PNG is drawn with matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict
     doc["batching"] = _batching_section(cases)
     doc["ar"] = _ar_section(settings, cases)
     doc["overhead"] = _overhead_section(cases, profile, doc["cache"])
+    doc["step"] = _step_section(cases)
     if "problems" in info:
         doc["problems"] = info["problems"]
     doc["targets"] = _targets(doc)
@@ -147,7 +147,7 @@ def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict])
     }
     if profile:
         out["profile"] = {k: profile[k] for k in ("steps", "ms_per_step", "stages_ms_per_step",
-                                                  "stage_share", "cprofile_top_tottime")
+                                                  "stage_share", "torch_profiler_top_ops")
                           if k in profile}
         stages = profile["stages_ms_per_step"]
         non_model = {k: v for k, v in stages.items() if k != "model forward"}
@@ -160,6 +160,47 @@ def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict])
         out["bench_full_forward_ms"] = full["ms_per_forward"]
         out["full_forward_over_step_overhead"] = _r(full["ms_per_forward"] / per_step, 1)
     return out
+
+
+def _step_section(cases: dict) -> dict:
+    """ms per denoising step by cache mode and engine; dual/none and compiled/eager ratios."""
+    ms = {(c["meta"]["mode"], c["meta"]["engine"]): c.get("ms_per_forward")
+          for c in cases.values() if c.get("group") == "step"}
+    engines = ("eager", "compiled")
+    rows = []
+    for mode in ("none", "prefix", "dual"):
+        row: dict[str, Any] = {"cache": mode}
+        for engine in engines:
+            row[f"{engine}_ms_per_step"] = ms.get((mode, engine))
+            none = ms.get(("none", engine))
+            row[f"{engine}_over_none"] = _ratio(ms.get((mode, engine)), none)
+        row["compiled_over_eager"] = _ratio(row["compiled_ms_per_step"], row["eager_ms_per_step"])
+        rows.append(row)
+    meta = next((c["meta"] for c in cases.values() if c.get("group") == "step"), {})
+    return {"prompt": meta.get("prompt"), "gen": meta.get("gen"), "rows": rows,
+            "dual_over_none": {e: _ratio(ms.get(("dual", e)), ms.get(("none", e)))
+                               for e in engines}}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return _r(a / b, 3) if a and b else None
+
+
+STEP_HEADERS = ["cache", "eager ms/step", "compiled ms/step", "compiled / eager",
+                "eager / none", "compiled / none"]
+
+
+def _step_rows(step: dict) -> list[list[Any]]:
+    """Table rows of the step benchmark; none when no step job ran."""
+    rows = [[r["cache"], r["eager_ms_per_step"], r["compiled_ms_per_step"],
+             r["compiled_over_eager"], r["eager_over_none"], r["compiled_over_none"]]
+            for r in step["rows"]]
+    return rows if any(r[1] or r[2] for r in rows) else []
+
+
+def step_table(step: dict) -> str:
+    """The step benchmark as a Markdown table (also printed at the end of a run)."""
+    return _table(STEP_HEADERS, _step_rows(step))
 
 
 def _targets(doc: dict) -> list[dict]:
@@ -200,250 +241,142 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def markdown(doc: dict) -> str:
-    env, s = doc["environment"], doc["settings"]
-    bench = doc["models"].get("bench_model", {})
-    shape = bench.get("shape", {})
+    """results.md: provenance, then one table per section."""
+    env, s, ov, st = doc["environment"], doc["settings"], doc["overhead"], doc["step"]
+    models = doc["models"]
+
+    def sizes(name: str) -> str:
+        m = models.get(name, {})
+        sh = m.get("shape", {})
+        return (f"hidden {sh.get('hidden_size')}, {sh.get('num_layers')} layers, "
+                f"{sh.get('num_heads')} heads, MLP {sh.get('intermediate_size')}, vocabulary "
+                f"{sh.get('vocab_size')} ({m.get('params', 0) / 1e6:.1f} M parameters, seed "
+                f"{m.get('seed')})")
+
+    def section(title: str, text: str, headers: list[str], rows: list[list[Any]],
+                skipped: str | None = None) -> list[str]:
+        intro = [text, ""] if text else []
+        body = [*intro, _table(headers, rows)] if rows else [f"Skipped: {skipped}"]
+        return [f"## {title}", "", *body, ""]
+
+    pr = doc.get("problems", {})
+    prof = ov.get("profile") or {}
     md = [
-        "# vllm-dllm benchmark results",
+        "# vllm-dllm benchmark results", "",
+        f"Command: `{env.get('command')}`, {env.get('total_wall_s', 0) / 60:.1f} min, "
+        f"{env.get('started')}. Machine: {env['cpu']}, {env['cpus']} CPUs; engines fp32, "
+        f"{env['threads_per_engine']} OpenMP thread(s) each, one engine at a time; vLLM "
+        f"{env['vllm']}, torch {env['torch']}, commit {env['git_commit']}"
+        f"{' (dirty tree)' if env.get('git_dirty') else ''}. Load average at start "
+        f"{env['loadavg_start'][0]}, at end {env.get('loadavg_end', ['?'])[0]}. Tokens/s: best "
+        "of the rounds (median in results.json); greedy decoding; ratios are within one engine.",
         "",
-        f"Command: `{env.get('command', 'python benchmarks/run.py')}`, total "
-        f"{env.get('total_wall_s', 0) / 60:.1f} min, {env.get('started')}.",
-        f"Machine: {env['cpu']}, {env['cpus']} CPUs; engines fp32, "
-        f"{env['threads_per_engine']} OpenMP thread(s) each, one engine at a time; "
-        f"vLLM {env['vllm']}, torch {env['torch']}, commit {env['git_commit']}"
-        f"{' (dirty tree)' if env.get('git_dirty') else ''}.",
-        f"Load average (1 min) at start {env['loadavg_start'][0]}, at end "
-        f"{env.get('loadavg_end', ['?'])[0]} (other jobs on the machine slow every case alike "
-        f"within one engine's interleaved rounds; ratios are within one engine).",
-        "Tokens/s: best of the rounds (median in results.json). Greedy decoding.",
-        "",
+        *section("Targets", "", ["target", "required", "measured", "met"],
+                 [[t["target"], f"{t['required']}x", t["measured"], t["met"]]
+                  for t in doc["targets"]]),
+        *section("1. Cache speed-up (random LLaDA, one token per step)",
+                 f"Random LLaDA, {sizes('bench_model')}. Block 32, `dllm_steps` = generation "
+                 "length, ignore_eos. * `none` ran one step per block and is extrapolated: "
+                 "every `none` forward is the same full forward whatever it commits.",
+                 ["prompt", "gen", "cache", "forwards", "tokens/s", "ms/forward", "wall s",
+                  "speed-up"],
+                 [[r["prompt"], r["gen"], r["mode"] + ("" if r["measured"] else "*"),
+                   r["forwards"], r["tokens_per_s"], r["ms_per_forward"], r["wall_s"],
+                   f"{r['speedup_vs_none']}x"] for r in doc["cache"]]),
+        *section("2. Parallel decoding (trained models/llada-arith)",
+                 f"Held-out problems (examples/train_tiny_llada.py, seed {pr.get('eval_seed')}), "
+                 f"max_tokens {pr.get('gen_len')}, one request at a time, stops at EOS.",
+                 ["cache", "rule", "tokens/s", "tokens/forward", "forwards/request", "accuracy",
+                  "vs one/step", "vs none one/step"],
+                 [[r["mode"], r["rule"], r["tokens_per_s"], r["tokens_per_forward"],
+                   r["forwards_per_request"], r["accuracy"], f"{r['speedup_vs_one_per_step']}x",
+                   f"{r['speedup_vs_none_one_per_step']}x"] for r in doc["parallel"]],
+                 doc["skipped"].get("parallel", "no cases ran")),
+        *section("3. Batching (dual + threshold 0.9)",
+                 "Requests submitted `concurrency` at a time to offline `LLM.generate`.",
+                 ["concurrent", "requests", "tokens/s", "requests/s", "scaling vs 1",
+                  "tokens/forward", "accuracy", "wall s"],
+                 [[r["concurrency"], r["requests"], r["tokens_per_s"], r["requests_per_s"],
+                   f"{r['scaling_vs_1']}x", r["tokens_per_forward"], r["accuracy"], r["wall_s"]]
+                  for r in doc["batching"]]),
+        *section("4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)",
+                 f"Prompt {s['prompt_len']}, ignore_eos, random weights on both sides; ours: "
+                 "dual cache, one token per step (random weights are never confident).",
+                 ["batch", "new tokens", "ours tokens/s", "AR tokens/s", "ours / AR"],
+                 [[r["batch"], r["gen"], r["dllm_tokens_per_s"], r["ar_tokens_per_s"],
+                   r["ratio_dllm_over_ar"]] for r in doc["ar"]],
+                 doc["skipped"].get("ar")),
+        *section("5. Engine overhead per denoising step (tiny LLaDA)",
+                 f"Dual cache, one token per step, batch 1, prompt {s['overhead_prompt']}, "
+                 f"{prof.get('steps')} steps in one process: {prof.get('ms_per_step')} ms per "
+                 f"step (best of 3; model forward and LM head timed by forward hooks); vLLM's "
+                 f"normal multi-process mode: {ov.get('ms_per_step_multiprocess')} ms per step, "
+                 f"CPU seconds per wall second {ov.get('cpu_per_wall_multiprocess')}.",
+                 ["stage", "ms / step", "share"],
+                 [[k, v, f"{100 * prof['stage_share'][k]:.1f}%"]
+                  for k, v in prof.get("stages_ms_per_step", {}).items()]),
+        "<details><summary>torch.profiler, top operators by own CPU time</summary>\n",
+        "```\n" + prof.get("torch_profiler_top_ops", "") + "\n```\n</details>", "",
+        *section("6. Denoising step (random LLaDA, real vocabulary)",
+                 f"Random LLaDA, {sizes('step_model')}; prompt {st['prompt']}, generation "
+                 f"{st['gen']}, block 32, one token per step, batch 1. Compiled: "
+                 "`enforce_eager=False`.",
+                 STEP_HEADERS, _step_rows(st),
+                 doc["skipped"].get("step", "no cases ran")),
+        *section("Jobs", "", ["job", "engine start s", "job s", "load before", "load after",
+                              "error"],
+                 [[j.get("job"), j.get("startup_s"), j.get("process_wall_s"),
+                   (j.get("loadavg") or {}).get("before", [None])[0],
+                   (j.get("loadavg") or {}).get("after", [None])[0], j.get("error")]
+                  for j in doc["jobs"]]),
+        "![results](results.png)",
     ]
-    md += ["## Targets", ""]
-    md.append(_table(["target", "required", "measured", "met"],
-                     [[t["target"], f"{t['required']}x", t["measured"], t["met"]]
-                      for t in doc["targets"]]))
-    md.append("")
-
-    md += ["## 1. Cache speed-up (random LLaDA, one token per step)", ""]
-    if shape:
-        md.append(
-            f"Model: random LLaDA, hidden {shape['hidden_size']}, {shape['num_layers']} layers, "
-            f"{shape['num_heads']} heads, MLP {shape['intermediate_size']}, vocab "
-            f"{shape['vocab_size']} ({bench['params'] / 1e6:.1f} M parameters, seed "
-            f"{bench['seed']}). Block 32, `dllm_steps` = generation length, ignore_eos.")
-    ov = doc["overhead"]
-    if ov.get("full_forward_over_step_overhead"):
-        md.append(
-            f"One full forward over the canvas costs {ov['bench_full_forward_ms']:.0f} ms, "
-            f"{ov['full_forward_over_step_overhead']:.0f}x the engine's per-step overhead "
-            f"({ov.get('ms_per_step_multiprocess') or ov.get('ms_per_step_inproc'):.1f} ms, "
-            "section 5).")
-    md.append("")
-    md.append(_table(
-        ["prompt", "gen", "cache", "forwards", "tokens/s", "ms/forward", "wall s", "speed-up"],
-        [[r["prompt"], r["gen"], r["mode"] + ("" if r["measured"] else " (extrapolated*)"),
-          r["forwards"], r["tokens_per_s"], r["ms_per_forward"], r["wall_s"],
-          f"{r['speedup_vs_none']}x" if r["speedup_vs_none"] else None]
-         for r in doc["cache"]]))
-    skipped_prefix = [g for g in s["cache_gens"] if g > s.get("prefix_max_gen", 10**9)]
-    if skipped_prefix:
-        md.append("")
-        md.append(f"`prefix` was not run at generation {', '.join(map(str, skipped_prefix))}: "
-                  "its later steps recompute the block and the whole masked suffix, so it costs "
-                  "about gen/2 full forwards per block (`--prefix-max-gen` runs it).")
-    if any(not r["measured"] for r in doc["cache"]):
-        md.append("")
-        md.append("\\* `none` at this length ran with one step per block (each forward is the "
-                  "same full forward over the canvas whatever it commits); its "
-                  "one-token-per-step time is gen x the measured ms/forward.")
-    md.append("")
-
-    md += ["## 2. Parallel decoding (trained models/llada-arith)", ""]
-    if doc["parallel"]:
-        tm = doc["models"].get("trained_model", {})
-        pr = doc.get("problems", {})
-        model = (f"{tm['path']} (d_model {tm.get('d_model')}, {tm.get('n_layers')} layers)"
-                 if doc["parallel"][0].get("model") == "trained" and tm
-                 else f"the {doc['parallel'][0].get('model')} model")
-        md.append(
-            f"Model: {model}. {doc['parallel'][0]['problems']} held-out problems "
-            f"(examples/train_tiny_llada.py, seed {pr.get('eval_seed')}), completion prompts, "
-            f"max_tokens {pr.get('gen_len')}, block {doc['parallel'][0].get('block')}, one "
-            "request at a time, stops at EOS. "
-            "Tokens = answer + end token as returned.")
-        md.append("")
-        md.append(_table(
-            ["cache", "rule", "tokens/s", "tokens/forward", "forwards/request", "accuracy",
-             "vs one/step", "vs none one/step"],
-            [[r["mode"], r["rule"], r["tokens_per_s"], r["tokens_per_forward"],
-              r["forwards_per_request"], r["accuracy"],
-              f"{r['speedup_vs_one_per_step']}x", f"{r['speedup_vs_none_one_per_step']}x"]
-             for r in doc["parallel"]]))
-    else:
-        md.append(f"Skipped: {doc['skipped'].get('parallel', 'no cases ran')}")
-    md.append("")
-
-    md += ["## 3. Batching (dual + threshold 0.9)", ""]
-    if doc["batching"]:
-        b0 = doc["batching"][0]
-        md.append(f"{b0['requests']} requests on the {b0['model']} model, submitted "
-                  "`concurrency` at a time to offline `LLM.generate`.")
-        md.append("")
-        md.append(_table(
-            ["concurrent", "tokens/s", "requests/s", "scaling vs 1", "tokens/forward",
-             "accuracy", "wall s"],
-            [[r["concurrency"], r["tokens_per_s"], r["requests_per_s"],
-              f"{r['scaling_vs_1']}x", r["tokens_per_forward"], r["accuracy"], r["wall_s"]]
-             for r in doc["batching"]]))
-    md.append("")
-
-    md += ["## 4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)", ""]
-    if doc["ar"]:
-        md.append(f"Prompt {s['prompt_len']}, {doc['ar'][0]['gen']} new tokens per request, "
-                  "ignore_eos, random weights on both sides; ours: dual cache, one token per "
-                  "step (no parallel commits: random weights are never confident).")
-        md.append("")
-        md.append(_table(
-            ["batch", "ours tokens/s", "AR tokens/s", "ours / AR"],
-            [[r["batch"], r["dllm_tokens_per_s"], r["ar_tokens_per_s"], r["ratio_dllm_over_ar"]]
-             for r in doc["ar"]]))
-    if "ar" in doc["skipped"]:
-        md.append(f"Skipped: {doc['skipped']['ar']}")
-    md.append("")
-
-    md += ["## 5. Engine overhead per denoising step (tiny LLaDA)", ""]
-    if ov.get("profile"):
-        p = ov["profile"]
-        md.append(
-            f"Dual cache, one token per step, batch 1, prompt {s.get('overhead_prompt')}; "
-            f"{p['steps']} steps timed in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, front "
-            f"end, engine core and worker in one process): {p['ms_per_step']:.2f} ms per step "
-            "(best of 3 runs).")
-        if ov.get("ms_per_step_multiprocess"):
-            cpu = ov.get("cpu_per_wall_multiprocess") or {}
-            busy = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if v >= 0.01)
-            md.append(
-                f"The same case in vLLM's normal multi-process mode (front end, engine core and "
-                f"worker processes): {ov['ms_per_step_multiprocess']:.2f} ms per step; CPU "
-                f"seconds per wall second: {busy}.")
-        md.append("")
-        md.append(_table(["stage", "ms / step", "share"],
-                         [[k, v, f"{100 * p['stage_share'][k]:.1f}%"]
-                          for k, v in p["stages_ms_per_step"].items()]))
-        md.append("")
-        md.append("<details><summary>cProfile, top functions by own time</summary>\n")
-        md.append("```\n" + p.get("cprofile_top_tottime", "") + "\n```\n</details>")
-    md.append("")
-
-    md += ["## Jobs", ""]
-    md.append(_table(["job", "engine start s", "job s", "load before", "load after", "error"],
-                     [[j.get("job"), j.get("startup_s"), j.get("process_wall_s"),
-                       (j.get("loadavg") or {}).get("before", [None])[0],
-                       (j.get("loadavg") or {}).get("after", [None])[0], j.get("error")]
-                      for j in doc["jobs"]]))
-    md.append("")
-    if doc["skipped"]:
-        md += ["## Skipped", ""]
-        md += [f"- {k}: {v}" for k, v in doc["skipped"].items()]
-        md.append("")
-    md.append("![results](results.png)")
     return "\n".join(md) + "\n"
 
 
 # ---- PNG -----------------------------------------------------------------------------------------
 
-_COLORS = [(76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179),
-           (147, 120, 96)]
-
-
-def _panel(draw, font, box, title: str, bars: list[tuple[str, float, int]], unit: str) -> None:
-    """A bar chart in ``box`` = (x0, y0, x1, y1); bars are (label, value, colour index)."""
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline=(200, 200, 200))
-    draw.text((x0 + 10, y0 + 8), title, fill=(0, 0, 0), font=font)
-    if not bars:
-        draw.text((x0 + 10, y0 + 40), "(not run)", fill=(120, 120, 120), font=font)
-        return
-    top, bottom = y0 + 40, y1 - 60
-    vmax = max(v for _, v, _ in bars) or 1.0
-    n = len(bars)
-    slot = (x1 - x0 - 40) / n
-    width = max(6, slot * 0.6)
-    draw.line((x0 + 20, bottom, x1 - 20, bottom), fill=(0, 0, 0))
-    for i, (label, value, color) in enumerate(bars):
-        cx = x0 + 20 + slot * (i + 0.5)
-        h = (bottom - top) * value / vmax
-        draw.rectangle((cx - width / 2, bottom - h, cx + width / 2, bottom),
-                       fill=_COLORS[color % len(_COLORS)])
-        text = f"{value:.3g}" if value < 100 else f"{value:.0f}"
-        draw.text((cx - 3 * len(text), bottom - h - 14), text, fill=(0, 0, 0), font=font)
-        for k, part in enumerate(label.split("\n")[:3]):
-            draw.text((cx - 3 * len(part), bottom + 6 + 13 * k), part, fill=(0, 0, 0), font=font)
-    draw.text((x0 + 10, y0 + 22), unit, fill=(90, 90, 90), font=font)
-
 
 def chart(doc: dict, path: Path) -> None:
-    """Four bar charts: cache, parallel, batching, AR (tokens/s)."""
-    from PIL import Image, ImageDraw, ImageFont
+    """Four bar charts (tokens/s): cache, parallel, batching, against AR."""
+    import matplotlib
 
-    w, h = 1400, 900
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    cache = doc["cache"]
-    gens = sorted({r["gen"] for r in cache})
-    modes = {"none": 0, "prefix": 1, "dual": 2}
-    cache_bars = [(f"g{r['gen']}\n{r['mode']}{'' if r['measured'] else '*'}\n"
-                   f"{r['speedup_vs_none']}x", r["tokens_per_s"], modes[r["mode"]])
-                  for g in gens for r in cache if r["gen"] == g]
-    par_bars = [(f"{r['mode']}\n{r['rule']}\nacc {r['accuracy']}", r["tokens_per_s"],
-                 3 if r["mode"] == "dual" else 0) for r in doc["parallel"]]
-    bat_bars = [(f"{r['concurrency']} req\n{r['scaling_vs_1']}x", r["tokens_per_s"], 2)
-                for r in doc["batching"]]
-    ar_bars = []
-    for r in doc["ar"]:
-        if r["dllm_tokens_per_s"] is not None:
-            ar_bars.append((f"ours\nbatch {r['batch']}", r["dllm_tokens_per_s"], 2))
-        if r["ar_tokens_per_s"] is not None:
-            ar_bars.append((f"AR\nbatch {r['batch']}", r["ar_tokens_per_s"], 4))
-    half_w, half_h = w // 2, h // 2
-    _panel(draw, font, (10, 10, half_w - 5, half_h - 5),
-           "1. Cache: none / prefix / dual, one token per step (random LLaDA)", cache_bars,
-           "tokens/s (* extrapolated)")
-    _panel(draw, font, (half_w + 5, 10, w - 10, half_h - 5),
-           "2. Parallel decoding, trained llada-arith, batch 1", par_bars, "tokens/s")
-    _panel(draw, font, (10, half_h + 5, half_w - 5, h - 10),
-           "3. Batching: dual + threshold 0.9", bat_bars, "tokens/s")
-    _panel(draw, font, (half_w + 5, half_h + 5, w - 10, h - 10),
-           "4. vs autoregressive Llama (same sizes), dual one token/step", ar_bars, "tokens/s")
-    img.save(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("1. Cache, one token per step (random LLaDA; * extrapolated)",
+         [(f"g{r['gen']} {r['mode']}{'' if r['measured'] else '*'}\n{r['speedup_vs_none']}x",
+           r["tokens_per_s"], f"C{['none', 'prefix', 'dual'].index(r['mode'])}")
+          for r in doc["cache"]]),
+        ("2. Parallel decoding, trained llada-arith, batch 1",
+         [(f"{r['mode']}\n{r['rule']}\nacc {r['accuracy']}", r["tokens_per_s"],
+           "C3" if r["mode"] == "dual" else "C0") for r in doc["parallel"]]),
+        ("3. Batching: dual + threshold 0.9",
+         [(f"{r['concurrency']} req\n{r['scaling_vs_1']}x", r["tokens_per_s"], "C2")
+          for r in doc["batching"]]),
+        ("4. Against autoregressive Llama (same sizes), dual one token/step",
+         [(f"{who}\nbatch {r['batch']}", r[key], color) for r in doc["ar"]
+          for who, key, color in (("ours", "dllm_tokens_per_s", "C2"),
+                                  ("AR", "ar_tokens_per_s", "C4")) if r[key] is not None]),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    for ax, (title, bars) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("tokens/s")
+        if not bars:
+            ax.text(0.5, 0.5, "(not run)", ha="center", transform=ax.transAxes)
+            continue
+        labels, values, colors = zip(*bars, strict=True)
+        drawn = ax.bar(range(len(bars)), values, color=colors)
+        ax.bar_label(drawn, fmt="%.3g", fontsize=8)
+        ax.set_xticks(range(len(bars)), labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_all(doc: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "results.md").write_text(markdown(doc))
     chart(doc, out / "results.png")
-
-
-def rebuild(out: Path) -> dict:
-    """Re-assemble OUT/results.* from OUT/jobs/*.result.json (after editing this module)."""
-    old = json.loads((out / "results.json").read_text())
-    info = dict(old["models"], skipped=old.get("skipped", {}))
-    if "problems" in old:
-        info["problems"] = old["problems"]
-    results = []
-    for job in old["jobs"]:
-        f = out / "jobs" / f"{job['job']}.result.json"
-        results.append(dict(json.loads(f.read_text()), **{k: job[k] for k in
-                                                            ("process_wall_s", "loadavg")
-                                                            if k in job})
-                       if f.exists() else job)
-    doc = assemble(old["settings"], old["environment"], info, results)
-    write_all(doc, out)
-    return doc
-
-
-if __name__ == "__main__":
-    import sys
-
-    rebuild(Path(sys.argv[1]))

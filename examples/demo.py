@@ -1,6 +1,6 @@
 """`make demo`: the shipped trained diffusion LM answering real questions through the engine.
 
-The model is `models/llada-arith` (issue 5): a 2.5 M-parameter LLaDA, in the released
+The model is `models/llada-arith`: a 2.5 M-parameter LLaDA, in the released
 architecture and on-disk layout, trained by `examples/train_tiny_llada.py` on 3-digit addition
 with carries, string reversal and sorting. The demo loads it with `vllm.LLM` (the plugin
 registers itself), asks the same questions under each decoding mode and prints the answers with

@@ -32,7 +32,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_dllm.tiny_checkpoints import write_dream_checkpoint, write_llada_checkpoint
+    from vllm_dllm.testing.checkpoints import write_dream_checkpoint, write_llada_checkpoint
 
     write = write_llada_checkpoint if args.family == "llada" else write_dream_checkpoint
     path = write(Path(tempfile.mkdtemp()), seed=0, lm_head_scale=args.lm_head_scale)

@@ -1,6 +1,6 @@
 """Accuracy against tokens per forward for the trained ``models/llada-arith``, through the engine.
 
-Issue 5's evaluation: held-out problems (made by ``train_tiny_llada.py`` from their own seed and
+The evaluation: held-out problems (made by ``train_tiny_llada.py`` from their own seed and
 excluded from training) run through the plugin engine (``vllm.LLM`` with the plugin active, not
 the test oracle) for every selection rule and cache mode; exact-match accuracy and tokens per
 forward per cell. Tokens per forward is the run's total output tokens (the answer plus its end
@@ -39,7 +39,7 @@ CACHES = ("none", "prefix", "dual")
 
 
 def rules(canvas: int) -> dict[str, dict[str, float | int]]:
-    """The selection rules the issue asks for, as per-request ``dllm_*`` parameters."""
+    """The selection rules the evaluation reports, as per-request ``dllm_*`` parameters."""
     return {
         "one token per step": {"dllm_steps": canvas},
         "threshold 0.9": {"dllm_threshold": 0.9},

@@ -1,4 +1,4 @@
-"""Train the small masked-diffusion LM shipped as ``models/llada-arith`` (issue 5).
+"""Train the small masked-diffusion LM shipped as ``models/llada-arith``.
 
 Random weights cannot show what confidence-aware parallel unmasking buys: their confidences are
 flat. Real LLaDA / Dream checkpoints cannot be downloaded here. So this script trains, on CPU in
@@ -48,11 +48,11 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from vllm_dllm.tiny_checkpoints import (  # noqa: E402  (torch-only module; no vLLM import)
-    LLADA_CHAT_TEMPLATE,
-    LLaDAShape,
-    llada_config_dict,
+from vllm_dllm.model_executor.models.transformer_shape import (  # noqa: E402  (no vLLM import)
+    TransformerShape,
 )
+from vllm_dllm.testing.chat_templates import LLADA_CHAT_TEMPLATE  # noqa: E402
+from vllm_dllm.testing.checkpoints import TinyCheckpoint, llada_config_dict  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer: one token per character, LLaDA's special-token names.
@@ -408,25 +408,21 @@ def config_dict(s: Shape) -> dict:
     return llada_config_dict(llada_shape(s))
 
 
-def llada_shape(s: Shape) -> LLaDAShape:
-    """Our sizes and character-tokenizer ids as the shared ``LLaDAShape``."""
-    return LLaDAShape(
+def llada_shape(s: Shape) -> TinyCheckpoint:
+    """Our sizes and character-tokenizer ids as the shared checkpoint description."""
+    body = TransformerShape(
         hidden_size=s.d_model,
         num_heads=s.n_heads,
         num_kv_heads=s.n_heads,
         num_layers=s.n_layers,
         intermediate_size=s.mlp_hidden_size,
         vocab_size=s.vocab_size,
-        max_position_embeddings=s.max_sequence_length,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        mask_token_id=MASK_ID,
-        start_header_token_id=VOCAB[START_HEADER],
-        end_header_token_id=VOCAB[END_HEADER],
-        eot_token_id=EOT_ID,
-        rope_theta=s.rope_theta,
         rms_norm_eps=s.rms_norm_eps,
+        rope_theta=s.rope_theta,
+        max_position=s.max_sequence_length,
+        qkv_bias=False,
     )
+    return TinyCheckpoint(body, {token: VOCAB[token] for token in SPECIALS if token != UNK})
 
 
 def save_checkpoint(model: LLaDA, out: Path) -> None:
@@ -647,7 +643,7 @@ def diffusion_generate(
     Each prompt's canvas is its own (right padding is masked out of the keys), so results do
     not depend on the batch. Rule: ``threshold`` commits every masked position of the current
     block with confidence >= threshold (always the most confident one); without a threshold,
-    the ``per_step`` most confident positions are committed. Early stop as in DESIGN.md.
+    the ``per_step`` most confident positions are committed. Early stop as in docs/design.md.
     """
     n = len(prompts)
     dev = next(model.parameters()).device
@@ -754,7 +750,7 @@ def evaluate(
 def eval_table(
     model: LLaDA, heldout: list[Example], gen_len: int, quick: bool = False
 ) -> dict[str, dict]:
-    """The rules the issue reports, block length = gen_len and 8, plus chat format once."""
+    """The rules the model card reports, block length = gen_len and 8, plus chat format once."""
     rules: list[tuple[str, float | None, int]] = [
         ("one-per-step", None, 1),
         ("threshold-0.9", 0.9, 1),

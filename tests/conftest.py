@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_dllm.tiny_checkpoints import write_dream_checkpoint, write_llada_checkpoint
+from vllm_dllm.testing.checkpoints import write_dream_checkpoint, write_llada_checkpoint
 
 # A scale that makes top-1 probabilities close to 1: every rule commits many tokens per step.
 PEAKED_LM_HEAD_SCALE = 30.0

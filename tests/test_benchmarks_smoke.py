@@ -4,7 +4,8 @@
 batching, the in-process overhead profile) on the tiny random LLaDA in ONE engine process, and
 writes results.json / results.md / results.png. The numbers are meaningless at these sizes; the
 test checks the pipeline and the shape and sanity of what it writes. The autoregressive
-reference needs a second engine, so here only its checkpoint writer is checked.
+reference and the step benchmark need engines of their own, so here only the AR checkpoint
+writer is checked.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 
 import pytest
 
-from benchmarks import run
-from benchmarks.checkpoints import TINY_SHAPE, write_llada, write_llama_like
+from benchmarks import profiling, report, run
+from benchmarks.checkpoints import TINY_MODEL, write_llada, write_llama_like
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_files_written(smoke) -> None:
     assert json.loads((out / "results.json").read_text())["settings"]["profile"] == "smoke"
     md = (out / "results.md").read_text()
     for heading in ("## Targets", "## 1. Cache", "## 2. Parallel", "## 3. Batching",
-                    "## 4. Autoregressive", "## 5. Engine overhead"):
+                    "## 4. Autoregressive", "## 5. Engine overhead", "## 6. Denoising step"):
         assert heading in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [j["job"] for j in doc["jobs"]] == ["cache"]
@@ -79,10 +80,27 @@ def test_overhead_profile(smoke) -> None:
     prof = ov["profile"]
     assert prof["steps"] == doc["settings"]["overhead_gen"]
     stages = prof["stages_ms_per_step"]
-    assert stages["model forward"] > 0 and stages["sampler (propose/score/select + D2H)"] > 0
+    assert stages[profiling.MODEL] > stages[profiling.LM_HEAD] > 0
+    assert stages[profiling.REST] > 0
     assert sum(stages.values()) == pytest.approx(prof["ms_per_step"], rel=0.01)
     assert ov["biggest_stage"] in stages
-    assert "onednn_mm" in prof["cprofile_top_tottime"] or "ncalls" in prof["cprofile_top_tottime"]
+    assert "Self CPU" in prof["torch_profiler_top_ops"]
+
+
+def test_step_section_from_cases() -> None:
+    """The step table's ratios, from hand-made case results (the smoke run has no step jobs)."""
+    cases = {
+        f"step-{mode}-{engine}": {"group": "step", "ms_per_forward": ms,
+                                  "meta": {"mode": mode, "engine": engine, "prompt": 8, "gen": 4}}
+        for mode, engine, ms in (("none", "eager", 10.0), ("dual", "eager", 4.0),
+                                 ("none", "compiled", 5.0), ("dual", "compiled", 1.0))
+    }
+    step = report._step_section(cases)
+    assert step["dual_over_none"] == {"eager": 0.4, "compiled": 0.2}
+    dual = next(r for r in step["rows"] if r["cache"] == "dual")
+    assert dual["compiled_over_eager"] == 0.25
+    assert next(r for r in step["rows"] if r["cache"] == "prefix")["eager_ms_per_step"] is None
+    assert "| dual | 4 | 1 | 0.25 | 0.4 | 0.2 |" in report.step_table(step)
 
 
 def test_targets_listed(smoke) -> None:
@@ -97,13 +115,14 @@ def test_llama_reference_checkpoint(tmp_path) -> None:
     from safetensors import safe_open
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    llada = write_llada(tmp_path / "llada", TINY_SHAPE, 0)
-    llama = write_llama_like(tmp_path / "llama", TINY_SHAPE, 1, tokenizer_from=llada)
+    llada = write_llada(tmp_path / "llada", TINY_MODEL, 0)
+    llama = write_llama_like(tmp_path / "llama", TINY_MODEL, 1, tokenizer_from=llada)
     config = AutoConfig.from_pretrained(llama)
     assert isinstance(config, LlamaConfig)
+    shape = TINY_MODEL.shape
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.vocab_size) == (TINY_SHAPE.hidden_size, TINY_SHAPE.num_layers,
-                                   TINY_SHAPE.num_heads, TINY_SHAPE.vocab_size)
+            config.vocab_size) == (shape.hidden_size, shape.num_layers, shape.num_heads,
+                                   shape.vocab_size)
     expected = set(LlamaForCausalLM(config).state_dict())
     with safe_open(str(llama / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == expected

@@ -2,7 +2,7 @@
 
 No vLLM here: these tests pin down the specification the engine is compared against, so they
 check the oracle against independent facts (dense forwards, hand-computed selections, counts
-that follow from DESIGN.md) rather than against itself.
+that follow from the algorithm in docs/design.md) rather than against itself.
 """
 
 import json
@@ -25,7 +25,7 @@ from transformers import (
 
 from tests.reference import ReferenceModel, generate
 from tests.reference.generate import Rule, _select
-from vllm_dllm.tiny_checkpoints import DreamShape, LLaDAShape
+from vllm_dllm.testing.checkpoints import DREAM_TINY, LLADA_TINY
 from vllm_dllm.transformers_utils.configs import DreamConfig, LLaDAConfig
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # "Hello, world"
@@ -194,23 +194,23 @@ def test_dual_step_writes_window_and_prefix_step_does_not(model: ReferenceModel)
 def test_llada_checkpoint_round_trips(llada_tiny_dir: Path) -> None:
     AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
     config = AutoConfig.from_pretrained(llada_tiny_dir)
-    shape = LLaDAShape.TINY
+    shape, ids = LLADA_TINY.shape, LLADA_TINY.token_ids
     assert isinstance(config, LLaDAConfig)
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
             config.num_hidden_layers, config.intermediate_size, config.head_dim) == (
         shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.num_layers,
         shape.intermediate_size, shape.hidden_size // shape.num_heads)
     assert (config.vocab_size, config.max_position_embeddings, config.tie_word_embeddings) == (
-        shape.vocab_size, shape.max_position_embeddings, False)
+        shape.vocab_size, shape.max_position, False)
     tokenizer = AutoTokenizer.from_pretrained(llada_tiny_dir)
     assert tokenizer.convert_ids_to_tokens(config.mask_token_id) == "<|mdm_mask|>"
-    assert tokenizer.eos_token_id == config.eos_token_id == shape.eos_token_id
-    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") == shape.eot_token_id
+    assert tokenizer.eos_token_id == config.eos_token_id == ids["<|endoftext|>"]
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") == ids["<|eot_id|>"]
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
                                          add_generation_prompt=True, tokenize=False)
     assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert tokenizer.encode(text)[:2] == [shape.bos_token_id, shape.start_header_token_id]
+    assert tokenizer.encode(text)[:2] == [ids["<|startoftext|>"], ids["<|start_header_id|>"]]
     names = _tensor_names(llada_tiny_dir)
     assert "model.transformer.ff_out.weight" in names  # the untied LM head
     assert len(names) == 3 + 9 * shape.num_layers
@@ -219,15 +219,15 @@ def test_llada_checkpoint_round_trips(llada_tiny_dir: Path) -> None:
 def test_dream_checkpoint_round_trips(dream_tiny_dir: Path) -> None:
     AutoConfig.register("Dream", DreamConfig, exist_ok=True)
     config = AutoConfig.from_pretrained(dream_tiny_dir)
-    shape = DreamShape.TINY
+    shape, ids = DREAM_TINY.shape, DREAM_TINY.token_ids
     assert isinstance(config, DreamConfig)
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
             config.vocab_size, config.rope_theta, config.dtype) == (
         shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.vocab_size,
         shape.rope_theta, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(dream_tiny_dir)
-    assert tokenizer.mask_token_id == config.mask_token_id == shape.mask_token_id
-    assert tokenizer.eos_token_id == config.eos_token_id == shape.eos_token_id
+    assert tokenizer.mask_token_id == config.mask_token_id == ids["<|mask|>"]
+    assert tokenizer.eos_token_id == config.eos_token_id == ids["<|endoftext|>"]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
                                         add_generation_prompt=True, tokenize=False)
     assert ids.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

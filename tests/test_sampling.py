@@ -1,4 +1,5 @@
-"""Proposal, scoring, selection, the steps schedule and the counter-based random numbers."""
+"""Proposal, scoring, selection, the steps schedule and the counter-based random numbers
+(docs/design.md, steps 2-4 of the algorithm)."""
 
 from __future__ import annotations
 

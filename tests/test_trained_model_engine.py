@@ -1,4 +1,4 @@
-"""The shipped trained model through the real engine (issue 5): accuracy at > 1.5 tokens/forward.
+"""The shipped trained model through the real engine: accuracy at > 1.5 tokens/forward.
 
 A few dozen held-out problems, scored with the same code as ``examples/eval_llada_arith.py``
 (its ``evaluate``), on a vLLM engine that loads ``models/llada-arith`` exactly as a user's

@@ -1,4 +1,4 @@
-"""The shipped trained checkpoint ``models/llada-arith`` (issue 5): layout and a real answer.
+"""The shipped trained checkpoint ``models/llada-arith``: layout and a real answer.
 
 Fast and vLLM-free. The engine loads this directory exactly as it loads a released LLaDA repo,
 so these tests pin what that relies on: the released config.json keys, the released tensor
@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 
 from tests.scripts import load_example
-from vllm_dllm.tiny_checkpoints import LLADA_CHAT_TEMPLATE, LLaDAShape, llada_config_dict
+from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
+from vllm_dllm.testing.chat_templates import LLADA_CHAT_TEMPLATE
+from vllm_dllm.testing.checkpoints import TinyCheckpoint, llada_config_dict
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "llada-arith"
@@ -60,24 +62,20 @@ def test_files_present_and_small() -> None:
 def test_config_has_the_released_llada_keys() -> None:
     cfg = _config()
     # Same keys, in the same order, as the shared builder of released-layout configs.
-    shape = LLaDAShape(
+    body = TransformerShape(
         hidden_size=cfg["d_model"],
         num_heads=cfg["n_heads"],
         num_kv_heads=cfg["n_kv_heads"],
         num_layers=cfg["n_layers"],
         intermediate_size=cfg["mlp_hidden_size"],
         vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg["max_sequence_length"],
-        bos_token_id=0,
-        eos_token_id=cfg["eos_token_id"],
-        mask_token_id=cfg["mask_token_id"],
-        start_header_token_id=3,
-        end_header_token_id=4,
-        eot_token_id=5,
-        rope_theta=cfg["rope_theta"],
         rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"],
+        max_position=cfg["max_sequence_length"],
+        qkv_bias=False,
     )
-    assert list(cfg) == list(llada_config_dict(shape))
+    ids = {"<|endoftext|>": cfg["eos_token_id"], "<|mdm_mask|>": cfg["mask_token_id"]}
+    assert list(cfg) == list(llada_config_dict(TinyCheckpoint(body, ids)))
     assert cfg["architectures"] == ["LLaDAModelLM"] and cfg["model_type"] == "llada"
     assert cfg["d_model"] // cfg["n_heads"] == 64  # a head size vLLM's CPU attention supports
     assert cfg["vocab_size"] == cfg["embedding_size"]

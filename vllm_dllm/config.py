@@ -29,11 +29,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: Cache modes (DESIGN section 2, step 1).
+#: Cache modes (docs/design.md, step 1).
 CACHE_MODES = ("none", "prefix", "dual")
-#: Selection rules (DESIGN section 2, step 4); each has the parameter `dllm_<rule>`.
+#: Selection rules (docs/design.md, step 4); each has the parameter `dllm_<rule>`.
 RULES = ("threshold", "factor", "steps")
-#: Confidence scores for selection (DESIGN section 2, step 3).
+#: Confidence scores for selection (docs/design.md, step 3).
 REMASKING_MODES = ("low_confidence", "random")
 
 DEFAULT_BLOCK_LENGTH = 32

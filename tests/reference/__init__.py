@@ -1,4 +1,4 @@
-"""The plain-torch oracle of DESIGN.md section 2: dense reference model and generator."""
+"""The plain-torch oracle of the decoding algorithm (docs/design.md): dense model, generator."""
 
 from tests.reference.generate import Result, generate
 from tests.reference.model import KVCache, ModelSpec, ReferenceModel

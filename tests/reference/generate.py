@@ -1,7 +1,7 @@
-"""The decoding algorithm of DESIGN.md section 2 for one request: the oracle in code.
+"""The decoding algorithm (docs/design.md, "The algorithm") for one request: the oracle in code.
 
 Readable over fast: one request, dense attention, fp32. The engine must reproduce its token ids
-and its number of model forwards. Decisions where DESIGN.md leaves room, fixed here:
+and its number of model forwards. Decisions the algorithm leaves open, fixed here:
 
 - **Rules.** Exactly one of ``threshold`` / ``factor`` / ``steps``; none given means
   ``threshold=0.9``. Candidates are the still-masked positions of the current block.
@@ -71,7 +71,7 @@ def generate(
     max_tokens: int | None = None,
     seed: int | None = None,
 ) -> Result:
-    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block (DESIGN.md 2)."""
+    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block."""
     if not prompt_ids:
         raise ValueError("the prompt must not be empty")
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:

@@ -5,9 +5,10 @@ runs the math of modeling_llada.py / modeling_dream.py with full bidirectional a
 families share one transformer body; only the tensor names, the q/k/v biases and the config
 keys differ.
 
-K/V caching follows DESIGN.md 2.1. A :class:`KVCache` holds the K/V of every canvas position
-``[0, L)``. A forward computes a *window* of positions fresh, and its queries attend to all
-``L`` cached positions with the window's own positions replaced by the fresh K/V:
+K/V caching follows the cache modes of docs/design.md. A :class:`KVCache` holds the K/V of
+every canvas position ``[0, L)``. A forward computes a *window* of positions fresh, and its
+queries attend to all ``L`` cached positions with the window's own positions replaced by the
+fresh K/V:
 
 - full forward: the window is ``[0, L)`` (and ``write_cache=True`` fills the cache);
 - PrefixCache step: window ``[s, L)``, cache untouched (keys = cached ``[0, s)`` + fresh);

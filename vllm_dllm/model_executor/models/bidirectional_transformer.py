@@ -8,11 +8,12 @@ their checkpoints onto it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
@@ -29,25 +30,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
 )
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from vllm_dllm.model_executor.layers.bidirectional_attention import BidirectionalAttention
-
-
-@dataclass(frozen=True)
-class TransformerShape:
-    """Sizes of the shared body, read from each family's own config keys."""
-
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    num_layers: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position: int
-    qkv_bias: bool
+from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 
 class DiffusionAttention(nn.Module):
@@ -175,26 +161,30 @@ class DiffusionTransformer(nn.Module):
         return hidden_states
 
 
-# vLLM-side parameter -> (fused parameter, shard id) for the q/k/v and gate/up projections.
-_STACKED_PARAMS = (
-    (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
-    (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
-    (".self_attn.v_proj.", ".self_attn.qkv_proj.", "v"),
-    (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-    (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
+#: Checkpoint q/k/v and gate/up projections -> the fused vLLM parameters and their shards.
+FUSED_PROJECTIONS = WeightsMapper(
+    orig_to_new_stacked={
+        ".q_proj": (".qkv_proj", "q"),
+        ".k_proj": (".qkv_proj", "k"),
+        ".v_proj": (".qkv_proj", "v"),
+        ".gate_proj": (".gate_up_proj", 0),
+        ".up_proj": (".gate_up_proj", 1),
+    }
 )
 
 
 class DiffusionLM(nn.Module):
     """Base of the vLLM model classes: body, untied LM head and a strict weight loader.
 
-    Subclasses define `shape_from_config` and `checkpoint_to_vllm_name`, and set
-    `logits_shift`: the model's contract with the sampler about which hidden state predicts a
-    canvas position. 0: position j is predicted from hidden state j (LLaDA). 1: from hidden
-    state j - 1 (Dream's shifted logits). The sampler (`vllm_dllm.engine.denoiser`) consumes it.
+    Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
+    `shape_from_config` (which config options the family supports, and whether q/k/v carry
+    biases) and set `logits_shift`: the model's contract with the sampler about which hidden
+    state predicts a canvas position. 0: position j is predicted from hidden state j (LLaDA).
+    1: from hidden state j - 1 (Dream's shifted logits).
     """
 
     logits_shift: int = 0
+    hf_to_vllm_mapper: ClassVar[WeightsMapper] = FUSED_PROJECTIONS
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -218,17 +208,7 @@ class DiffusionLM(nn.Module):
         self.logits_processor = LogitsProcessor(self.shape.vocab_size)
 
     @staticmethod
-    def shape_from_config(config: object) -> TransformerShape:
-        raise NotImplementedError
-
-    @classmethod
-    def checkpoint_to_vllm_name(cls, name: str) -> str | None:
-        """Map a checkpoint tensor name to our parameter name; None if it is not ours."""
-        raise NotImplementedError
-
-    @classmethod
-    def expected_checkpoint_names(cls, config: object) -> set[str]:
-        """Every tensor name a complete checkpoint of this config holds."""
+    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
         raise NotImplementedError
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -247,31 +227,28 @@ class DiffusionLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load checkpoint tensors by their real names; fail naming any stray or missing one."""
-        params = dict(self.named_parameters())
+        """Load checkpoint tensors by their real names; fail naming any stray or missing one.
+
+        vLLM's `AutoWeightsLoader` does the loading through `hf_to_vllm_mapper`. The strict
+        name check stays ours: vLLM's loader lets a stray `.bias` pass, and its check that every
+        parameter was initialised exempts unquantized linear layers and cannot see one missing
+        shard (say `k_proj`) of a fused parameter.
+        """
+        expected = self.expected_checkpoint_names()
         seen: set[str] = set()
-        loaded: set[str] = set()
-        for ckpt_name, tensor in weights:
-            name = self.checkpoint_to_vllm_name(ckpt_name)
-            if name is None:
-                raise ValueError(
-                    f"unexpected tensor {ckpt_name!r} in the {type(self).__name__} checkpoint "
-                    f"(is this checkpoint of a different architecture?)"
-                )
-            seen.add(ckpt_name)
-            for part, fused, shard_id in _STACKED_PARAMS:
-                if part in name:
-                    param = params[name.replace(part, fused)]
-                    param.weight_loader(param, tensor, shard_id)
-                    loaded.add(name.replace(part, fused))
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter {name!r}")
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-        missing = sorted(self.expected_checkpoint_names(self.config) - seen)
+
+        def checked() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if name not in expected:
+                    raise ValueError(
+                        f"unexpected tensor {name!r} in the {type(self).__name__} checkpoint "
+                        f"(is this checkpoint of a different architecture?)"
+                    )
+                seen.add(name)
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(checked(), mapper=self.hf_to_vllm_mapper)
+        missing = sorted(expected - seen)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(
@@ -279,11 +256,33 @@ class DiffusionLM(nn.Module):
             )
         return loaded
 
+    def expected_checkpoint_names(self) -> set[str]:
+        """Every tensor name a complete checkpoint holds: our parameters, mapped back."""
+        return {
+            name
+            for param, _ in self.named_parameters()
+            for name in checkpoint_names(self.hf_to_vllm_mapper, param)
+        }
 
-def rope_theta_of(config: object, default: float) -> float:
-    """RoPE theta from `rope_parameters` (transformers >= 5) or the legacy `rope_theta` key."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", default)))
+
+def checkpoint_names(mapper: WeightsMapper, param: str) -> list[str]:
+    """The checkpoint names that `mapper` turns into the vLLM parameter `param`.
+
+    Undoes, in reverse order, what `WeightsMapper` applies to a name: its (ordered) substring
+    renames, then the fused projections, then prefix renames. Enough for the name-only
+    mappers of this package; vLLM's mapper has no inverse of its own.
+    """
+    for old, new in mapper.orig_to_new_prefix.items():
+        if new is not None and param.startswith(new):
+            param = old + param.removeprefix(new)
+    names = [
+        param.replace(fused, part, 1)
+        for part, (fused, _) in mapper.orig_to_new_stacked.items()
+        if fused in param
+    ] or [param]
+    for old, new in reversed(mapper.orig_to_new_substr.items()):
+        names = [name.replace(new, old, 1) if new else name for name in names]
+    return names
 
 
 def _join(prefix: str, name: str) -> str:

@@ -12,13 +12,27 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+#: Upstream's ``ModelConfig`` dataclass defaults (configuration_llada.py), so a key missing
+#: from a config.json means what it means upstream. The released configs spell out every key.
+UPSTREAM_DEFAULTS: dict[str, Any] = {
+    "d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4,
+    "mlp_hidden_size": None, "activation_type": "swiglu", "block_type": "sequential",
+    "block_group_size": 1, "alibi": False, "alibi_bias_max": 8.0, "rope": False,
+    "rope_full_precision": True, "flash_attention": False, "attention_dropout": 0.1,
+    "multi_query_attention": None, "attention_layer_norm": False, "residual_dropout": 0.1,
+    "embedding_dropout": 0.1, "input_emb_norm": False, "layer_norm_type": "default",
+    "layer_norm_with_affine": True, "rms_norm_eps": 1e-5,
+    "attention_layer_norm_with_affine": True, "max_sequence_length": 1024,
+    "rope_theta": 10000.0, "include_qkv_bias": False, "include_bias": False,
+    "bias_for_layer_norm": None, "scale_logits": False, "vocab_size": 50257,
+    "embedding_size": 50304, "weight_tying": True, "eos_token_id": 50256,
+    "pad_token_id": 50256, "mask_token_id": 50256, "init_device": None, "init_fn": "normal",
+    "init_std": 0.02, "init_cutoff_factor": None, "precision": None, "use_cache": False,
+}
+
 
 class LLaDAConfig(PreTrainedConfig):
-    """The keys of the released LLaDA config.json, with vLLM's standard names on top.
-
-    Defaults are those of the upstream ``ModelConfig`` dataclass, so a key missing from a
-    config.json means what it means upstream. The released configs spell out every key.
-    """
+    """The keys of the released LLaDA config.json, with vLLM's standard names on top."""
 
     model_type = "llada"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -31,106 +45,33 @@ class LLaDAConfig(PreTrainedConfig):
         "tie_word_embeddings": "weight_tying",
     }
 
-    def __init__(
-        self,
-        d_model: int = 768,
-        n_heads: int = 12,
-        n_kv_heads: int | None = None,
-        n_layers: int = 12,
-        mlp_ratio: int = 4,
-        mlp_hidden_size: int | None = None,
-        activation_type: str = "swiglu",
-        block_type: str = "sequential",
-        block_group_size: int = 1,
-        alibi: bool = False,
-        alibi_bias_max: float = 8.0,
-        rope: bool = False,
-        rope_full_precision: bool = True,
-        rope_theta: float = 10000.0,
-        flash_attention: bool = False,
-        attention_dropout: float = 0.1,
-        multi_query_attention: bool | None = None,
-        attention_layer_norm: bool = False,
-        attention_layer_norm_with_affine: bool = True,
-        residual_dropout: float = 0.1,
-        embedding_dropout: float = 0.1,
-        input_emb_norm: bool = False,
-        layer_norm_type: str = "default",
-        layer_norm_with_affine: bool = True,
-        rms_norm_eps: float = 1e-5,
-        bias_for_layer_norm: bool | None = None,
-        max_sequence_length: int = 1024,
-        include_qkv_bias: bool | None = False,
-        include_bias: bool = False,
-        scale_logits: bool = False,
-        vocab_size: int = 50257,
-        embedding_size: int | None = 50304,
-        weight_tying: bool = True,
-        eos_token_id: int = 50256,
-        pad_token_id: int = 50256,
-        mask_token_id: int | None = 50256,
-        init_device: str | None = None,
-        init_fn: str = "normal",
-        init_std: float = 0.02,
-        init_cutoff_factor: float | None = None,
-        precision: str | None = None,
-        use_cache: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.n_kv_heads = n_kv_heads
-        self.n_layers = n_layers
-        self.mlp_ratio = mlp_ratio
-        self.mlp_hidden_size = mlp_hidden_size
-        self.activation_type = activation_type
-        self.block_type = block_type
-        self.block_group_size = block_group_size
-        self.alibi = alibi
-        self.alibi_bias_max = alibi_bias_max
-        self.rope = rope
-        self.rope_full_precision = rope_full_precision
-        self.rope_theta = rope_theta
-        self.flash_attention = flash_attention
-        self.attention_dropout = attention_dropout
-        self.multi_query_attention = multi_query_attention
-        self.attention_layer_norm = attention_layer_norm
-        self.attention_layer_norm_with_affine = attention_layer_norm_with_affine
-        self.residual_dropout = residual_dropout
-        self.embedding_dropout = embedding_dropout
-        self.input_emb_norm = input_emb_norm
-        self.layer_norm_type = layer_norm_type
-        self.layer_norm_with_affine = layer_norm_with_affine
-        self.rms_norm_eps = rms_norm_eps
-        self.bias_for_layer_norm = bias_for_layer_norm
-        self.max_sequence_length = max_sequence_length
-        self.include_qkv_bias = include_qkv_bias
-        self.include_bias = include_bias
-        self.scale_logits = scale_logits
+    def __init__(self, **kwargs: Any) -> None:
+        # As upstream's LLaDAConfig does: its ModelConfig's defaults, updated by the file's keys.
+        for key, default in UPSTREAM_DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, default))
         # modeling_llada sizes both the embedding (wte) and the LM head (ff_out) with
         # `embedding_size or vocab_size`; vLLM reads `vocab_size` as the logits width, so it
         # must be that row count (equal to the tokenizer vocabulary, 126464, in the releases).
-        self.vocab_size = embedding_size if embedding_size is not None else vocab_size
-        self.embedding_size = embedding_size
-        self.weight_tying = weight_tying
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.mask_token_id = mask_token_id
-        self.init_device = init_device
-        self.init_fn = init_fn
-        self.init_std = init_std
-        self.init_cutoff_factor = init_cutoff_factor
-        self.precision = precision
-        self.use_cache = use_cache
+        if self.embedding_size is not None:
+            self.vocab_size = self.embedding_size
+        # The base class standardises this (with `rope_theta`) into the v5 layout vLLM and the
+        # model read: {"rope_type": "default", "rope_theta": ...}.
+        self.rope_parameters: dict[str, Any] | None = None
         kwargs.setdefault("architectures", ["LLaDAModelLM"])
         super().__init__(**kwargs)
 
     @property
     def num_key_value_heads(self) -> int:
-        """KV heads as modeling_llada's ``effective_n_kv_heads`` resolves them (MQA / GQA / MHA)."""
-        if self.n_kv_heads is not None:
-            return self.n_kv_heads
-        return 1 if self.multi_query_attention else self.n_heads
+        """KV heads as upstream's ``effective_n_kv_heads`` resolves them (MQA / GQA / MHA)."""
+        if self.multi_query_attention is None:
+            return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        implied = 1 if self.multi_query_attention else self.n_heads
+        if self.n_kv_heads not in (None, implied):
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} contradicts "
+                f"multi_query_attention={self.multi_query_attention}"
+            )
+        return implied
 
     @property
     def intermediate_size(self) -> int:

@@ -1,0 +1,57 @@
+"""The sizes of the bidirectional transformer body that LLaDA and Dream share.
+
+Kept free of vLLM imports: the test-fixture writer (`vllm_dllm.testing`) describes its random
+checkpoints with the same shape, and the training example uses it without loading vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """Sizes of the shared body.
+
+    Read once from the standard attributes that each family's config class defines
+    (`vllm_dllm.transformers_utils.configs`): the config class is the only place that knows how
+    a checkpoint's own keys and their defaults resolve (LLaDA's multi-query attention, MLP
+    ratio, embedding size; either family's RoPE theta), so the model and vLLM's KV-cache sizing
+    can never disagree.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_layers: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: Any, *, qkv_bias: bool) -> TransformerShape:
+        return cls(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            num_layers=config.num_hidden_layers,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=config.rope_parameters["rope_theta"],
+            max_position=config.max_position_embeddings,
+            qkv_bias=qkv_bias,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_size(self) -> int:
+        """Rows of the k (and of the v) projection."""
+        return self.num_kv_heads * self.head_dim
