@@ -26,6 +26,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_dllm.cache.policy import StepPlan
 from vllm_dllm.config import parse_dllm_params, server_defaults
+from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.engine.request_state import RequestState
 from vllm_dllm.sampling import RowGenerator, propose, random_confidence, select
@@ -206,7 +207,7 @@ class Denoiser:
         )
         attn_metadata = {}
         for group in self.runner.attn_groups[0]:
-            metadata = group.build_metadata(common)
+            metadata = build_attn_metadata(group, common)
             for name in group.layer_names:
                 attn_metadata[name] = metadata
         slots_by_layer = dict.fromkeys(self.layer_names, common.slot_mapping)
