@@ -18,11 +18,14 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
+    LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
@@ -51,7 +54,11 @@ class TransformerShape:
 
 class DiffusionAttention(nn.Module):
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -72,12 +79,14 @@ class DiffusionAttention(nn.Module):
             shape.num_heads,
             shape.num_kv_heads,
             bias=shape.qkv_bias,
+            quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
             shape.num_heads * self.head_dim,
             shape.hidden_size,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(
@@ -92,6 +101,7 @@ class DiffusionAttention(nn.Module):
             self.head_dim**-0.5,
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
+            quant_config=quant_config,
             prefix=f"{prefix}.attn",
         )
 
@@ -106,16 +116,23 @@ class DiffusionAttention(nn.Module):
 class DiffusionMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, shape: TransformerShape, prefix: str) -> None:
+    def __init__(
+        self, shape: TransformerShape, quant_config: QuantizationConfig | None, prefix: str
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             shape.hidden_size,
             [shape.intermediate_size] * 2,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            shape.intermediate_size, shape.hidden_size, bias=False, prefix=f"{prefix}.down_proj"
+            shape.intermediate_size,
+            shape.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -127,11 +144,17 @@ class DiffusionMLP(nn.Module):
 
 class DiffusionDecoderLayer(nn.Module):
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
-        self.self_attn = DiffusionAttention(shape, cache_config, prefix=f"{prefix}.self_attn")
-        self.mlp = DiffusionMLP(shape, prefix=f"{prefix}.mlp")
+        self.self_attn = DiffusionAttention(
+            shape, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp = DiffusionMLP(shape, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
@@ -150,14 +173,21 @@ class DiffusionDecoderLayer(nn.Module):
 
 class DiffusionTransformer(nn.Module):
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
-            shape.vocab_size, shape.hidden_size, prefix=f"{prefix}.embed_tokens"
+            shape.vocab_size,
+            shape.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.embed_tokens",
         )
         self.layers = nn.ModuleList(
-            DiffusionDecoderLayer(shape, cache_config, prefix=f"{prefix}.layers.{i}")
+            DiffusionDecoderLayer(shape, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -202,13 +232,20 @@ class DiffusionLM(nn.Module):
         self.config = config
         self.shape = self.shape_from_config(config)
         self.mask_token_id: int = int(config.mask_token_id)
+        quant_config = vllm_config.quant_config
         self.model = DiffusionTransformer(
-            self.shape, vllm_config.cache_config, prefix=_join(prefix, "model")
+            self.shape, vllm_config.cache_config, quant_config, prefix=_join(prefix, "model")
         )
         self.lm_head = ParallelLMHead(
-            self.shape.vocab_size, self.shape.hidden_size, prefix=_join(prefix, "lm_head")
+            self.shape.vocab_size,
+            self.shape.hidden_size,
+            quant_config=quant_config,
+            prefix=_join(prefix, "lm_head"),
         )
         self.logits_processor = LogitsProcessor(self.shape.vocab_size)
+        if quant_config is not None:
+            method = vllm_config.model_config.quantization or quant_config.get_name()
+            require_quantized_linears(self, method)
 
     @staticmethod
     def shape_from_config(config: object) -> TransformerShape:
@@ -271,6 +308,23 @@ class DiffusionLM(nn.Module):
                 f"{type(self).__name__} checkpoint is missing {len(missing)} tensor(s): {shown}"
             )
         return loaded
+
+
+def require_quantized_linears(model: nn.Module, method: str) -> None:
+    """Refuse a quantization that leaves every linear layer of `model` unquantized.
+
+    Some methods target only layer kinds these models do not have (MoE experts, for example
+    `int8_per_channel_weight_only`), or a checkpoint's ignore list may match every layer; vLLM
+    then silently runs the model unquantized. Failing at start-up, naming the method, is better
+    than serving a model the user believes quantized.
+    """
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    if all(isinstance(m.quant_method, UnquantizedLinearMethod) for m in linears):
+        raise ValueError(
+            f"quantization {method!r} quantizes none of the "
+            f"{len(linears)} linear layers of {type(model).__name__} (q/k/v, o, gate/up, down "
+            f"projections); refusing to run the model unquantized"
+        )
 
 
 def rope_theta_of(config: object, default: float) -> float:
