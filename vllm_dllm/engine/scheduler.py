@@ -28,6 +28,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.engine.compat import scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 
@@ -95,7 +96,7 @@ class DllmScheduler(Scheduler):
             self.requests[req_id].num_in_flight_tokens += n
             self._tracked[req_id].forwards += 1
 
-        output = SchedulerOutput(
+        output = scheduler_output(
             scheduled_new_reqs=[
                 NewRequestData.from_request(r, new_blocks[r.request_id].get_block_ids())
                 for r in new_reqs

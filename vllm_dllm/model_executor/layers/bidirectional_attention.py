@@ -15,6 +15,7 @@ from copy import copy
 import torch
 from vllm.config import CacheConfig
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionMetadata,
@@ -63,6 +64,7 @@ class BidirectionalAttention(Attention):
         scale: float,
         num_kv_heads: int,
         cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
         prefix: str = "",
     ) -> None:
         kv_cache_dtype = cache_config.cache_dtype if cache_config is not None else "auto"
@@ -78,6 +80,7 @@ class BidirectionalAttention(Attention):
             scale=scale,
             num_kv_heads=num_kv_heads,
             cache_config=cache_config,
+            quant_config=quant_config,
             attn_backend=bidirectional_backend(underlying),
             attn_type=AttentionType.DECODER,
             prefix=prefix,

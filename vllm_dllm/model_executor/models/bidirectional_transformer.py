@@ -20,11 +20,14 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
+    LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
@@ -38,7 +41,11 @@ from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 class DiffusionAttention(nn.Module):
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -59,12 +66,14 @@ class DiffusionAttention(nn.Module):
             shape.num_heads,
             shape.num_kv_heads,
             bias=shape.qkv_bias,
+            quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
             shape.num_heads * self.head_dim,
             shape.hidden_size,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(
@@ -79,6 +88,7 @@ class DiffusionAttention(nn.Module):
             self.head_dim**-0.5,
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
+            quant_config=quant_config,
             prefix=f"{prefix}.attn",
         )
 
@@ -93,16 +103,23 @@ class DiffusionAttention(nn.Module):
 class DiffusionMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, shape: TransformerShape, prefix: str) -> None:
+    def __init__(
+        self, shape: TransformerShape, quant_config: QuantizationConfig | None, prefix: str
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             shape.hidden_size,
             [shape.intermediate_size] * 2,
             bias=False,
+            quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            shape.intermediate_size, shape.hidden_size, bias=False, prefix=f"{prefix}.down_proj"
+            shape.intermediate_size,
+            shape.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -114,11 +131,17 @@ class DiffusionMLP(nn.Module):
 
 class DiffusionDecoderLayer(nn.Module):
     def __init__(
-        self, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str
+        self,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
-        self.self_attn = DiffusionAttention(shape, cache_config, prefix=f"{prefix}.self_attn")
-        self.mlp = DiffusionMLP(shape, prefix=f"{prefix}.mlp")
+        self.self_attn = DiffusionAttention(
+            shape, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp = DiffusionMLP(shape, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
@@ -140,14 +163,22 @@ class DiffusionTransformer(nn.Module):
     """The body, compiled by vLLM like its own models (and CUDA-graphed piecewise on GPUs)."""
 
     def __init__(
-        self, *, shape: TransformerShape, cache_config: CacheConfig | None, prefix: str = ""
+        self,
+        *,
+        shape: TransformerShape,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
-            shape.vocab_size, shape.hidden_size, prefix=f"{prefix}.embed_tokens"
+            shape.vocab_size,
+            shape.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.embed_tokens",
         )
         self.layers = nn.ModuleList(
-            DiffusionDecoderLayer(shape, cache_config, prefix=f"{prefix}.layers.{i}")
+            DiffusionDecoderLayer(shape, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -196,16 +227,24 @@ class DiffusionLM(nn.Module):
         self.config = config
         self.shape = self.shape_from_config(config)
         self.mask_token_id: int = int(config.mask_token_id)
+        quant_config = vllm_config.quant_config
         self.model = DiffusionTransformer(
             shape=self.shape,
             cache_config=vllm_config.cache_config,
+            quant_config=quant_config,
             vllm_config=vllm_config,
             prefix=_join(prefix, "model"),
         )
         self.lm_head = ParallelLMHead(
-            self.shape.vocab_size, self.shape.hidden_size, prefix=_join(prefix, "lm_head")
+            self.shape.vocab_size,
+            self.shape.hidden_size,
+            quant_config=quant_config,
+            prefix=_join(prefix, "lm_head"),
         )
         self.logits_processor = LogitsProcessor(self.shape.vocab_size)
+        if quant_config is not None:
+            method = vllm_config.model_config.quantization or quant_config.get_name()
+            require_quantized_linears(self, method)
 
     @staticmethod
     def shape_from_config(config: PretrainedConfig) -> TransformerShape:
@@ -283,6 +322,23 @@ def checkpoint_names(mapper: WeightsMapper, param: str) -> list[str]:
     for old, new in reversed(mapper.orig_to_new_substr.items()):
         names = [name.replace(new, old, 1) if new else name for name in names]
     return names
+
+
+def require_quantized_linears(model: nn.Module, method: str) -> None:
+    """Refuse a quantization that leaves every linear layer of `model` unquantized.
+
+    Some methods target only layer kinds these models do not have (MoE experts, for example
+    `int8_per_channel_weight_only`), or a checkpoint's ignore list may match every layer; vLLM
+    then silently runs the model unquantized. Failing at start-up, naming the method, is better
+    than serving a model the user believes quantized.
+    """
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    if all(isinstance(m.quant_method, UnquantizedLinearMethod) for m in linears):
+        raise ValueError(
+            f"quantization {method!r} quantizes none of the "
+            f"{len(linears)} linear layers of {type(model).__name__} (q/k/v, o, gate/up, down "
+            f"projections); refusing to run the model unquantized"
+        )
 
 
 def _join(prefix: str, name: str) -> str:
