@@ -64,12 +64,16 @@ def main() -> None:
             "dllm_block_length": args.block_length,
         },
     )
-    for output in llm.generate(PROMPTS, params, use_tqdm=dllm_progress(llm)):
-        stats = output.kv_transfer_params["dllm"]
-        print(
-            f"{output.prompt!r:>24} -> {output.outputs[0].text!r:<20} "
-            f"{stats['forwards']} forwards, {stats['tokens_per_forward']} tokens/forward"
-        )
+    try:
+        for output in llm.generate(PROMPTS, params, use_tqdm=dllm_progress(llm)):
+            stats = output.kv_transfer_params["dllm"]
+            print(
+                f"{output.prompt!r:>24} -> {output.outputs[0].text!r:<20} "
+                f"{stats['forwards']} forwards, {stats['tokens_per_forward']} tokens/forward"
+            )
+    finally:
+        # Left to interpreter exit, the engine processes are killed and leak shared memory.
+        llm.llm_engine.engine_core.shutdown(timeout=60)
 
 
 if __name__ == "__main__":
