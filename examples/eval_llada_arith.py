@@ -9,9 +9,11 @@ statistics (``RequestOutput.kv_transfer_params["dllm"]``).
 
     .venv/bin/python examples/eval_llada_arith.py                  # 400 problems, ~2 min
     .venv/bin/python examples/eval_llada_arith.py --n 100 --out-dir /tmp/eval
+    .venv/bin/python examples/eval_llada_arith.py --out-dir docs/llada-arith   # the README's
 
-Writes ``OUT_DIR/eval.json`` (every cell, per task) and ``OUT_DIR/eval.png`` (accuracy against
-tokens per forward, one marker per rule, one colour per cache mode) and prints the table.
+Prints the table; with ``--out-dir`` also writes ``OUT_DIR/eval.json`` (every cell, per task)
+and ``OUT_DIR/eval.png`` (accuracy against tokens per forward, one marker per rule, one colour
+per cache mode). The committed figures in ``docs/llada-arith/`` change only when asked to.
 Every request of every cell goes to the engine in one ``generate`` call: the engine's results
 do not depend on the batch (``tests/test_engine_oracle.py`` checks it), so batching only makes
 the run faster.
@@ -34,7 +36,6 @@ sys.path.insert(0, str(HERE))
 from train_tiny_llada import EVAL_SEED, Example, TrainConfig, heldout_set  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "models" / "llada-arith"
-DEFAULT_OUT = REPO_ROOT / "docs" / "llada-arith"
 CACHES = ("none", "prefix", "dual")
 
 
@@ -61,13 +62,17 @@ def evaluate(
     cells: dict[tuple[str, str], dict],
     gen_len: int,
     block_length: int,
+    progress: bool = False,
 ) -> dict[tuple[str, str], dict]:
     """Run ``problems`` under each cell's parameters in one batch; score each cell.
 
     ``cells`` maps (rule, cache) to ``dllm_*`` parameters. Prompts are plain text in completion
-    style: vLLM's tokenizer adds the BOS, as for any completion request.
+    style: vLLM's tokenizer adds the BOS, as for any completion request. ``progress`` shows
+    vLLM's progress bar with tokens/s and tokens per forward.
     """
     from vllm import SamplingParams
+
+    from vllm_dllm.entrypoints.progress import dllm_progress
 
     prompts: list[str] = []
     params: list[SamplingParams] = []
@@ -81,7 +86,7 @@ def evaluate(
                     extra_args={"dllm_block_length": block_length, **extra},
                 )
             )
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=dllm_progress(llm) if progress else False)
     results: dict[tuple[str, str], dict] = {}
     for i, key in enumerate(cells):
         chunk = outputs[i * len(problems) : (i + 1) * len(problems)]
@@ -207,12 +212,16 @@ def start_engine(model: Path, max_num_seqs: int = 256):  # noqa: ANN201  (vllm.L
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Evaluate every (rule, cache) cell, print the table, write JSON and PNG."""
+    """Evaluate every (rule, cache) cell, print the table; with --out-dir write JSON and PNG."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--n", type=int, default=400, help="held-out problems")
-    p.add_argument("--block-length", type=int, default=8)
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="checkpoint directory (default: the bundled models/llada-arith)")
+    p.add_argument("--n", type=int, default=400,
+                   help="held-out problems to score, the same every run (default: 400)")
+    p.add_argument("--block-length", type=int, default=8,
+                   help="dllm_block_length of every request (default: 8, as trained)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="write eval.json and eval.png here (default: print the table only)")
     args = p.parse_args(argv)
 
     gen_len = TrainConfig().gen_len
@@ -222,10 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
              for rule, extra in rules(canvas).items() for cache in CACHES}
     llm = start_engine(args.model)
     start = time.perf_counter()
-    results = evaluate(llm, problems, cells, gen_len, args.block_length)
+    results = evaluate(llm, problems, cells, gen_len, args.block_length, progress=True)
     wall = time.perf_counter() - start
     print(table(results))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "model": str(args.model.relative_to(REPO_ROOT) if args.model.is_relative_to(REPO_ROOT)
                      else args.model),
@@ -238,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_wall_s": round(wall, 1),
         "cells": list(results.values()),
     }
+    if args.out_dir is None:
+        return doc
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "eval.json").write_text(json.dumps(doc, indent=2) + "\n")
     plot(results, args.out_dir / "eval.png",
          f"llada-arith, {args.n} held-out problems, max_tokens {gen_len}, "

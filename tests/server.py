@@ -40,9 +40,20 @@ def assert_completion_equals_offline(client, model: str, llm, prompt: str, xargs
 
 
 class Server:
-    """`vllm-dllm serve CHECKPOINT ARGS...` on a free loopback port; logs go to a file."""
+    """`vllm-dllm serve CHECKPOINT ARGS...` on a free loopback port; logs go to a file.
 
-    def __init__(self, checkpoint: Path, args: list[str], log_path: Path) -> None:
+    `cwd` and `env` (added to this process's environment) serve the tests that start the server
+    exactly as the README does: from the repository root, with a relative model path.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        args: list[str],
+        log_path: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -56,11 +67,11 @@ class Server:
             str(self.port),
             *args,
         ]
-        env = dict(os.environ)
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        environment = {**os.environ, **(env or {})}
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=cwd
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:

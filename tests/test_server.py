@@ -12,6 +12,7 @@ import requests
 from vllm import SamplingParams
 
 from tests.server import assert_completion_equals_offline
+from vllm_dllm.entrypoints.middleware import UNSUPPORTED_FIELDS
 
 pytestmark = pytest.mark.server
 
@@ -160,7 +161,7 @@ def test_concurrent_clients_with_a_third_invalid(client, llada_server, llada_eng
 
 def test_disconnect_mid_stream_aborts_request(client, llada_server):
     """A 256-forward request whose client leaves after the first chunk stops early."""
-    forwards_before = metric_value(llada_server, "vllm_dllm:forwards_total")
+    forwards_before = metric_value(llada_server, "vllm_dllm:denoising_steps_total")
     stream = client.completions.create(
         model=MODEL,
         prompt=PROMPT,
@@ -177,21 +178,188 @@ def test_disconnect_mid_stream_aborts_request(client, llada_server):
         time.sleep(0.5)
     else:
         pytest.fail("the disconnected request is still running")
-    forwards = metric_value(llada_server, "vllm_dllm:forwards_total") - forwards_before
+    forwards = metric_value(llada_server, "vllm_dllm:denoising_steps_total") - forwards_before
     assert 0 < forwards < 256, forwards
     after = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
     assert after.choices[0].finish_reason in ("stop", "length")
 
 
-def test_dllm_metrics_move(client, llada_server):
-    before = metric_value(llada_server, "vllm_dllm:forwards_total")
-    tokens_before = metric_value(llada_server, "vllm_dllm:output_tokens_total")
-    client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"vllm_xargs": XARGS}
+def test_dllm_metrics_count_forwards_steps_and_requests(client, llada_server):
+    """Two concurrent 8-step requests: 16 denoising steps in about 8 batched model forwards
+    (fewer than 16: they share forwards), and one observation each in the per-request series."""
+    names = (
+        "vllm_dllm:model_forwards_total",
+        "vllm_dllm:denoising_steps_total",
+        "vllm_dllm:output_tokens_total",
+        "vllm_dllm:request_forwards_count",
+        "vllm_dllm:request_forwards_sum",
+        "vllm_dllm:request_tokens_per_forward_count",
     )
-    assert metric_value(llada_server, "vllm_dllm:forwards_total") > before
-    assert metric_value(llada_server, "vllm_dllm:output_tokens_total") > tokens_before
-    assert metric_value(llada_server, "vllm_dllm:tokens_per_forward_count") >= 1
+    before = {name: metric_value(llada_server, name) for name in names}
+    kwargs = dict(
+        model=MODEL,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"dllm_block_length": 8, "dllm_steps": 8}},
+    )
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        responses = list(
+            pool.map(lambda p: client.completions.create(prompt=p, **kwargs), ["a b", "c d"])
+        )
+    moved = {name: metric_value(llada_server, name) - before[name] for name in names}
+    assert [r.model_extra["kv_transfer_params"]["dllm"]["forwards"] for r in responses] == [8, 8]
+    assert moved["vllm_dllm:denoising_steps_total"] == 16
+    assert moved["vllm_dllm:request_forwards_sum"] == 16
+    assert moved["vllm_dllm:request_forwards_count"] == 2
+    assert moved["vllm_dllm:request_tokens_per_forward_count"] == 2
+    assert moved["vllm_dllm:output_tokens_total"] == 16
+    assert 8 <= moved["vllm_dllm:model_forwards_total"] <= 16
+
+
+def test_stream_final_usage_chunk_carries_the_statistics(client):
+    """With `include_usage`, a stream's last chunk has the non-streamed `kv_transfer_params`."""
+    kwargs = dict(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"dllm_block_length": 8, "dllm_steps": 8}},
+    )
+    whole = client.completions.create(**kwargs).model_extra["kv_transfer_params"]
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 16
+    assert final.model_extra["kv_transfer_params"] == whole
+    assert whole["dllm"]["forwards"] == 8 and whole["dllm"]["output_tokens"] == 16
+    assert all("kv_transfer_params" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_chat_stream_final_usage_chunk_carries_the_statistics(client):
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"vllm_xargs": XARGS},
+    )
+    whole = client.chat.completions.create(**kwargs).model_extra["kv_transfer_params"]
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    assert chunks[-1].model_extra["kv_transfer_params"] == whole
+
+
+def test_prompt_tokens_are_counted(client, llada_server):
+    """`vllm:prompt_tokens_total` grows by the prompt's tokens (vLLM's prefill statistics)."""
+    before = metric_value(llada_server, "vllm:prompt_tokens_total")
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"vllm_xargs": XARGS}
+    )
+    prompt_tokens = response.usage.prompt_tokens
+    assert prompt_tokens > 0
+    for _ in range(20):  # the front end records the engine's statistics after replying
+        grown = metric_value(llada_server, "vllm:prompt_tokens_total") - before
+        if grown:
+            break
+        time.sleep(0.25)
+    assert grown == prompt_tokens
+
+
+#: A value for each unsupported field that asks for the feature (and that vLLM would accept).
+ASKING = {
+    "top_p": 0.5,
+    "top_k": 5,
+    "min_p": 0.1,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.2,
+    "logit_bias": {"5": 1.0},
+    "logprobs": 2,
+    "top_logprobs": 2,
+    "prompt_logprobs": 1,
+    "logprob_token_ids": [5],
+    "min_tokens": 2,
+    "allowed_token_ids": [5, 6],
+    "bad_words": ["fox"],
+    "use_beam_search": True,
+    "length_penalty": 0.5,
+    "response_format": {"type": "json_object"},
+    "structured_outputs": {"regex": "[0-9]+"},
+    "kv_transfer_params": {"do_remote_decode": True},
+}
+
+
+def test_every_unsupported_field_has_a_test_value():
+    assert set(ASKING) == set(UNSUPPORTED_FIELDS)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.7])
+@pytest.mark.parametrize("field", sorted(ASKING))
+def test_unsupported_fields_are_400_naming_them_at_any_temperature(
+    llada_server, field, temperature
+):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": temperature}
+    response = requests.post(
+        f"{llada_server.url}/v1/completions", json={**body, field: ASKING[field]}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field
+    assert error["message"].startswith(f"{field}=")
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(llada_server):
+    """What clients send by default (`top_p` 1, `logprobs` null, ...) is not a request for it."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    neutral = {
+        "top_p": 1,
+        "top_k": -1,
+        "min_p": 0,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "repetition_penalty": 1.0,
+        "logit_bias": {},
+        "logprobs": None,
+        "min_tokens": 0,
+        "bad_words": [],
+        "use_beam_search": False,
+        "length_penalty": 1,
+        "response_format": {"type": "text"},
+    }
+    response = requests.post(
+        f"{llada_server.url}/v1/completions", json={**body, **neutral}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_chat_logprobs_true_is_400_naming_logprobs(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+        )
+    assert err.value.body["param"] == "logprobs"
+    assert "logprobs=true is not supported" in err.value.body["message"]
+
+
+def test_malformed_json_is_a_short_400(llada_server):
+    response = requests.post(
+        f"{llada_server.url}/v1/completions",
+        data=b'{"model": "tiny-llada", "prompt": "hi" "max_tokens": 8}',
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert message.startswith("the request body is not valid JSON: Expecting ','")
+    assert len(message) < 200
 
 
 def test_server_defaults_apply_to_requests_without_parameters(client, llada_engine):

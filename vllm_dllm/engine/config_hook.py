@@ -35,6 +35,7 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         from vllm_dllm.config import server_defaults
 
         server_defaults()  # a malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request
+        _refuse_unsupported(vllm_config)
 
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
@@ -75,9 +76,41 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         )
 
 
+def _refuse_unsupported(vllm_config: VllmConfig) -> None:
+    """Fail start-up on settings that would silently break diffusion requests.
+
+    - KV transfer: a KV connector returns its own `kv_transfer_params` with every finished
+      request, the field that carries our per-request statistics, and moves KV that the DualCache
+      rewrites in place; the plugin implements neither side of it.
+    - vLLM's `--diffusion-config` configures vLLM's native diffusion path (Model Runner V2, GPU
+      only, DiffusionGemma), not this plugin, which runs on the V1 runner with per-request
+      `dllm_*` parameters.
+    """
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            "kv_transfer_config: vllm-dllm does not support KV transfer (disaggregated prefill, "
+            "KV connectors) for diffusion models; remove --kv-transfer-config."
+        )
+    if getattr(vllm_config, "diffusion_config", None) is not None:
+        raise ValueError(
+            "diffusion_config: --diffusion-config configures vLLM's own diffusion path "
+            "(Model Runner V2, GPU only), which vllm-dllm does not use; set the dllm_* "
+            "parameters per request (vllm_xargs) or server-wide with --dllm-defaults instead."
+        )
+
+
 def install_config_hooks(architectures: object) -> None:
-    """Register `DllmEngineConfig` for each diffusion architecture name."""
+    """Register `DllmEngineConfig` for each diffusion architecture name, and our variable.
+
+    vLLM warns about (or, with `--fail-on-environ-validation`, refuses) every `VLLM_*`
+    environment variable it does not know; `VLLM_DLLM_DEFAULTS` is ours, so it is declared in
+    vLLM's table of variables.
+    """
+    from vllm import envs
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from vllm_dllm.config import DEFAULTS_ENV
 
     for arch in architectures:  # type: ignore[attr-defined]
         MODELS_CONFIG_MAP.setdefault(arch, DllmEngineConfig)
+    envs.environment_variables.setdefault(DEFAULTS_ENV, lambda: os.environ.get(DEFAULTS_ENV))

@@ -12,7 +12,9 @@ fixed canvas `prompt ++ [MASK] * G` every step. So this scheduler:
   the cached window otherwise), so the budget is exact;
 - leaves stop handling to vLLM: the worker emits a request's tokens once they are final, and
   `update_from_output` appends them and applies EOS / stop tokens / `max_tokens` as usual;
-- counts model forwards per request and reports them with the finished request.
+- counts forwards per request and reports them with the finished request; reports each
+  admitted prompt to vLLM's prompt-token statistics (`vllm:prompt_tokens_total`, the periodic
+  prompt throughput), which vLLM's own scheduler fills in where it schedules a prefill.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from vllm import envs
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -50,7 +53,10 @@ class DllmScheduler(Scheduler):
         # A diffusion step emits zero or more tokens and never rolls anything back.
         self.num_sampled_tokens_per_step = 0
         self._tracked: dict[str, _Tracked] = {}
-        self._metrics = DllmMetrics(self.vllm_config.model_config.served_model_name)
+        self._metrics = DllmMetrics(
+            self.vllm_config.model_config.served_model_name,
+            envs.VLLM_LOG_STATS_INTERVAL if self.log_stats else None,
+        )
         self._rejected: dict[str, tuple[Request, str]] = {}
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
@@ -86,6 +92,13 @@ class DllmScheduler(Scheduler):
             request.status = RequestStatus.RUNNING
             if self.log_stats:
                 request.record_event(EngineCoreEventType.SCHEDULED, now)
+            if request.prefill_stats is not None:
+                # The whole prompt is computed in the canvas's first forward (no prefix cache).
+                request.prefill_stats.set(
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_local_cached_tokens=0,
+                    num_external_cached_tokens=0,
+                )
             self._tracked[request.request_id] = _Tracked(next_window=canvas_len)
             new_blocks[request.request_id] = blocks
             num_scheduled_tokens[request.request_id] = canvas_len
@@ -156,7 +169,7 @@ class DllmScheduler(Scheduler):
                 if req_id in self._tracked:
                     self._tracked[req_id].blocks = blocks
                     self._tracked[req_id].early_stop = early_stop
-        self._metrics.forwards.inc(len(scheduler_output.num_scheduled_tokens))
+        self._metrics.step(len(scheduler_output.num_scheduled_tokens))
         # Requests aborted while the step ran (a stop string matched in the front end, a client
         # disconnected) are already freed: they have no entry left and get no statistics.
         tracked_before = {
@@ -171,10 +184,11 @@ class DllmScheduler(Scheduler):
                 if tracked is None:
                     continue
                 tracked.output_tokens += len(out.new_token_ids)
-                self._metrics.output_tokens.inc(len(out.new_token_ids))
+                self._metrics.output_tokens(len(out.new_token_ids))
                 if out.finish_reason is not None:
                     self._record_finished(out, tracked)
         self._fail_rejected(outputs)
+        self._metrics.maybe_log(len(self.running))
         return outputs
 
     def _record_finished(self, out: EngineCoreOutput, tracked: _Tracked) -> None:
@@ -182,11 +196,7 @@ class DllmScheduler(Scheduler):
             tracked.forwards, tracked.output_tokens, tracked.blocks, tracked.early_stop
         )
         out.kv_transfer_params = {"dllm": stats}
-        self._metrics.tokens_per_forward.observe(stats["tokens_per_forward"])
-        if tracked.blocks is not None:
-            self._metrics.blocks.inc(tracked.blocks)
-        if tracked.early_stop:
-            self._metrics.early_stops.inc()
+        self._metrics.finished(stats)
 
     def _fail_rejected(self, outputs: dict[int, EngineCoreOutputs]) -> None:
         if not self._rejected:

