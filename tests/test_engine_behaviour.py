@@ -66,3 +66,22 @@ def test_bad_parameters_fail_that_request_only(llada_engine, extra_args, paramet
         [TokensPrompt(prompt_token_ids=PROMPTS[0])], good, use_tqdm=False
     )
     assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids
+
+
+@pytest.mark.parametrize(
+    "extra_args",
+    [
+        {"dllm_block_length": 8},
+        {"dllm_block_length": 8, "dllm_remasking": "random", "dllm_threshold": 0.5},
+    ],
+)
+def test_seeded_request_is_batch_independent_across_block_lengths(llada_engine, extra_args):
+    """A seeded request's later blocks do not depend on the block lengths of its batch-mates."""
+    seeded = SamplingParams(max_tokens=24, temperature=0.7, seed=1234, extra_args=extra_args)
+    other = SamplingParams(max_tokens=64, temperature=0, extra_args={"dllm_block_length": 32})
+    prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
+    (alone,) = llada_engine.generate([prompt], seeded, use_tqdm=False)
+    batched = llada_engine.generate(
+        [TokensPrompt(prompt_token_ids=PROMPTS[1]), prompt], [other, seeded], use_tqdm=False
+    )
+    assert batched[1].outputs[0].token_ids == alone.outputs[0].token_ids

@@ -252,8 +252,10 @@ class Denoiser:
             [s.temperature for s in states], dtype=torch.float32
         ).repeat_interleave(block_len)
         all_greedy = all(s.temperature == 0 for s in states)
+        # A seeded request draws for its own block rows only: spanning the batch's longest block
+        # would advance its generator by a batch-dependent amount and change its later blocks.
         noise_gens = [
-            RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
+            RowGenerator(i * block_len, i * block_len + s.params.block_length, s.generator)
             for i, s in enumerate(states)
             if s.temperature > 0 and s.generator is not None
         ]
@@ -269,7 +271,7 @@ class Denoiser:
                 [s.params.remasking == "random" for s in states]
             ).repeat_interleave(block_len)
             random_gens = [
-                RowGenerator(i * block_len, (i + 1) * block_len, s.generator)
+                RowGenerator(i * block_len, i * block_len + s.params.block_length, s.generator)
                 for i, s in enumerate(states)
                 if s.params.remasking == "random" and s.generator is not None
             ]
