@@ -96,14 +96,14 @@ class Server:
         root = psutil.Process(self.process.pid)
         return [root, *root.children(recursive=True)]
 
-    def rss_bytes(self) -> int:
-        """Resident memory of all the server's processes together."""
-        total = 0
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident memory of each of the server's processes, keyed by `"PID NAME"`."""
+        out = {}
         for process in self.processes():
             # A helper may exit between listing and reading.
             with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_info().rss
-        return total
+                out[f"{process.pid} {process.name()}"] = process.memory_info().rss
+        return out
 
     def log(self) -> str:
         return self.log_path.read_text()[-5000:]
