@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 
@@ -37,6 +40,17 @@ def assert_completion_equals_offline(client, model: str, llm, prompt: str, xargs
     assert choice.model_extra["token_ids"] == list(offline.token_ids)
     stats = response.model_extra["kv_transfer_params"]["dllm"]
     assert stats["forwards"] >= 1 and stats["output_tokens"] == len(offline.token_ids)
+
+
+def metric_value(server: Server, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` on the server's /metrics whose labels include `labels`."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(\{{.*\}})? ([0-9.e+-]+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
 
 
 class Server:
@@ -87,6 +101,20 @@ class Server:
             time.sleep(1.0)
         self.stop()
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def processes(self) -> list[psutil.Process]:
+        """The API server process and every process it started (engine core, workers)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def rss_by_process(self) -> dict[str, int]:
+        """Resident memory of each of the server's processes, keyed by `"PID NAME"`."""
+        out = {}
+        for process in self.processes():
+            # A helper may exit between listing and reading.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                out[f"{process.pid} {process.name()}"] = process.memory_info().rss
+        return out
 
     def log(self) -> str:
         return self.log_path.read_text()[-5000:]

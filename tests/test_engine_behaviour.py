@@ -66,3 +66,4 @@ def test_bad_parameters_fail_that_request_only(llada_engine, extra_args, paramet
         [TokensPrompt(prompt_token_ids=PROMPTS[0])], good, use_tqdm=False
     )
     assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids
+

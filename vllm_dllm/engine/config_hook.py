@@ -68,6 +68,10 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         if PARAMS_VALIDATOR_CLS not in processors:
             processors.append(PARAMS_VALIDATOR_CLS)
         model_config.logits_processors = processors
+        # Front-end checks that need the prompt: the rounded-up canvas fits, errors precede streams.
+        from vllm_dllm.engine.front_end import install
+
+        install(SCHEDULER_CLS)
         logger.info(
             "vllm-dllm: diffusion engine enabled for %s (scheduler %s, worker %s)",
             model_config.architecture,

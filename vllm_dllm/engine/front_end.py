@@ -1,0 +1,112 @@
+"""Front-end checks that need the prompt: the canvas must fit, and errors must precede streams.
+
+A diffusion request's canvas is `prompt ++ [MASK] * G`, `G` = `max_tokens` rounded up to a
+multiple of `dllm_block_length`, and the scheduler admits a canvas only whole and only when it
+fits `max_model_len` and the token budget (a block's first step is one forward over all of it).
+vLLM's front end checks `prompt + max_tokens` and knows nothing of blocks, and the logits-processor
+validation hook sees the sampling parameters without the prompt. A canvas that fits only before
+rounding therefore reached the engine core, which can fail a request only as an internal error:
+users got a 500 without a reason, e.g. for every chat request without `max_tokens` (vLLM then
+resolves `max_tokens` to `max_model_len - prompt`, rarely a multiple of the block length).
+
+`fit_canvas` runs on every request right after vLLM's own input processing (offline `LLM` and the
+server alike). Where the rounded canvas does not fit, `max_tokens` is lowered to the largest
+multiple of the block length that does: the counterpart of vLLM lowering `max_tokens` to fit
+the prompt, and of an autoregressive sequence ending at `max_model_len`. Where not even one
+block fits, or the lowered budget breaks another parameter (`dllm_steps` must divide into the
+blocks), the request fails with a `VLLMValidationError` (HTTP 400) naming the parameter.
+
+The server runs vLLM's input processing, and with it every parameter check, only once a
+response has started; a streamed request with a bad parameter then got HTTP 200 and an error
+event. So the server's `AsyncLLM.generate` runs the same checks first, when it is called, which
+is before any response exists: the error becomes the HTTP 400 of a non-streamed request.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.input_processor import InputProcessor
+
+from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.engine.request_validation import validate_request
+
+
+def fitted_max_tokens(params: SamplingParams, prompt_len: int, max_canvas_len: int) -> int | None:
+    """`max_tokens` lowered so the canvas fits `max_canvas_len` (None if unset); or raise."""
+    if params.max_tokens is None:
+        return None
+    try:
+        dllm = parse_dllm_params(params.extra_args, params.max_tokens, server_defaults())
+        if prompt_len + dllm.gen_length <= max_canvas_len:
+            return params.max_tokens
+        block = dllm.block_length
+        fitting = (max_canvas_len - prompt_len) // block * block
+        if fitting < 1:
+            raise VLLMValidationError(
+                f"dllm_block_length ({block}) does not fit the context: the prompt "
+                f"({prompt_len} tokens) plus one block exceeds {max_canvas_len} tokens "
+                f"(max_model_len, or max_num_batched_tokens if smaller)",
+                parameter="dllm_block_length",
+                value=block,
+            )
+        parse_dllm_params(params.extra_args, fitting, server_defaults())
+    except DllmParamError as err:
+        message = str(err)
+        raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
+    return fitting
+
+
+def _max_canvas_len(processor: InputProcessor) -> int:
+    budget = processor.scheduler_config.max_num_scheduled_tokens
+    if budget is None:
+        budget = processor.scheduler_config.max_num_batched_tokens
+    return min(processor.model_config.max_model_len, budget)
+
+
+def install(scheduler_cls: str) -> None:
+    """Wrap `InputProcessor.process_inputs` and `AsyncLLM.generate` (once per process).
+
+    The wrappers act only for engines that run `scheduler_cls` (diffusion models). vLLM builds
+    `process_inputs_async` from the bound method when an `InputProcessor` is created, so this
+    runs from the config hook, before any is created.
+    """
+    process_inputs = InputProcessor.process_inputs
+    if getattr(process_inputs, "_vllm_dllm", False):
+        return
+
+    def is_diffusion(processor: InputProcessor) -> bool:
+        return processor.scheduler_config.scheduler_cls == scheduler_cls
+
+    @functools.wraps(process_inputs)
+    def fitting_process_inputs(self: InputProcessor, *args: Any, **kwargs: Any):
+        request = process_inputs(self, *args, **kwargs)
+        params = request.sampling_params
+        if params is not None and is_diffusion(self):
+            prompt_len = len(request.prompt_token_ids or ())
+            params.max_tokens = fitted_max_tokens(params, prompt_len, _max_canvas_len(self))
+        return request
+
+    generate = AsyncLLM.generate
+
+    @functools.wraps(generate)
+    def checked_generate(self: AsyncLLM, prompt: Any, sampling_params: Any, *args, **kwargs):
+        processor = self.input_processor
+        if (
+            isinstance(sampling_params, SamplingParams)
+            and is_diffusion(processor)
+            and isinstance(prompt, dict)
+            and prompt.get("prompt_token_ids") is not None
+        ):
+            validate_request(sampling_params)
+            prompt_len = len(prompt["prompt_token_ids"])
+            fitted_max_tokens(sampling_params, prompt_len, _max_canvas_len(processor))
+        return generate(self, prompt, sampling_params, *args, **kwargs)
+
+    fitting_process_inputs._vllm_dllm = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = fitting_process_inputs  # type: ignore[method-assign]
+    AsyncLLM.generate = checked_generate  # type: ignore[method-assign]
