@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import time
 
 import openai
@@ -11,7 +10,7 @@ import pytest
 import requests
 from vllm import SamplingParams
 
-from tests.server import assert_completion_equals_offline
+from tests.server import assert_completion_equals_offline, metric_value
 from vllm_dllm.entrypoints.middleware import UNSUPPORTED_FIELDS
 
 pytestmark = pytest.mark.server
@@ -24,17 +23,6 @@ PROMPT = "The quick brown fox"
 @pytest.fixture(scope="module")
 def client(llada_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{llada_server.url}/v1", api_key="unused", max_retries=0)
-
-
-def metric_value(server, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` on /metrics whose labels include `labels`."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}(\{{.*\}})? ([0-9.e+-]+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def test_completion_equals_offline_engine(client, llada_engine):

@@ -99,7 +99,9 @@ class DllmMiddleware:
         refused: tuple[str, str | None] | None
         try:
             parsed = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:
+            # ValueError covers bad syntax, bad UTF-8 and integers past Python's digit limit;
+            # RecursionError, nesting deeper than the parser's recursion limit.
             refused = (f"the request body is not valid JSON: {err}", None)
         else:
             refused = _rejection(parsed) if isinstance(parsed, dict) else None
