@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from vllm_dllm.testing.tokenizer import write_tokenizer
 
 ENDOFTEXT, IM_START, IM_END, MASK = 256, 257, 258, 259
 VOCAB_SIZE = 320
@@ -239,45 +240,25 @@ def _draw(size: tuple[int, ...], kind: str, gen: torch.Generator,
     return gain * size[1] ** -0.5 * noise
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def _write_tokenizer(out: Path, special_tokens: dict[int, str]) -> None:
-    """Byte-level tokenizer: ids 0-255 are bytes, the special tokens at their ids, the rest of
-    the vocabulary plain reserved entries so every logit row decodes."""
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    for token_id in range(256, VOCAB_SIZE):
-        vocab[special_tokens.get(token_id, f"<|reserved_token_{token_id}|>")] = token_id
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for _, t in sorted(special_tokens.items())])
-    tok.save(str(out / "tokenizer.json"))
-    entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-             "special": True}
-    _write_json(out / "tokenizer_config.json", {
-        "added_tokens_decoder": {str(i): {"content": t, **entry}
-                                 for i, t in sorted(special_tokens.items())},
-        "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": _SPECIAL_TOKENS[IM_END],
-        "model_max_length": 32768,
-        "pad_token": _SPECIAL_TOKENS[ENDOFTEXT],
-        "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": None,
-    })
+    """The shared byte-level tokenizer with the family's special tokens and ChatML template."""
+    write_tokenizer(
+        out,
+        VOCAB_SIZE,
+        {text: token_id for token_id, text in special_tokens.items()},
+        {
+            "bos_token": None,
+            "chat_template": CHATML_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": _SPECIAL_TOKENS[IM_END],
+            "model_max_length": 32768,
+            "pad_token": _SPECIAL_TOKENS[ENDOFTEXT],
+            "split_special_tokens": False,
+            "unk_token": None,
+        },
+        special_map={"eos_token": _SPECIAL_TOKENS[IM_END],
+                     "pad_token": _SPECIAL_TOKENS[ENDOFTEXT]},
+    )
 
 
 def _write_json(file: Path, content: dict[str, Any]) -> None:
