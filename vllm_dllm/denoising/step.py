@@ -63,8 +63,11 @@ class StepShape:
     max_query_len: int
     any_samples: bool
     any_random: bool
+    # Views of the packed host array (valid until the next step packs):
     query_start: np.ndarray  # [N + 1] int32
     seq_lens: np.ndarray  # [N] int32
+    block_starts: np.ndarray  # [N] int32
+    block_lens: np.ndarray  # [N] int32
 
 
 def pack(states: Sequence[RequestState], slots: Sequence[int], out: np.ndarray) -> StepShape:
@@ -95,6 +98,8 @@ def pack(states: Sequence[RequestState], slots: Sequence[int], out: np.ndarray) 
         any_random=any(s.remasks_randomly for s in states),
         query_start=query_start,
         seq_lens=fields[Field.SEQ_LEN],
+        block_starts=fields[Field.BLOCK_START],
+        block_lens=fields[Field.BLOCK_LEN],
     )
 
 

@@ -137,8 +137,6 @@ class Denoiser:
                 f"scheduled {scheduler_output.total_num_scheduled_tokens} tokens, the step plans "
                 f"need {shape.num_tokens}"
             )
-        block_starts = np.array([s.block_start for s in states])
-        block_lens = np.array([s.params.block_length for s in states])
         meta = StepTensors(
             self._packed[: packed_size(shape.num_reqs)].to(self.device, non_blocking=True),
             shape.num_reqs,
@@ -156,7 +154,7 @@ class Denoiser:
         )
         packed = commit(self.canvases, meta, cand, shape, x0, confidence)
         result = packed.cpu().numpy()  # the step's one device-to-host transfer
-        return self._advance(req_ids, states, slots, shape, block_starts, block_lens, result)
+        return self._advance(req_ids, states, slots, shape, result)
 
     def _advance(
         self,
@@ -164,8 +162,6 @@ class Denoiser:
         states: list[RequestState],
         slots: list[int],
         shape: StepShape,
-        block_starts: np.ndarray,
-        block_lens: np.ndarray,
         result: np.ndarray,
     ) -> DllmRunnerOutput:
         """Host side of the step: mirror the commits, advance each request, emit final tokens."""
@@ -173,7 +169,9 @@ class Denoiser:
         committed, first_masked = result[:, :width], result[:, width]
         column = np.arange(width)
         positions = np.where(
-            column < block_lens[:, None], block_starts[:, None] + column, self.canvases.sink
+            column < shape.block_lens[:, None],
+            shape.block_starts[:, None] + column,
+            self.canvases.sink,
         )
         slot_array = np.asarray(slots)
         self.canvases.apply_commits(slot_array, positions, committed)
@@ -275,8 +273,12 @@ class Denoiser:
                 fields = packed[2:].reshape(-1, 1)
                 fields[Field.SLOT], fields[Field.WINDOW_START] = slot, start
                 fields[Field.WINDOW_LEN], fields[Field.SEQ_LEN] = end - start, length
-                shape = StepShape(1, end - start, 0, 1, end - start, False, False, packed[:2],
-                                  fields[Field.SEQ_LEN])  # fmt: skip
+                shape = StepShape(
+                    num_reqs=1, num_tokens=end - start, num_rows=0, block_width=1,
+                    max_query_len=end - start, any_samples=False, any_random=False,
+                    query_start=packed[:2], seq_lens=fields[Field.SEQ_LEN],
+                    block_starts=fields[Field.BLOCK_START], block_lens=fields[Field.BLOCK_LEN],
+                )  # fmt: skip
                 meta = StepTensors(torch.from_numpy(packed).to(self.device), 1)
                 results.append(self.compute_logits(self._forward(meta, shape)).float().cpu())
             return results

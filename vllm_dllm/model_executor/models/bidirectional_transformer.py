@@ -130,16 +130,11 @@ class DiffusionMLP(nn.Module):
 
 
 class DiffusionDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        shape: TransformerShape,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> None:
+    def __init__(self, vllm_config: VllmConfig, shape: TransformerShape, prefix: str) -> None:
         super().__init__()
+        quant_config = vllm_config.quant_config
         self.self_attn = DiffusionAttention(
-            shape, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+            shape, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn"
         )
         self.mlp = DiffusionMLP(shape, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -163,22 +158,17 @@ class DiffusionTransformer(nn.Module):
     """The body, compiled by vLLM like its own models (and CUDA-graphed piecewise on GPUs)."""
 
     def __init__(
-        self,
-        *,
-        shape: TransformerShape,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str = "",
+        self, *, vllm_config: VllmConfig, shape: TransformerShape, prefix: str = ""
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
             shape.vocab_size,
             shape.hidden_size,
-            quant_config=quant_config,
+            quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.embed_tokens",
         )
         self.layers = nn.ModuleList(
-            DiffusionDecoderLayer(shape, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
+            DiffusionDecoderLayer(vllm_config, shape, prefix=f"{prefix}.layers.{i}")
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
@@ -229,11 +219,7 @@ class DiffusionLM(nn.Module):
         self.mask_token_id: int = int(config.mask_token_id)
         quant_config = vllm_config.quant_config
         self.model = DiffusionTransformer(
-            shape=self.shape,
-            cache_config=vllm_config.cache_config,
-            quant_config=quant_config,
-            vllm_config=vllm_config,
-            prefix=_join(prefix, "model"),
+            vllm_config=vllm_config, shape=self.shape, prefix=_join(prefix, "model")
         )
         self.lm_head = ParallelLMHead(
             self.shape.vocab_size,
