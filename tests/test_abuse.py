@@ -694,7 +694,7 @@ def test_streaming_clients_that_disconnect(llada_server, llada_engine):
     rng = random.Random(RNG_SEED + 1)
     seeds = [rng.randrange(2**31) for _ in range(64)]
     pids_before = server_pids(llada_server)
-    forwards_before = metric_value(llada_server, "vllm_dllm:forwards_total")
+    forwards_before = metric_value(llada_server, "vllm_dllm:model_forwards_total")
 
     def client(i: int) -> str:
         return _disconnecting_stream(llada_server.url, random.Random(seeds[i]), i)
@@ -702,10 +702,10 @@ def test_streaming_clients_that_disconnect(llada_server, llada_engine):
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         left = list(pool.map(client, range(64), timeout=300))
     idle = wait_idle(llada_server)
-    forwards_idle = metric_value(llada_server, "vllm_dllm:forwards_total")
+    forwards_idle = metric_value(llada_server, "vllm_dllm:model_forwards_total")
     time.sleep(2.0)
     # A request the worker still stepped after its client left would move this counter.
-    forwards_later = metric_value(llada_server, "vllm_dllm:forwards_total")
+    forwards_later = metric_value(llada_server, "vllm_dllm:model_forwards_total")
 
     after = valid_requests(RNG_SEED + 2, 8)
     expected = offline_answers(
@@ -726,6 +726,7 @@ def test_streaming_clients_that_disconnect(llada_server, llada_engine):
     )
     print("\n" + counts)
     assert not any(idle.values()), (counts, idle)
+    assert forwards_idle > forwards_before, counts  # the counter is live: the streams ran
     assert forwards_later == forwards_idle, counts
     assert exact == len(after), (counts, answers, expected)
     assert not any(idle_after.values()), (counts, idle_after)
