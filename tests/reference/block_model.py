@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from tests.reference.model import _apply_rope, _linear, _rms_norm, _rope_tables
+
 FAST_DLLM_V2 = "fast_dllm_v2"
 SDAR = "sdar"
 
@@ -265,27 +267,6 @@ def block_causal_mask(length: int, block_size: int) -> Tensor:
 
 def _block_causal(query_positions: Tensor, key_positions: Tensor, block_size: int) -> Tensor:
     return (key_positions[None, :] // block_size) <= (query_positions[:, None] // block_size)
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def _rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin ``[T, 1, head_dim]`` of rotate-half RoPE (both halves share the frequencies)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)[:, None, :]
-    return angles.cos(), angles.sin()
-
-
-def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
