@@ -41,6 +41,7 @@ def test_doc_table_matches_parser_defaults() -> None:
         "dllm_factor",
         "dllm_steps",
         "dllm_remasking",
+        "dllm_sub_block_length",
     }
     params = parse_dllm_params(None, max_tokens=7)
     for name, (default, description) in DLLM_PARAM_DOCS.items():

@@ -29,19 +29,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_dllm.families import BIDIRECTIONAL, DEFAULT_SUB_BLOCK_LENGTH, Family, Loop
+
 #: Cache modes (docs/design.md, step 1).
 CACHE_MODES = ("none", "prefix", "dual")
 #: Selection rules (docs/design.md, step 4); each has the parameter `dllm_<rule>`.
 RULES = ("threshold", "factor", "steps")
-#: Confidence scores for selection (docs/design.md, step 3).
-REMASKING_MODES = ("low_confidence", "random")
+#: Confidence scores for selection (docs/design.md, step 3), and SDAR's two schedules.
+REMASKING_MODES = ("low_confidence", "random", "low_confidence_dynamic", "low_confidence_static")
 
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_CACHE = "dual"
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_REMASKING = "low_confidence"
 
-#: Parameter name -> (default, description). The README's parameter table is checked against it.
+#: Parameter name -> (default for LLaDA and Dream, description). The README's parameter table
+#: is checked against it; `vllm_dllm.families` says which keys each family accepts.
 DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     "dllm_block_length": (
         DEFAULT_BLOCK_LENGTH,
@@ -51,12 +54,14 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     "dllm_cache": (
         DEFAULT_CACHE,
         "KV cache mode: none (recompute everything each step), prefix (Fast-dLLM PrefixCache) "
-        "or dual (Fast-dLLM DualCache).",
+        "or dual (Fast-dLLM DualCache). Fast-dLLM v2: none (default) or dual (its sub-block "
+        "cache); SDAR: not accepted (its cache of finished blocks is exact).",
     ),
     "dllm_threshold": (
         DEFAULT_THRESHOLD,
         "Threshold rule (the default rule), float in (0, 1]: commit every masked position with "
-        "confidence >= threshold, and always the most confident one.",
+        "confidence >= threshold, and always the most confident one. Fast-dLLM v2 and SDAR "
+        "(default 0.95): strictly above the threshold, as their releases compare.",
     ),
     "dllm_factor": (
         None,
@@ -66,12 +71,21 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     "dllm_steps": (
         None,
         "Steps rule (original LLaDA schedule), int >= 1, a multiple of the number of blocks: "
-        "steps are split evenly over the blocks. Excludes dllm_threshold and dllm_factor.",
+        "steps are split evenly over the blocks. Excludes dllm_threshold and dllm_factor. "
+        "SDAR: steps over the blocks it decodes (default: block length per block), giving "
+        "each step a quota that dllm_remasking combines with the threshold.",
     ),
     "dllm_remasking": (
         DEFAULT_REMASKING,
         "Score used by the rule: low_confidence (the model's probability of its proposal) or "
-        "random (uniform random scores).",
+        "random (uniform random scores). SDAR: low_confidence_dynamic (default: every masked "
+        "position above dllm_threshold if there are at least the step's quota, else the quota's "
+        "most confident) or low_confidence_static (the quota's most confident).",
+    ),
+    "dllm_sub_block_length": (
+        None,
+        "Fast-dLLM v2 only (default 8): sub-blocks decoded left to right inside each block; "
+        "must divide the block length.",
     ),
 }
 DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
@@ -93,10 +107,12 @@ class DllmParamError(ValueError):
 
 @dataclass(frozen=True)
 class DllmParams:
-    """The validated diffusion parameters of one request.
+    """The validated diffusion parameters of one request, for one model family.
 
-    Exactly one selection rule is active (`rule`); its parameter is set and the other two rule
-    parameters are `None`. `threshold` may be left out for the threshold rule (0.9 is filled in).
+    LLaDA and Dream (`vllm_dllm.families.BIDIRECTIONAL`): exactly one selection rule is active
+    (`rule`); its parameter is set and the other two rule parameters are `None`; `threshold` may
+    be left out for the threshold rule (0.9 is filled in). Block-diffusion families: the rule is
+    the family's own (`threshold` always set, SDAR's `steps` and `remasking` give its quota).
     Construction validates everything, so a `DllmParams` in hand is always consistent; the
     error messages use the `dllm_` request keys because they reach users unchanged.
     """
@@ -109,10 +125,12 @@ class DllmParams:
     factor: float | None = None
     steps: int | None = None
     remasking: str = DEFAULT_REMASKING
+    sub_block_length: int | None = None
+    family: Family = BIDIRECTIONAL
 
     def __post_init__(self) -> None:
         if self.rule == "threshold" and self.threshold is None:
-            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD)
+            object.__setattr__(self, "threshold", self.family.default_threshold)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise DllmParamError(f"max_tokens must be an int, got {self.max_tokens!r}")
         if self.max_tokens < 1:
@@ -127,6 +145,14 @@ class DllmParams:
             raise DllmParamError(
                 f"dllm_{self.rule} must be set when the selection rule is {self.rule}"
             )
+        if self.remasking not in self.family.remasking:
+            raise DllmParamError(
+                f"dllm_remasking must be one of {', '.join(self.family.remasking)} for "
+                f"{self.family.name} models, got {self.remasking!r}"
+            )
+        if self.family.block_causal:
+            self._check_block_diffusion()
+            return
         _check_exclusive([_PREFIX + r for r in RULES if getattr(self, r) is not None], source="")
         if self.steps is not None and self.steps % self.num_blocks:
             raise DllmParamError(
@@ -134,26 +160,74 @@ class DllmParams:
                 f"({self.num_blocks} = ceil(max_tokens / dllm_block_length))"
             )
 
+    def _check_block_diffusion(self) -> None:
+        family = self.family
+        if self.rule != "threshold" or self.factor is not None:
+            raise DllmParamError(f"dllm_factor does not apply to {family.name} models")
+        if self.block_length != family.block_length and not family.block_length_overridable:
+            raise DllmParamError(
+                f"dllm_block_length must be {family.block_length} for {family.name} models (the "
+                f"block their attention was trained with), got {self.block_length}"
+            )
+        if self.cache not in family.caches and self.cache != family.default_cache:
+            raise DllmParamError(
+                f"dllm_cache must be one of {', '.join(family.caches)} for {family.name} models, "
+                f"got {self.cache!r}"
+            )
+        if self.sub_block_length is not None and self.block_length % self.sub_block_length:
+            raise DllmParamError(
+                f"dllm_sub_block_length ({self.sub_block_length}) must divide the block length "
+                f"({self.block_length})"
+            )
+
     @property
     def num_blocks(self) -> int:
-        """Blocks in the canvas: `ceil(max_tokens / block_length)`."""
+        """Blocks in a bidirectional canvas: `ceil(max_tokens / block_length)`."""
         return -(-self.max_tokens // self.block_length)
 
     @property
     def gen_length(self) -> int:
-        """Canvas length: `max_tokens` rounded up to a multiple of `block_length`.
+        """Generated positions of a bidirectional canvas: `max_tokens` rounded up to whole blocks.
 
         Derived rather than stored so it can never disagree with `max_tokens` and `block_length`.
         """
         return self.num_blocks * self.block_length
 
     def canvas_length(self, prompt_len: int) -> int:
-        """Length of a request's canvas: its prompt plus `gen_length` MASK positions.
+        """Length of a request's canvas, the one definition of it.
 
-        The one definition of it: the scheduler allocates KV for this many positions and the
-        worker decodes this many, so they can never disagree.
+        Bidirectional: the prompt plus `gen_length` MASK positions (blocks start after the
+        prompt). Block diffusion: blocks are aligned to position 0, so the canvas is
+        `prompt + max_tokens` rounded up to whole blocks. The scheduler allocates KV for this
+        many positions and the worker decodes within them, so they can never disagree.
         """
-        return prompt_len + self.gen_length
+        if not self.family.block_causal:
+            return prompt_len + self.gen_length
+        return -(-(prompt_len + self.max_tokens) // self.block_length) * self.block_length
+
+    def fitting_max_tokens(self, prompt_len: int, max_canvas_len: int) -> int:
+        """The largest `max_tokens` whose canvas fits `max_canvas_len` (< 1: none fits)."""
+        if not self.family.block_causal:
+            return (max_canvas_len - prompt_len) // self.block_length * self.block_length
+        return max_canvas_len // self.block_length * self.block_length - prompt_len
+
+    def decoded_blocks(self, prompt_len: int) -> int:
+        """Blocks the loop decodes: block diffusion starts at the block holding the prompt's end."""
+        if not self.family.block_causal:
+            return self.num_blocks
+        return (self.canvas_length(prompt_len) - prompt_len // self.block_length * self.block_length
+                ) // self.block_length  # fmt: skip
+
+    def check_prompt(self, prompt_len: int) -> None:
+        """Checks that need the prompt's length: SDAR's steps must divide into its blocks."""
+        if self.family.loop is Loop.SDAR and self.steps is not None:
+            blocks = self.decoded_blocks(prompt_len)
+            if self.steps % blocks:
+                raise DllmParamError(
+                    f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
+                    f"decoded ({blocks}: the block holding the prompt's end up to the one holding "
+                    f"prompt + max_tokens)"
+                )
 
     @property
     def steps_per_block(self) -> int | None:
@@ -163,7 +237,11 @@ class DllmParams:
 
 @functools.cache
 def server_defaults() -> dict[str, Any]:
-    """The server-wide defaults from `VLLM_DLLM_DEFAULTS` (empty when unset), validated."""
+    """The server-wide defaults from `VLLM_DLLM_DEFAULTS` (empty when unset), each value checked.
+
+    Checks that depend on the model family run at start-up (`check_server_defaults`) and with
+    every request.
+    """
     raw = os.environ.get(DEFAULTS_ENV, "").strip()
     if not raw:
         return {}
@@ -173,42 +251,67 @@ def server_defaults() -> dict[str, Any]:
         raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object: {err}") from err
     if not isinstance(defaults, dict):
         raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r}")
-    _check_exclusive(
-        [k for k in _RULE_KEYS if k in _read_dllm_args(defaults, "server default ")],
-        source="server default ",
-    )
+    _read_dllm_args(defaults, "server default ")
     return defaults
+
+
+def check_server_defaults(family: Family) -> None:
+    """Fail start-up when the server defaults do not suit the served model's family."""
+    parse_dllm_params(None, family.block_length, server_defaults(), family)
+
+
+def check_dllm_args(extra_args: Mapping[str, Any] | None) -> None:
+    """The checks that need neither the model nor `max_tokens`: known keys, types, ranges."""
+    _read_dllm_args(extra_args, source="")
 
 
 def parse_dllm_params(
     extra_args: Mapping[str, Any] | None,
     max_tokens: int,
     defaults: Mapping[str, Any] | None = None,
+    family: Family = BIDIRECTIONAL,
 ) -> DllmParams:
     """Build a request's `DllmParams` from its `extra_args` and the server-wide `defaults`.
 
     `max_tokens` is the request's resolved generation budget (an int >= 1). Errors in
     `defaults` are reported with a "server default" prefix, since the user cannot fix them.
+    A key that the model's `family` does not accept is an error naming it.
     """
     request = _read_dllm_args(extra_args, source="")
     server = _read_dllm_args(defaults, source="server default ")
+    for values, source in ((request, ""), (server, "server default ")):
+        for key in values:
+            if key not in family.params:
+                accepted = ", ".join(k for k in DLLM_PARAM_NAMES if k in family.params)
+                raise DllmParamError(
+                    f"{source}{key} does not apply to {family.name} models (they accept "
+                    f"{accepted})"
+                )
     request_rules = [key for key in _RULE_KEYS if key in request]
-    server_rules = [key for key in _RULE_KEYS if key in server]
-    _check_exclusive(request_rules, source="")
-    _check_exclusive(server_rules, source="server default ")
+    if not family.block_causal:
+        _check_exclusive(request_rules, source="")
+        _check_exclusive([key for key in _RULE_KEYS if key in server], "server default ")
     # A request that names a rule replaces the server's rule rather than conflicting with it.
     values = {k: v for k, v in server.items() if not (request_rules and k in _RULE_KEYS)}
     values.update(request)
-    rule_key = next((key for key in _RULE_KEYS if key in values), "dllm_threshold")
+    if family.block_causal:
+        rule_key = "dllm_threshold"
+    else:
+        rule_key = next((key for key in _RULE_KEYS if key in values), "dllm_threshold")
+    sub_block = values.get("dllm_sub_block_length")
+    if family.loop is Loop.FAST_DLLM_V2 and sub_block is None:
+        sub_block = DEFAULT_SUB_BLOCK_LENGTH
     return DllmParams(
         max_tokens=max_tokens,
-        block_length=values.get("dllm_block_length", DEFAULT_BLOCK_LENGTH),
-        cache=values.get("dllm_cache", DEFAULT_CACHE),
+        block_length=values.get("dllm_block_length", family.block_length),
+        cache=values.get("dllm_cache", family.default_cache),
         rule=rule_key.removeprefix(_PREFIX),
         threshold=values.get("dllm_threshold"),
         factor=values.get("dllm_factor"),
         steps=values.get("dllm_steps"),
-        remasking=values.get("dllm_remasking", DEFAULT_REMASKING),
+        remasking=values.get("dllm_remasking", family.remasking[0]),
+        sub_block_length=sub_block,
+        family=family,
     )
 
 
@@ -273,6 +376,7 @@ _PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bo
     "dllm_threshold": (_to_float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "dllm_factor": (_to_float, lambda v: v > 0.0, "must be > 0"),
     "dllm_steps": (_to_int, lambda v: v >= 1, "must be >= 1"),
+    "dllm_sub_block_length": (_to_int, lambda v: v >= 1, "must be >= 1"),
     "dllm_remasking": (
         _to_str,
         lambda v: v in REMASKING_MODES,

@@ -9,7 +9,7 @@ transfer is the `[requests, block + 1]` array that `commit` returns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -22,16 +22,32 @@ from vllm_dllm.denoising.request import RequestState
 from vllm_dllm.sampling import GUMBEL_STREAM, REMASK_STREAM, row_keys, select, uniform
 
 
-class Field(IntEnum):
-    """Rows of the packed per-request array (after the `N + 1` query start offsets)."""
+class WindowField(IntEnum):
+    """Rows of the packed per-window array (after the `S + 1` query start offsets).
+
+    Windows are what attention sees as sequences: each has its own queries and key range, and
+    reads the block table of its request's slot. A request has one window per step, or several
+    for a block-diffusion step over more than one block (`vllm_dllm.cache.policy`).
+    """
 
     SLOT = 0
-    WINDOW_START = 1
-    WINDOW_LEN = 2
-    SEQ_LEN = 3
-    BLOCK_START = 4
-    BLOCK_LEN = 5
-    OPENING = 6
+    START = 1
+    LEN = 2
+    KEY_END = 3
+
+
+class Field(IntEnum):
+    """Rows of the packed per-request array (after the per-window rows)."""
+
+    SLOT = 0
+    #: Flat row and canvas position of the first token of the window that scores the candidates.
+    SCORE_ROW = 1
+    SCORE_START = 2
+    BLOCK_START = 3
+    BLOCK_LEN = 4
+    #: Block columns `[COMMIT_LO, COMMIT_HI)` may be committed this step.
+    COMMIT_LO = 5
+    COMMIT_HI = 6
     RULE = 7
     QUOTA = 8
     RANDOM = 9
@@ -44,12 +60,13 @@ class Field(IntEnum):
     FACTOR = 15
 
 
+NUM_WINDOW_FIELDS = len(WindowField)
 NUM_FIELDS = len(Field)
 _FLOATS = (Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR)
 
 
-def packed_size(num_reqs: int) -> int:
-    return num_reqs + 1 + NUM_FIELDS * num_reqs
+def packed_size(num_reqs: int, num_windows: int) -> int:
+    return num_windows + 1 + NUM_WINDOW_FIELDS * num_windows + NUM_FIELDS * num_reqs
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class StepShape:
     """What the host knows about the step's shapes without asking the device."""
 
     num_reqs: int
+    num_windows: int
     num_tokens: int
     num_rows: int
     block_width: int
@@ -64,40 +82,56 @@ class StepShape:
     any_samples: bool
     any_random: bool
     # Views of the packed host array (valid until the next step packs):
-    query_start: np.ndarray  # [N + 1] int32
-    seq_lens: np.ndarray  # [N] int32
+    query_start: np.ndarray  # [S + 1] int32
+    key_ends: np.ndarray  # [S] int32
     block_starts: np.ndarray  # [N] int32
     block_lens: np.ndarray  # [N] int32
 
 
-def pack(states: Sequence[RequestState], slots: Sequence[int], out: np.ndarray) -> StepShape:
-    """Write the step's per-request integers into `out` (int32, at least `packed_size(N)`)."""
+def pack(
+    states: Sequence[RequestState],
+    slots: Sequence[int],
+    buffer: Callable[[int], np.ndarray],
+) -> StepShape:
+    """Write the step's per-window and per-request integers into `buffer(size)`, an int32 array
+    of at least `size` elements (the caller's pinned staging memory)."""
     n = len(states)
     plans = [s.plan() for s in states]
-    query_start = out[: n + 1]
-    fields = out[n + 1 : packed_size(n)].reshape(NUM_FIELDS, n)
-    window_len = [p.end - p.start for p in plans]
+    targets = [s.targets() for s in states]
+    windows = [(slots[i], w) for i, p in enumerate(plans) for w in p.windows]
+    num_windows = len(windows)
+    out = buffer(packed_size(n, num_windows))
+    query_start = out[: num_windows + 1]
+    per_window = out[num_windows + 1 : num_windows + 1 + NUM_WINDOW_FIELDS * num_windows]
+    per_window = per_window.reshape(NUM_WINDOW_FIELDS, num_windows)
+    fields = out[num_windows + 1 + NUM_WINDOW_FIELDS * num_windows : packed_size(n, num_windows)]
+    fields = fields.reshape(NUM_FIELDS, n)
     query_start[0] = 0
-    np.cumsum(window_len, out=query_start[1:])
+    np.cumsum([w.num_tokens for _, w in windows], out=query_start[1:])
+    for j, (slot, w) in enumerate(windows):
+        per_window[:, j] = (slot, w.start, w.num_tokens, w.key_end)
     floats = np.empty((len(_FLOATS), n), dtype=np.float32)
-    for i, (s, p) in enumerate(zip(states, plans, strict=True)):
+    last_window = np.cumsum([len(p.windows) for p in plans]) - 1
+    for i, (s, p, t) in enumerate(zip(states, plans, targets, strict=True)):
         fields[:, i] = (
-            slots[i], p.start, p.end - p.start, s.canvas_len, s.block_start,
-            s.params.block_length, s.opens_with_single_commit, s.rule_id, s.quota(),
-            s.remasks_randomly, _low_word(s.seed), (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0,
+            slots[i], query_start[last_window[i]], p.windows[-1].start, t.block_start,
+            t.block_len, t.lo, t.hi, t.rule, t.quota, s.remasks_randomly, _low_word(s.seed),
+            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0,
         )  # fmt: skip
-        floats[:, i] = (s.temperature, s.params.threshold or 1.0, s.params.factor or 1.0)
+        temperature = 0.0 if t.greedy else s.temperature
+        floats[:, i] = (temperature, s.threshold, s.params.factor or 1.0)
     fields[Field.TEMPERATURE :] = floats.view(np.int32)
     return StepShape(
         num_reqs=n,
+        num_windows=num_windows,
         num_tokens=int(query_start[-1]),
-        num_rows=sum(s.num_candidates for s in states),
-        block_width=max(s.params.block_length for s in states),
-        max_query_len=max(window_len),
-        any_samples=any(s.samples for s in states),
+        num_rows=sum(t.num_candidates for t in targets),
+        block_width=max(t.block_len for t in targets),
+        max_query_len=max(w.num_tokens for _, w in windows),
+        any_samples=bool((floats[0] > 0).any()),
         any_random=any(s.remasks_randomly for s in states),
         query_start=query_start,
-        seq_lens=fields[Field.SEQ_LEN],
+        key_ends=per_window[WindowField.KEY_END],
         block_starts=fields[Field.BLOCK_START],
         block_lens=fields[Field.BLOCK_LEN],
     )
@@ -110,11 +144,19 @@ def _low_word(value: int) -> int:
 
 
 class StepTensors:
-    """Device views of a packed array: per-request int32 fields and float32 parameters."""
+    """Device views of a packed array: per-window rows, per-request int32 fields and float32
+    parameters."""
 
-    def __init__(self, packed: Tensor, num_reqs: int) -> None:
-        self.query_start = packed[: num_reqs + 1]
-        self.fields = packed[num_reqs + 1 : packed_size(num_reqs)].view(NUM_FIELDS, num_reqs)
+    def __init__(self, packed: Tensor, num_reqs: int, num_windows: int) -> None:
+        self.query_start = packed[: num_windows + 1]
+        window_end = num_windows + 1 + NUM_WINDOW_FIELDS * num_windows
+        self.windows = packed[num_windows + 1 : window_end].view(NUM_WINDOW_FIELDS, num_windows)
+        self.fields = packed[window_end : packed_size(num_reqs, num_windows)].view(
+            NUM_FIELDS, num_reqs
+        )
+
+    def window(self, field: WindowField) -> Tensor:
+        return self.windows[field]
 
     def __getitem__(self, field: Field) -> Tensor:
         row = self.fields[field]
@@ -142,16 +184,16 @@ def window_inputs(
     """
     device = meta.fields.device
     num_padded = input_ids.shape[0]
-    request = torch.repeat_interleave(
-        torch.arange(shape.num_reqs, device=device),
-        meta[Field.WINDOW_LEN],
+    window = torch.repeat_interleave(
+        torch.arange(shape.num_windows, device=device),
+        meta.window(WindowField.LEN),
         output_size=shape.num_tokens,
     )
-    offset = torch.arange(shape.num_tokens, device=device) - meta.query_start[request]
-    positions[: shape.num_tokens] = meta[Field.WINDOW_START][request] + offset
+    offset = torch.arange(shape.num_tokens, device=device) - meta.query_start[window]
+    positions[: shape.num_tokens] = meta.window(WindowField.START)[window] + offset
     positions[shape.num_tokens :] = 0
     slot = torch.zeros(num_padded, dtype=torch.int64, device=device)
-    slot[: shape.num_tokens] = meta[Field.SLOT][request]
+    slot[: shape.num_tokens] = meta.window(WindowField.SLOT)[window]
     input_ids.copy_(canvases.tokens[slot, positions])
     kv_block = canvases.block_table[slot, positions // kv_block_size].to(torch.int64)
     slot_mapping = kv_block * kv_block_size + positions % kv_block_size
@@ -178,8 +220,10 @@ def candidates(canvases: Canvases, meta: StepTensors, shape: StepShape) -> Candi
     ).to(torch.int64)
     slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
     values = canvases.tokens[slot, positions]
-    # A Dream block opening may commit only the block's first position.
-    allowed = (column == 0) | (meta[Field.OPENING] == 0).unsqueeze(-1)
+    # A step may commit only some columns (a Dream block opening, a Fast-dLLM v2 sub-block).
+    allowed = (column >= meta[Field.COMMIT_LO].unsqueeze(-1)) & (
+        column < meta[Field.COMMIT_HI].unsqueeze(-1)
+    )
     mask = values.eq(canvases.mask_token_id) & inside & allowed
     return Candidates(positions, values, mask, _compact(mask.view(-1), shape.num_rows))
 
@@ -196,14 +240,15 @@ def _compact(flags: Tensor, count: int) -> Tensor:
 def hidden_rows(meta: StepTensors, cand: Candidates, shape: StepShape, logits_shift: int) -> Tensor:
     """Row of the flat forward output that scores each candidate.
 
-    Position j is scored by the window row of position `j - logits_shift`, clamped to the
-    window's first row (the reference's `cat(logits[:, :1], logits[:, :-1])` within a window);
-    a clamped row only ever belongs to an already committed position.
+    Position j is scored by the row of position `j - logits_shift` in the request's scoring
+    window (its last), clamped to the window's first row (the references'
+    `cat(logits[:, :1], logits[:, :-1])` within a window); a clamped row only ever belongs to an
+    already committed position.
     """
     request = cand.rows // shape.block_width
     position = cand.positions.view(-1)[cand.rows]
-    start = meta[Field.WINDOW_START][request]
-    return meta.query_start[request] + torch.clamp(position - logits_shift, min=start) - start
+    start = meta[Field.SCORE_START][request]
+    return meta[Field.SCORE_ROW][request] + torch.clamp(position - logits_shift, min=start) - start
 
 
 def noise_keys(

@@ -32,9 +32,11 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         from vllm.platforms import current_platform
 
-        from vllm_dllm.config import server_defaults
+        from vllm_dllm.config import check_server_defaults
+        from vllm_dllm.families import family_of
 
-        server_defaults()  # a malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request
+        # A malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request.
+        check_server_defaults(family_of(vllm_config.model_config.hf_config))
         _refuse_unsupported(vllm_config)
 
         scheduler_config = vllm_config.scheduler_config

@@ -34,11 +34,13 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_dllm.config import parse_dllm_params, server_defaults
 from vllm_dllm.denoising.canvases import Canvases
-from vllm_dllm.denoising.request import RequestState
+from vllm_dllm.denoising.request import RequestState, new_state
 from vllm_dllm.denoising.step import (
+    NUM_WINDOW_FIELDS,
     Field,
     StepShape,
     StepTensors,
+    WindowField,
     candidates,
     commit,
     hidden_rows,
@@ -49,6 +51,7 @@ from vllm_dllm.denoising.step import (
 )
 from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
+from vllm_dllm.families import family_of
 from vllm_dllm.sampling import propose_rows, rows_per_chunk
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ class Denoiser:
         self.mask_token_id: int = model.mask_token_id
         self.logits_shift: int = model.logits_shift
         self.compute_logits = model.compute_logits
+        self.family = family_of(runner.model_config.hf_config)
         self.device = runner.device
         groups = runner.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
@@ -77,7 +81,9 @@ class Denoiser:
             num_slots, max_len, -(-max_len // self.kv_block_size), self.mask_token_id,
             self.device, pin,
         )  # fmt: skip
-        self._packed = torch.empty(packed_size(num_slots), dtype=torch.int32, pin_memory=pin)
+        self._pin = pin
+        self._packed = torch.empty(packed_size(num_slots, num_slots), dtype=torch.int32,
+                                   pin_memory=pin)  # fmt: skip
         self.max_rows = rows_per_chunk(runner.model_config.get_vocab_size())
         self.states: dict[str, RequestState] = {}
         self.slots: dict[str, int] = {}
@@ -87,11 +93,11 @@ class Denoiser:
     def _add_request(self, new: NewRequestData) -> None:
         sp = new.sampling_params
         assert sp is not None and new.prompt_token_ids is not None
-        params = parse_dllm_params(sp.extra_args, sp.max_tokens, server_defaults())
+        params = parse_dllm_params(sp.extra_args, sp.max_tokens, server_defaults(), self.family)
         end_ids = set(sp.stop_token_ids or ())
         if sp.eos_token_id is not None:
             end_ids.add(sp.eos_token_id)
-        state = RequestState(
+        state = new_state(
             prompt_len=len(new.prompt_token_ids),
             params=params,
             logits_shift=self.logits_shift,
@@ -118,6 +124,16 @@ class Denoiser:
         engine_seed = self.runner.model_config.seed or 0
         return (zlib.crc32(new.req_id.encode()) << 32 | engine_seed) & (2**63 - 1)
 
+    def _staging(self, size: int) -> np.ndarray:
+        """The pinned staging array of a step's packed integers, grown when a step needs more.
+
+        The previous step ended with its device-to-host transfer, so no copy from the old
+        buffer is still in flight when it is replaced.
+        """
+        if size > self._packed.numel():
+            self._packed = torch.empty(2 * size, dtype=torch.int32, pin_memory=self._pin)
+        return self._packed.numpy()[:size]
+
     # ---- the step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -131,15 +147,17 @@ class Denoiser:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self.states[r] for r in req_ids]
         slots = [self.slots[r] for r in req_ids]
-        shape = pack(states, slots, self._packed.numpy())
+        shape = pack(states, slots, self._staging)
         if shape.num_tokens != scheduler_output.total_num_scheduled_tokens:
             raise RuntimeError(
                 f"scheduled {scheduler_output.total_num_scheduled_tokens} tokens, the step plans "
                 f"need {shape.num_tokens}"
             )
+        size = packed_size(shape.num_reqs, shape.num_windows)
         meta = StepTensors(
-            self._packed[: packed_size(shape.num_reqs)].to(self.device, non_blocking=True),
+            self._packed[:size].to(self.device, non_blocking=True),
             shape.num_reqs,
+            shape.num_windows,
         )
         hidden = self._forward(meta, shape)
         cand = candidates(self.canvases, meta, shape)
@@ -175,19 +193,17 @@ class Denoiser:
         )
         slot_array = np.asarray(slots)
         self.canvases.apply_commits(slot_array, positions, committed)
-        num_committed = (committed >= 0).sum(axis=1)
         sampled: list[list[int]] = []
         next_windows: dict[str, int] = {}
         finished: dict[str, tuple[int, bool]] = {}
         for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
-            final_end = state.advance(int(num_committed[i]), int(first_masked[i]))
+            final_end = state.advance(committed[i], int(first_masked[i]))
             start, stop = state.newly_final(final_end)
             sampled.append(state.emit(self.canvases.host[slots[i], start:stop].tolist(), final_end))
             if state.done:
-                finished[req_id] = (state.block, state.early_stop)
+                finished[req_id] = (state.blocks_done, state.early_stop)
             else:
-                plan = state.plan()
-                next_windows[req_id] = plan.end - plan.start
+                next_windows[req_id] = state.plan().num_tokens
         return DllmRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -207,12 +223,14 @@ class Denoiser:
         common = CommonAttentionMetadata(
             query_start_loc=meta.query_start,
             query_start_loc_cpu=torch.from_numpy(shape.query_start.copy()),
-            seq_lens=meta[Field.SEQ_LEN],
-            num_reqs=shape.num_reqs,
+            seq_lens=meta.window(WindowField.KEY_END),
+            num_reqs=shape.num_windows,
             num_actual_tokens=shape.num_tokens,
             max_query_len=shape.max_query_len,
-            max_seq_len=int(shape.seq_lens.max()),
-            block_table_tensor=self.canvases.block_table[meta[Field.SLOT].to(torch.int64)],
+            max_seq_len=int(shape.key_ends.max()),
+            block_table_tensor=self.canvases.block_table[
+                meta.window(WindowField.SLOT).to(torch.int64)
+            ],
             slot_mapping=slot_mapping[: shape.num_tokens],
             causal=False,
         )
@@ -249,15 +267,17 @@ class Denoiser:
     # ---- diagnostics ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], windows: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def score(
+        self, token_ids: list[int], windows: list[tuple[int, ...]]
+    ) -> list[torch.Tensor]:
         """Logits (unshifted, fp32, CPU) of a fixed canvas for a sequence of query windows.
 
         Runs the engine's own forward path (resident canvas, paged KV cache, non-causal
-        metadata) for one canvas on scratch KV blocks at the top of the cache, each window
-        attending to keys `[0, L)`; windows after the first see the K/V the earlier ones wrote,
-        exactly as cached steps do. It borrows blocks no request holds only when no request is
-        in flight, so it refuses to run otherwise. Used to check the model and the cache
-        against the oracle.
+        metadata) for one canvas on scratch KV blocks at the top of the cache. A window is
+        `(start, end)`, attending to keys `[0, L)`, or `(start, end, key_end)`; windows after
+        the first see the K/V the earlier ones wrote, exactly as cached steps do. It borrows
+        blocks no request holds only when no request is in flight, so it refuses to run
+        otherwise. Used to check the model and the cache against the oracles.
         """
         if self.states:
             raise RuntimeError("score() needs an idle engine (requests are in flight)")
@@ -267,19 +287,20 @@ class Denoiser:
         slot = self.canvases.add(token_ids, length, list(range(total - num_kv_blocks, total)))
         try:
             results = []
-            for start, end in windows:
-                packed = np.zeros(packed_size(1), dtype=np.int32)
+            for window in windows:
+                start, end, key_end = (*window, length)[:3]
+                packed = np.zeros(packed_size(1, 1), dtype=np.int32)
                 packed[:2] = (0, end - start)
-                fields = packed[2:].reshape(-1, 1)
-                fields[Field.SLOT], fields[Field.WINDOW_START] = slot, start
-                fields[Field.WINDOW_LEN], fields[Field.SEQ_LEN] = end - start, length
+                per_window = packed[2 : 2 + NUM_WINDOW_FIELDS]
+                per_window[:] = (slot, start, end - start, key_end)
+                fields = packed[2 + NUM_WINDOW_FIELDS :].reshape(-1, 1)
                 shape = StepShape(
-                    num_reqs=1, num_tokens=end - start, num_rows=0, block_width=1,
+                    num_reqs=1, num_windows=1, num_tokens=end - start, num_rows=0, block_width=1,
                     max_query_len=end - start, any_samples=False, any_random=False,
-                    query_start=packed[:2], seq_lens=fields[Field.SEQ_LEN],
+                    query_start=packed[:2], key_ends=per_window[WindowField.KEY_END :],
                     block_starts=fields[Field.BLOCK_START], block_lens=fields[Field.BLOCK_LEN],
                 )  # fmt: skip
-                meta = StepTensors(torch.from_numpy(packed).to(self.device), 1)
+                meta = StepTensors(torch.from_numpy(packed).to(self.device), 1, 1)
                 results.append(self.compute_logits(self._forward(meta, shape)).float().cpu())
             return results
         finally:

@@ -34,18 +34,25 @@ from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
+from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
 
 
-def fitted_max_tokens(params: SamplingParams, prompt_len: int, max_canvas_len: int) -> int | None:
-    """`max_tokens` lowered so the canvas fits `max_canvas_len` (None if unset); or raise."""
+def fitted_max_tokens(
+    params: SamplingParams, prompt_len: int, max_canvas_len: int, family: Family = BIDIRECTIONAL
+) -> int | None:
+    """`max_tokens` lowered so the canvas fits `max_canvas_len` (None if unset); or raise.
+
+    This is also where every check that needs the model's family or the prompt runs.
+    """
     if params.max_tokens is None:
         return None
     try:
-        dllm = parse_dllm_params(params.extra_args, params.max_tokens, server_defaults())
-        if prompt_len + dllm.gen_length <= max_canvas_len:
+        dllm = parse_dllm_params(params.extra_args, params.max_tokens, server_defaults(), family)
+        if dllm.canvas_length(prompt_len) <= max_canvas_len:
+            dllm.check_prompt(prompt_len)
             return params.max_tokens
         block = dllm.block_length
-        fitting = (max_canvas_len - prompt_len) // block * block
+        fitting = dllm.fitting_max_tokens(prompt_len, max_canvas_len)
         if fitting < 1:
             raise VLLMValidationError(
                 f"dllm_block_length ({block}) does not fit the context: the prompt "
@@ -54,7 +61,9 @@ def fitted_max_tokens(params: SamplingParams, prompt_len: int, max_canvas_len: i
                 parameter="dllm_block_length",
                 value=block,
             )
-        parse_dllm_params(params.extra_args, fitting, server_defaults())
+        parse_dllm_params(params.extra_args, fitting, server_defaults(), family).check_prompt(
+            prompt_len
+        )
     except DllmParamError as err:
         message = str(err)
         raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
@@ -88,7 +97,9 @@ def install(scheduler_cls: str) -> None:
         params = request.sampling_params
         if params is not None and is_diffusion(self):
             prompt_len = len(request.prompt_token_ids or ())
-            params.max_tokens = fitted_max_tokens(params, prompt_len, _max_canvas_len(self))
+            params.max_tokens = fitted_max_tokens(
+                params, prompt_len, _max_canvas_len(self), family_of(self.model_config.hf_config)
+            )
         return request
 
     generate = AsyncLLM.generate
@@ -104,7 +115,12 @@ def install(scheduler_cls: str) -> None:
         ):
             validate_request(sampling_params)
             prompt_len = len(prompt["prompt_token_ids"])
-            fitted_max_tokens(sampling_params, prompt_len, _max_canvas_len(processor))
+            fitted_max_tokens(
+                sampling_params,
+                prompt_len,
+                _max_canvas_len(processor),
+                family_of(processor.model_config.hf_config),
+            )
         return generate(self, prompt, sampling_params, *args, **kwargs)
 
     fitting_process_inputs._vllm_dllm = True  # type: ignore[attr-defined]

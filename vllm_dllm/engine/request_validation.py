@@ -13,7 +13,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.config import DllmParamError, check_dllm_args
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
 _UNSUPPORTED = {
@@ -48,10 +48,10 @@ def validate_request(params: SamplingParams) -> None:
             parameter="top_k",
             value=params.top_k,
         )
-    if params.max_tokens is None:
-        return  # resolved later from the prompt length; the scheduler re-checks at admission
+    # Checks that need the model's family or the prompt run right after vLLM's own input
+    # processing (`vllm_dllm.engine.front_end`), which knows both; the scheduler re-checks.
     try:
-        parse_dllm_params(params.extra_args, params.max_tokens, server_defaults())
+        check_dllm_args(params.extra_args)
     except DllmParamError as err:
         message = str(err)
         # DllmParamError messages start with the parameter's name.

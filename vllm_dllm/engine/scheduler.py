@@ -31,9 +31,11 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.denoising.request import first_step_tokens
 from vllm_dllm.engine.compat import scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
+from vllm_dllm.families import family_of
 
 logger = init_logger(__name__)
 
@@ -58,6 +60,7 @@ class DllmScheduler(Scheduler):
             envs.VLLM_LOG_STATS_INTERVAL if self.log_stats else None,
         )
         self._rejected: dict[str, tuple[Request, str]] = {}
+        self._family = family_of(self.vllm_config.model_config.hf_config)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self.current_step += 1
@@ -79,10 +82,11 @@ class DllmScheduler(Scheduler):
 
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
-            canvas_len = self._admission_canvas_len(request)
-            if canvas_len is None:
+            admission = self._admission(request)
+            if admission is None:
                 continue  # rejected: finished with an error, no longer waiting
-            if canvas_len > token_budget:
+            canvas_len, first_window = admission
+            if first_window > token_budget:
                 break
             blocks = self.kv_cache_manager.allocate_slots(request, canvas_len)
             if blocks is None:
@@ -99,10 +103,10 @@ class DllmScheduler(Scheduler):
                     num_local_cached_tokens=0,
                     num_external_cached_tokens=0,
                 )
-            self._tracked[request.request_id] = _Tracked(next_window=canvas_len)
+            self._tracked[request.request_id] = _Tracked(next_window=first_window)
             new_blocks[request.request_id] = blocks
-            num_scheduled_tokens[request.request_id] = canvas_len
-            token_budget -= canvas_len
+            num_scheduled_tokens[request.request_id] = first_window
+            token_budget -= first_window
             new_reqs.append(request)
 
         for req_id, n in num_scheduled_tokens.items():
@@ -125,21 +129,26 @@ class DllmScheduler(Scheduler):
         self.finished_req_ids = set()
         return output
 
-    def _admission_canvas_len(self, request: Request) -> int | None:
-        """The canvas length of a waiting request; None (and queued as an error) if invalid."""
+    def _admission(self, request: Request) -> tuple[int, int] | None:
+        """A waiting request's canvas length and first step's tokens; None (and queued as an
+        error) if invalid."""
         params = request.sampling_params
         assert params is not None
+        prompt_len = request.num_prompt_tokens
         try:
-            dllm = parse_dllm_params(params.extra_args, request.max_tokens, server_defaults())
+            dllm = parse_dllm_params(
+                params.extra_args, request.max_tokens, server_defaults(), self._family
+            )
+            dllm.check_prompt(prompt_len)
         except DllmParamError as err:
             self._reject(request, str(err))
             return None
-        canvas_len = dllm.canvas_length(request.num_prompt_tokens)
+        canvas_len = dllm.canvas_length(prompt_len)
         if canvas_len > self.max_model_len:
             self._reject(
                 request,
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens rounded up to a "
-                f"multiple of dllm_block_length ({dllm.gen_length}) = {canvas_len} exceeds the "
+                f"the canvas (prompt of {prompt_len} tokens + max_tokens, rounded up to whole "
+                f"blocks of dllm_block_length {dllm.block_length}) = {canvas_len} exceeds the "
                 f"model's max_model_len ({self.max_model_len})",
             )
             return None
@@ -150,7 +159,7 @@ class DllmScheduler(Scheduler):
                 f"({self.max_num_scheduled_tokens}); a block's first step is one forward over it",
             )
             return None
-        return canvas_len
+        return canvas_len, first_step_tokens(dllm, prompt_len)
 
     def _reject(self, request: Request, reason: str) -> None:
         """Fail one request (its output goes out with the next step); the others carry on."""

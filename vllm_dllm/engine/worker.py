@@ -29,7 +29,7 @@ class DllmWorkerMixin:
         return self.denoiser.step(scheduler_output)
 
     def dllm_score(
-        self, token_ids: list[int], windows: list[tuple[int, int]]
+        self, token_ids: list[int], windows: list[tuple[int, ...]]
     ) -> list[list[list[float]]]:
         """`LLM.collective_rpc("dllm_score", args=(ids, windows))`: see `Denoiser.score`."""
         return [logits.tolist() for logits in self.denoiser.score(token_ids, windows)]

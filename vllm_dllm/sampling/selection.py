@@ -18,6 +18,8 @@ class SelectionRule(IntEnum):
     THRESHOLD = 0
     FACTOR = 1
     STEPS = 2
+    #: SDAR's `low_confidence_dynamic`: the threshold rule when it commits at least the quota.
+    DYNAMIC = 3
 
 
 def select(
@@ -43,7 +45,9 @@ def select(
             (The reference code selects *all* candidates when the scan fails only at the last one;
             this does not.)
         quota: `[R]` int64, used by STEPS rows: select the `quota` most confident candidates,
-            clipped to the number of candidates and raised to 1.
+            clipped to the number of candidates and raised to 1. DYNAMIC rows: every candidate
+            with `conf >= t` if there are at least `quota` of them (clipped as for STEPS), else
+            the `quota` most confident.
 
     Every row with at least one candidate selects at least one; a row without candidates selects
     nothing. Ties in confidence go to the lower position (stable sort on descending confidence).
@@ -69,11 +73,21 @@ def select(
 
     by_steps = rank < quota.clamp(min=1).unsqueeze(-1)
 
+    above = sorted_conf >= threshold.to(confidence.dtype).unsqueeze(-1)
+    num_above = (above & is_candidate).sum(dim=-1, keepdim=True)
+    enough = num_above >= torch.minimum(quota.clamp(min=1).unsqueeze(-1),
+                                        candidate_mask.sum(dim=-1, keepdim=True))  # fmt: skip
+    by_dynamic = torch.where(enough, above, by_steps)
+
     rule = rule_id.unsqueeze(-1)
     chosen_sorted = torch.where(
         rule == SelectionRule.THRESHOLD,
         by_threshold,
-        torch.where(rule == SelectionRule.FACTOR, by_factor, by_steps),
+        torch.where(
+            rule == SelectionRule.FACTOR,
+            by_factor,
+            torch.where(rule == SelectionRule.DYNAMIC, by_dynamic, by_steps),
+        ),
     )
     chosen_sorted &= is_candidate
     return torch.zeros_like(candidate_mask).scatter_(-1, order, chosen_sorted)

@@ -1,0 +1,125 @@
+"""Model families and what their decoding loops accept.
+
+Two kinds of diffusion LM are served by one engine:
+
+- **bidirectional** (LLaDA, Dream): every position attends to the whole canvas; Fast-dLLM's
+  approximate cache modes and three selection rules apply.
+- **block diffusion** (Fast-dLLM v2, SDAR): blocks of `B` positions aligned to position 0, a
+  query in block k attends to blocks `0..k` only, so a finished block's K/V is exact and final.
+  Each family has its own released loop (docs/design.md, "Block-diffusion families"), its own
+  parameters and its own defaults; a parameter that has no meaning for a family is rejected
+  rather than ignored, so a request never silently gets something other than what it asked for.
+
+`family_of` reads the family from the Hugging Face config, which every vLLM process holds (the
+front end validating a request, the scheduler sizing its canvas, the workers decoding it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Loop(str, Enum):
+    """Which decoding loop a family runs (`vllm_dllm.denoising.request`)."""
+
+    BIDIRECTIONAL = "bidirectional"
+    FAST_DLLM_V2 = "fast_dllm_v2"
+    SDAR = "sdar"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's loop and the per-request parameters it accepts, with its defaults."""
+
+    name: str
+    loop: Loop
+    #: Block length of the loop: the trained block for block-diffusion families.
+    block_length: int
+    #: Whether `dllm_block_length` may differ from `block_length`.
+    block_length_overridable: bool
+    #: `dllm_*` keys the family accepts (any other known key is rejected for it).
+    params: frozenset[str]
+    default_cache: str
+    default_threshold: float
+    #: Values of `dllm_remasking` the family accepts (its first is the default).
+    remasking: tuple[str, ...]
+    caches: tuple[str, ...] = ()
+
+    @property
+    def block_causal(self) -> bool:
+        return self.loop is not Loop.BIDIRECTIONAL
+
+
+_BIDIRECTIONAL_PARAMS = frozenset({
+    "dllm_block_length", "dllm_cache", "dllm_threshold", "dllm_factor", "dllm_steps",
+    "dllm_remasking",
+})  # fmt: skip
+
+BIDIRECTIONAL = Family(
+    name="bidirectional (LLaDA, Dream)",
+    loop=Loop.BIDIRECTIONAL,
+    block_length=32,
+    block_length_overridable=True,
+    params=_BIDIRECTIONAL_PARAMS,
+    default_cache="dual",
+    default_threshold=0.9,
+    remasking=("low_confidence", "random"),
+    caches=("none", "prefix", "dual"),
+)
+
+#: Default threshold of both block-diffusion loops: Fast-dLLM v2's `batch_sample` default and
+#: SDAR's evaluation setting behind its published numbers (its generate.py says 0.85, its
+#: README 0.9).
+BLOCK_DIFFUSION_THRESHOLD = 0.95
+#: Fast-dLLM v2's `small_block_size` default.
+DEFAULT_SUB_BLOCK_LENGTH = 8
+#: SDAR's block when its config does not say (the released 4B/8B configs do not).
+SDAR_DEFAULT_BLOCK = 4
+#: Fast-dLLM v2's block when its config does not say (`bd_size` of the releases).
+FAST_DLLM_V2_DEFAULT_BLOCK = 32
+
+
+def fast_dllm_v2(block_length: int) -> Family:
+    """Fast-dLLM v2: its modeling code builds the attention mask from the config's `bd_size`,
+    so the block is fixed; the sub-block cache (`dllm_cache: dual`) is its approximation."""
+    return Family(
+        name="Fast-dLLM v2",
+        loop=Loop.FAST_DLLM_V2,
+        block_length=block_length,
+        block_length_overridable=False,
+        params=frozenset({"dllm_block_length", "dllm_cache", "dllm_threshold",
+                          "dllm_sub_block_length"}),  # fmt: skip
+        default_cache="none",
+        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+        remasking=("low_confidence",),
+        caches=("none", "dual"),
+    )
+
+
+def sdar(block_length: int) -> Family:
+    """SDAR: its generate script takes the block length as an argument; its cache is exact, so
+    there is no cache mode to choose."""
+    return Family(
+        name="SDAR",
+        loop=Loop.SDAR,
+        block_length=block_length,
+        block_length_overridable=True,
+        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps",
+                          "dllm_remasking"}),  # fmt: skip
+        default_cache="none",
+        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+        remasking=("low_confidence_dynamic", "low_confidence_static"),
+    )
+
+
+def family_of(hf_config: Any) -> Family:
+    """The family of a checkpoint, from its Hugging Face config."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "Fast_dLLM_Qwen":
+        block = getattr(hf_config, "bd_size", None) or FAST_DLLM_V2_DEFAULT_BLOCK
+        return fast_dllm_v2(int(block))
+    if model_type == "sdar":
+        return sdar(int(getattr(hf_config, "block_size", None) or SDAR_DEFAULT_BLOCK))
+    return BIDIRECTIONAL
