@@ -4,15 +4,20 @@ What is as released (inclusionAI/LLaDA2.0-mini, read through public copies of it
 ``configuration_llada2_moe.py`` / ``modeling_llada2_moe.py``): the config.json keys (the
 upstream config class's, plus the router keys the Ling-2.0 family ships:
 ``moe_router_enable_expert_bias``, ``norm_topk_prob``, ``score_function``, ``router_dtype``),
-``pad_token_id`` and ``eos_token_id`` both the ``<|endoftext|>`` id, an untied LM head, and the
-safetensors names of ``LLaDA2MoeModelLM``'s state dict: ``model.word_embeddings``, per layer
+``pad_token_id`` the ``<|endoftext|>`` id, an untied LM head, and the safetensors names of
+``LLaDA2MoeModelLM``'s state dict: ``model.word_embeddings``, per layer
 ``attention.query_key_value`` (one fused q/k/v matrix), ``attention.query_layernorm`` /
 ``key_layernorm``, ``attention.dense``, dense ``mlp.{gate,up,down}_proj`` in the first
 ``first_k_dense_replace`` layers, then ``mlp.gate.weight`` with its ``mlp.gate.expert_bias``
-buffer, ``mlp.experts.{e}.*`` and ``mlp.shared_experts.*``; ``model.norm``, ``lm_head``. The
-tokenizer names ``<|endoftext|>`` its EOS and ``<|mask|>`` its mask token; the chat template
-writes the Ling-2.0 turns (``<role>SYSTEM</role>detailed thinking off<|role_end|>
-<role>HUMAN</role>...<|role_end|><role>ASSISTANT</role>``).
+buffer, ``mlp.experts.{e}.*`` and ``mlp.shared_experts.*``; ``model.norm``, ``lm_head``.
+
+Not verified against the release's own files (written as the Ling-2.0 family and the published
+LLaDA 2.0 prompts show them): ``eos_token_id`` in config.json (the ``<|endoftext|>`` id, which
+is the release generate()'s ``eos_id`` default); the tokenizer naming ``<|endoftext|>`` its EOS
+and ``<|mask|>`` its mask token (the public LLaDA 2.1 samplers read both from the tokenizer);
+the chat template, reconstructed from the published prompt
+``<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>...<|role_end|>
+<role>ASSISTANT</role>`` rather than copied.
 
 Deliberate differences (none changes how a loader reads the files):
 - tiny sizes: 3 layers (the first dense), 4 routed experts in 2 groups, top-2 from 1 group, one
