@@ -14,8 +14,12 @@ def register_configs() -> None:
     from transformers import AutoConfig
 
     from vllm_dllm.transformers_utils.configs import DreamConfig, LLaDAConfig
+    from vllm_dllm.transformers_utils.configs.llada2_moe import LLaDA2MoeConfig
 
     for config_cls in (LLaDAConfig, DreamConfig):
         # ValueError: already registered in this process (register() may run more than once).
         with contextlib.suppress(ValueError):
             AutoConfig.register(config_cls.model_type, config_cls)
+    # LLaDA 2.x (model_type llada2_moe); transformers has no class of its own for it.
+    with contextlib.suppress(ValueError):
+        AutoConfig.register(LLaDA2MoeConfig.model_type, LLaDA2MoeConfig)
