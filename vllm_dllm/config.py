@@ -220,13 +220,18 @@ class DllmParams:
 
     def check_prompt(self, prompt_len: int) -> None:
         """Checks that need the prompt's length: SDAR's steps must divide into its blocks."""
-        if self.family.loop is Loop.SDAR and self.steps is not None:
+        if self.family.loop in (Loop.SDAR, Loop.LLADA2) and self.steps is not None:
             blocks = self.decoded_blocks(prompt_len)
             if self.steps % blocks:
                 raise DllmParamError(
                     f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
                     f"decoded ({blocks}: the block holding the prompt's end up to the one holding "
                     f"prompt + max_tokens)"
+                )
+            if self.steps // blocks > self.block_length:
+                raise DllmParamError(
+                    f"dllm_steps ({self.steps}) gives {self.steps // blocks} steps per block, "
+                    f"more than the block length ({self.block_length})"
                 )
 
     @property

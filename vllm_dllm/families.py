@@ -4,8 +4,9 @@ Two kinds of diffusion LM are served by one engine:
 
 - **bidirectional** (LLaDA, Dream): every position attends to the whole canvas; Fast-dLLM's
   approximate cache modes and three selection rules apply.
-- **block diffusion** (Fast-dLLM v2, SDAR): blocks of `B` positions aligned to position 0, a
-  query in block k attends to blocks `0..k` only, so a finished block's K/V is exact and final.
+- **block diffusion** (Fast-dLLM v2, SDAR, LLaDA 2.x): blocks of `B` positions aligned to
+  position 0, a query in block k attends to blocks `0..k` only, so a finished block's K/V is
+  exact and final.
   Each family has its own released loop (docs/design.md, "Block-diffusion families"), its own
   parameters and its own defaults; a parameter that has no meaning for a family is rejected
   rather than ignored, so a request never silently gets something other than what it asked for.
@@ -27,6 +28,7 @@ class Loop(str, Enum):
     BIDIRECTIONAL = "bidirectional"
     FAST_DLLM_V2 = "fast_dllm_v2"
     SDAR = "sdar"
+    LLADA2 = "llada2"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,25 @@ def sdar(block_length: int) -> Family:
     )
 
 
+#: LLaDA 2.x's block (its generate's default; the config does not say).
+LLADA2_DEFAULT_BLOCK = 32
+
+
+def llada2(block_length: int) -> Family:
+    """LLaDA 2.x: SDAR's dynamic rule with its own defaults (threshold 0.95, one token per step
+    at least: 32 steps per block of 32); its generate takes the block length as an argument."""
+    return Family(
+        name="LLaDA 2",
+        loop=Loop.LLADA2,
+        block_length=block_length,
+        block_length_overridable=True,
+        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps"}),
+        default_cache="none",
+        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+        remasking=("low_confidence_dynamic",),
+    )
+
+
 def family_of(hf_config: Any) -> Family:
     """The family of a checkpoint, from its Hugging Face config."""
     model_type = getattr(hf_config, "model_type", None)
@@ -122,4 +143,6 @@ def family_of(hf_config: Any) -> Family:
         return fast_dllm_v2(int(block))
     if model_type == "sdar":
         return sdar(int(getattr(hf_config, "block_size", None) or SDAR_DEFAULT_BLOCK))
+    if model_type == "llada2_moe":
+        return llada2(LLADA2_DEFAULT_BLOCK)
     return BIDIRECTIONAL

@@ -340,6 +340,10 @@ class SdarState(_BlockDiffusionState):
             return self.params.block_length
         return steps // self.params.decoded_blocks(self.prompt_len)
 
+    @property
+    def _dynamic(self) -> bool:
+        return self.params.remasking == "low_confidence_dynamic"
+
     def plan(self) -> StepPlan:
         if self.phase is _Phase.PREFILL:
             return self._prefill()
@@ -353,11 +357,10 @@ class SdarState(_BlockDiffusionState):
         block = self.params.block_length
         if self.phase is _Phase.PREFILL:
             return Targets(self.block_start, block, 0, 0, 0, SelectionRule.THRESHOLD)
-        dynamic = self.params.remasking == "low_confidence_dynamic"
         quota = int(steps_quota(block, self._steps_per_block, self.rule_step))
         return Targets(
             self.block_start, block, 0, block, int(self.masked.sum()),
-            SelectionRule.DYNAMIC if dynamic else SelectionRule.STEPS, quota,
+            SelectionRule.DYNAMIC if self._dynamic else SelectionRule.STEPS, quota,
         )  # fmt: skip
 
     def advance(self, committed: np.ndarray, first_masked: int) -> int:
@@ -374,10 +377,26 @@ class SdarState(_BlockDiffusionState):
         return final_end
 
 
+@dataclass
+class Llada2State(SdarState):
+    """LLaDA 2.0's `generate` (docs/design.md): SDAR's dynamic rule and block loop, with the
+    release's step cap: steps per block at most `max_tokens` (its
+    `min(steps, gen_length // minimal_topk)`)."""
+
+    @property
+    def _steps_per_block(self) -> int:
+        return min(super()._steps_per_block, self.params.max_tokens)
+
+    @property
+    def _dynamic(self) -> bool:
+        return True
+
+
 _STATES: dict[Loop, type[RequestState]] = {
     Loop.BIDIRECTIONAL: BidirectionalState,
     Loop.FAST_DLLM_V2: FastDllmV2State,
     Loop.SDAR: SdarState,
+    Loop.LLADA2: Llada2State,
 }
 
 
