@@ -1,4 +1,5 @@
-"""The block-diffusion oracle (tests/reference/block_*.py) and its tiny checkpoints.
+"""The block-diffusion oracle (tests/reference/block_*.py) and its tiny checkpoints
+(vllm_dllm/testing/block_checkpoints.py).
 
 No vLLM here: these tests pin down the specification the engine will be compared against, so
 they check the oracle against independent facts: transformers' own Qwen2 / Qwen3 forwards under
@@ -23,14 +24,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tests.reference.block_checkpoints import (
-    ENDOFTEXT,
-    IM_END,
-    MASK,
-    BlockShape,
-    write_fast_dllm_v2_checkpoint,
-    write_sdar_checkpoint,
-)
 from tests.reference.block_generate import (
     _filtered_probs,
     generate_fast_dllm_v2,
@@ -41,6 +34,14 @@ from tests.reference.block_model import (
     SDAR,
     BlockReferenceModel,
     block_causal_mask,
+)
+from vllm_dllm.testing.block_checkpoints import (
+    ENDOFTEXT,
+    IM_END,
+    MASK,
+    BlockShape,
+    write_fast_dllm_v2_checkpoint,
+    write_sdar_checkpoint,
 )
 
 PROMPT = list(b"Hello, world")  # 12 tokens: ends inside Fast-dLLM v2's first block of 32

@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 MODEL_CLASSES: dict[str, str] = {
     "LLaDAModelLM": "vllm_dllm.model_executor.models.llada:LLaDAModelLM",
     "DreamModel": "vllm_dllm.model_executor.models.dream:DreamModel",
+    "Fast_dLLM_QwenForCausalLM": (
+        "vllm_dllm.model_executor.models.fast_dllm_v2:Fast_dLLM_QwenForCausalLM"
+    ),
+    "SDARForCausalLM": "vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
 }
 
 _registered = False

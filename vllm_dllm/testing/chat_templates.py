@@ -1,4 +1,5 @@
-"""The chat templates of the released LLaDA and Dream tokenizers, written into tiny checkpoints."""
+"""The chat templates written into tiny checkpoints: LLaDA's and Dream's as released, and a
+short ChatML one for the block-diffusion families."""
 
 # Verbatim from GSAI-ML/LLaDA-8B-Instruct tokenizer_config.json (it always ends with the
 # assistant header, whatever add_generation_prompt says).
@@ -66,3 +67,12 @@ DREAM_CHAT_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """  # noqa: E501  (a chat template is data; its lines stay as released)
+
+# Fast-dLLM v2 and SDAR use the Qwen2.5 / Qwen3 ChatML templates; tiny checkpoints keep only the
+# turn markers (system, user and assistant turns; no tools, no thinking tags).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)

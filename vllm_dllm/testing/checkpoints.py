@@ -14,7 +14,8 @@ Deliberate differences from the releases (none changes how a loader reads the fi
 - Dream's tokenizer is a ``PreTrainedTokenizerFast`` (tokenizer.json), where the release ships
   a custom ``DreamTokenizer`` behind ``auto_map`` (that would need trust_remote_code).
 
-Usage: ``python -m vllm_dllm.testing.checkpoints {llada,dream} OUT_DIR [--preset tiny|mid]``.
+Usage: ``python -m vllm_dllm.testing.checkpoints {llada,dream} OUT_DIR [--preset tiny|mid]``;
+``fast_dllm_v2`` and ``sdar`` (tiny only) are written by `block_checkpoints`.
 """
 
 import argparse
@@ -352,17 +353,32 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: write one checkpoint and print its directory."""
+    from vllm_dllm.testing.block_checkpoints import (
+        write_fast_dllm_v2_checkpoint,
+        write_sdar_checkpoint,
+    )
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=["llada", "dream"])
+    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar"])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--preset", choices=["tiny", "mid"], default="tiny")
+    parser.add_argument(
+        "--preset", choices=["tiny", "mid"], default="tiny", help="mid: LLaDA and Dream only"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lm-head-scale", type=float, default=1.0)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     args = parser.parse_args(argv)
-    options = {"seed": args.seed, "lm_head_scale": args.lm_head_scale,
-               "dtype": _DTYPES[args.dtype]}
-    if args.family == "llada":
+    dtype = _DTYPES[args.dtype]
+    options = {"seed": args.seed, "lm_head_scale": args.lm_head_scale, "dtype": dtype}
+    block_writers = {"fast_dllm_v2": write_fast_dllm_v2_checkpoint, "sdar": write_sdar_checkpoint}
+    if args.family in block_writers:
+        if args.preset != "tiny":
+            parser.error(f"{args.family} has only the tiny preset")
+        # The block-diffusion writers scale the final norm, which scales the logits alike for a
+        # tied and an untied LM head.
+        write = block_writers[args.family]
+        print(write(args.out_dir, seed=args.seed, logit_scale=args.lm_head_scale, dtype=dtype))
+    elif args.family == "llada":
         ckpt = LLADA_TINY if args.preset == "tiny" else LLADA_MID
         print(write_llada_checkpoint(args.out_dir, ckpt, **options))
     else:

@@ -1,9 +1,11 @@
-"""The Llama-style bidirectional transformer that LLaDA and Dream share, on vLLM layers.
+"""The Llama-style non-causal transformer body that every family of this package shares.
 
-Both families are pre-norm transformers with RoPE (rotate-half), SwiGLU MLPs and RMSNorm; they
-differ in tensor names, q/k/v biases, grouped KV heads and how logits map to positions. This
-module holds the common body with tensor-parallel layers; `llada.py` and `dream.py` only map
-their checkpoints onto it.
+LLaDA, Dream, Fast-dLLM v2 and SDAR are pre-norm transformers with RoPE (rotate-half), SwiGLU
+MLPs and RMSNorm; they differ in tensor names, q/k/v biases, grouped KV heads, Qwen3's per-head
+q/k norm and free head size (SDAR), a tied LM head (Fast-dLLM v2 1.5B) and how logits map to
+positions. This module holds the common body with tensor-parallel layers; the family modules
+only map their checkpoints onto it. Which keys a query sees (all of the canvas, or block-causal)
+is the attention metadata's business, not the model's.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class DiffusionAttention(nn.Module):
                 f"{shape.num_heads} attention heads cannot be split over "
                 f"tensor_parallel_size={tp_size}"
             )
-        self.head_dim = shape.hidden_size // shape.num_heads
+        self.head_dim = shape.head_dim
         self.num_heads = shape.num_heads // tp_size
         # Fewer KV heads than ranks: vLLM replicates them (QKVParallelLinear does the same).
         self.num_kv_heads = max(1, shape.num_kv_heads // tp_size)
@@ -70,7 +72,7 @@ class DiffusionAttention(nn.Module):
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            shape.num_heads * self.head_dim,
+            shape.q_size,
             shape.hidden_size,
             bias=False,
             quant_config=quant_config,
@@ -91,10 +93,18 @@ class DiffusionAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
         )
+        # Qwen3 (SDAR): one RMSNorm over each head of q and of k, applied before RoPE.
+        self.qk_norm = shape.qk_norm
+        if shape.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=shape.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=shape.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.view(-1, self.num_heads, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         output, _ = self.o_proj(self.attn(q, k, v))
         return output
@@ -195,13 +205,19 @@ FUSED_PROJECTIONS = WeightsMapper(
 
 
 class DiffusionLM(nn.Module):
-    """Base of the vLLM model classes: body, untied LM head and a strict weight loader.
+    """Base of the vLLM model classes: body, LM head and a strict weight loader.
 
     Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
-    `shape_from_config` (which config options the family supports, and whether q/k/v carry
-    biases) and set `logits_shift`: the model's contract with the sampler about which hidden
-    state predicts a canvas position. 0: position j is predicted from hidden state j (LLaDA).
-    1: from hidden state j - 1 (Dream's shifted logits).
+    `shape_from_config` (which config options the family supports, whether q/k/v carry
+    biases or a per-head norm) and set `logits_shift`: the model's contract with the sampler
+    about which hidden state predicts a canvas position. 0: position j is predicted from hidden
+    state j (LLaDA, SDAR). 1: from hidden state j - 1 (Dream's and Fast-dLLM v2's shifted
+    logits). `mask_token_id` is the config's; a family whose config may lack it overrides
+    `mask_token_id_from`.
+
+    A tied LM head (`tie_word_embeddings`) shares the embedding's parameter, as vLLM's Qwen2
+    does; `named_parameters()` then lists it once, as `model.embed_tokens.weight`, so the
+    strict loader expects no `lm_head.weight`, which tied releases do not ship.
     """
 
     logits_shift: int = 0
@@ -216,7 +232,7 @@ class DiffusionLM(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.shape = self.shape_from_config(config)
-        self.mask_token_id: int = int(config.mask_token_id)
+        self.mask_token_id: int = self.mask_token_id_from(vllm_config)
         quant_config = vllm_config.quant_config
         self.model = DiffusionTransformer(
             vllm_config=vllm_config, shape=self.shape, prefix=_join(prefix, "model")
@@ -227,6 +243,8 @@ class DiffusionLM(nn.Module):
             quant_config=quant_config,
             prefix=_join(prefix, "lm_head"),
         )
+        if self.shape.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.shape.vocab_size)
         if quant_config is not None:
             method = vllm_config.model_config.quantization or quant_config.get_name()
@@ -235,6 +253,10 @@ class DiffusionLM(nn.Module):
     @staticmethod
     def shape_from_config(config: PretrainedConfig) -> TransformerShape:
         raise NotImplementedError
+
+    @classmethod
+    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
+        return int(vllm_config.model_config.hf_config.mask_token_id)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

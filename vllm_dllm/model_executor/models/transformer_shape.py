@@ -1,4 +1,4 @@
-"""The sizes of the bidirectional transformer body that LLaDA and Dream share.
+"""The sizes of the transformer body that every family of this package shares.
 
 Kept free of vLLM imports: the test-fixture writer (`vllm_dllm.testing`) describes its random
 checkpoints with the same shape, and the training example uses it without loading vLLM.
@@ -17,8 +17,13 @@ class TransformerShape:
     Read once from the standard attributes that each family's config class defines
     (`vllm_dllm.transformers_utils.configs`): the config class is the only place that knows how
     a checkpoint's own keys and their defaults resolve (LLaDA's multi-query attention, MLP
-    ratio, embedding size; either family's RoPE theta), so the model and vLLM's KV-cache sizing
+    ratio, embedding size; every family's RoPE theta), so the model and vLLM's KV-cache sizing
     can never disagree.
+
+    `qkv_bias` and `qk_norm` (an RMSNorm over each head of q and k before RoPE, Qwen3 style)
+    are properties of the family, not of a config key, so the model class passes them.
+    `explicit_head_dim` is the config's `head_dim` where it has one (Qwen3 bodies, whose heads
+    need not split the hidden size); `None` means `hidden_size / num_heads`.
     """
 
     hidden_size: int
@@ -31,9 +36,12 @@ class TransformerShape:
     rope_theta: float
     max_position: int
     qkv_bias: bool
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    explicit_head_dim: int | None = None
 
     @classmethod
-    def from_config(cls, config: Any, *, qkv_bias: bool) -> TransformerShape:
+    def from_config(cls, config: Any, *, qkv_bias: bool, qk_norm: bool = False) -> TransformerShape:
         return cls(
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
@@ -45,11 +53,19 @@ class TransformerShape:
             rope_theta=config.rope_parameters["rope_theta"],
             max_position=config.max_position_embeddings,
             qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            tie_word_embeddings=bool(config.tie_word_embeddings),
+            explicit_head_dim=getattr(config, "head_dim", None),
         )
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def q_size(self) -> int:
+        """Rows of the q projection (columns of the output projection)."""
+        return self.num_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:

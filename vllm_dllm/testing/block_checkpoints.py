@@ -17,6 +17,8 @@ Deliberate differences (none changes how a loader reads the files):
 - a byte-level tokenizer (256 byte tokens, no merges) and a short ChatML chat template (system,
   user and assistant turns; no tools, no thinking tags) instead of the Qwen BPE tokenizer;
 - one ``model.safetensors`` instead of shards; generation_config.json holds only the token ids.
+
+Usage: ``python -m vllm_dllm.testing.checkpoints {fast_dllm_v2,sdar} OUT_DIR``.
 """
 
 import json
@@ -28,17 +30,11 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import save_file
 
+from vllm_dllm.testing.chat_templates import CHATML_TEMPLATE
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 ENDOFTEXT, IM_START, IM_END, MASK = 256, 257, 258, 259
 VOCAB_SIZE = 320
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -59,13 +55,27 @@ class BlockShape:
 
 
 # Fast-dLLM v2 1.5B: GQA 12/2, tied head, bd_size 32. Here 2 q heads over 1 kv head.
-BlockShape.FAST_DLLM_V2 = BlockShape(hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64,
-                                     num_layers=2, intermediate_size=256, block_size=32,
-                                     tie_word_embeddings=True)
+BlockShape.FAST_DLLM_V2 = BlockShape(
+    hidden_size=128,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=64,
+    num_layers=2,
+    intermediate_size=256,
+    block_size=32,
+    tie_word_embeddings=True,
+)
 # SDAR 1.7B: 16 q / 8 kv heads of 128 on a 2048 hidden (q width != hidden), untied, block 4.
-BlockShape.SDAR = BlockShape(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64,
-                             num_layers=2, intermediate_size=256, block_size=4,
-                             tie_word_embeddings=False)
+BlockShape.SDAR = BlockShape(
+    hidden_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    num_layers=2,
+    intermediate_size=256,
+    block_size=4,
+    tie_word_embeddings=False,
+)
 
 _SPECIAL_TOKENS = {ENDOFTEXT: "<|endoftext|>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
 
@@ -153,40 +163,70 @@ def sdar_config_dict(shape: BlockShape) -> dict[str, Any]:
     }
 
 
-def write_fast_dllm_v2_checkpoint(path: str | Path, shape: BlockShape = BlockShape.FAST_DLLM_V2,
-                                  *, seed: int = 0, logit_scale: float = 1.0) -> Path:
+def write_fast_dllm_v2_checkpoint(
+    path: str | Path,
+    shape: BlockShape = BlockShape.FAST_DLLM_V2,
+    *,
+    seed: int = 0,
+    logit_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """A random Fast-dLLM v2 checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
-    return _write(Path(path), fast_dllm_v2_config_dict(shape), shape, "|<MASK>|", seed,
-                  logit_scale, qkv_bias=True, qk_norm=False)
+    config = fast_dllm_v2_config_dict(shape)
+    return _write(Path(path), config, shape, "|<MASK>|", seed, logit_scale, dtype,
+                  qkv_bias=True, qk_norm=False)  # fmt: skip
 
 
-def write_sdar_checkpoint(path: str | Path, shape: BlockShape = BlockShape.SDAR, *,
-                          seed: int = 0, logit_scale: float = 1.0) -> Path:
+def write_sdar_checkpoint(
+    path: str | Path,
+    shape: BlockShape = BlockShape.SDAR,
+    *,
+    seed: int = 0,
+    logit_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """A random SDAR checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
-    return _write(Path(path), sdar_config_dict(shape), shape, "<|MASK|>", seed, logit_scale,
-                  qkv_bias=False, qk_norm=True)
+    config = sdar_config_dict(shape)
+    return _write(Path(path), config, shape, "<|MASK|>", seed, logit_scale, dtype,
+                  qkv_bias=False, qk_norm=True)  # fmt: skip
 
 
-def _write(out: Path, config: dict[str, Any], shape: BlockShape, mask_text: str, seed: int,
-           logit_scale: float, *, qkv_bias: bool, qk_norm: bool) -> Path:
+def _write(
+    out: Path,
+    config: dict[str, Any],
+    shape: BlockShape,
+    mask_text: str,
+    seed: int,
+    logit_scale: float,
+    dtype: torch.dtype,
+    *,
+    qkv_bias: bool,
+    qk_norm: bool,
+) -> Path:
+    """Write the files of one checkpoint, its tensors drawn from ``seed`` and stored as
+    ``dtype`` (which config.json's ``torch_dtype`` then names, as a release's does)."""
     out.mkdir(parents=True, exist_ok=True)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": ENDOFTEXT,
         "eos_token_id": [IM_END, ENDOFTEXT],
         "pad_token_id": ENDOFTEXT,
         "transformers_version": config["transformers_version"],
-    })
+    })  # fmt: skip
     _write_tokenizer(out, {**_SPECIAL_TOKENS, MASK: mask_text})
     gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _draw(size, kind, gen, logit_scale)
-               for name, size, kind in _tensors(shape, qkv_bias=qkv_bias, qk_norm=qk_norm)}
+    tensors = {
+        name: _draw(size, kind, gen, logit_scale).to(dtype)
+        for name, size, kind in _tensors(shape, qkv_bias=qkv_bias, qk_norm=qk_norm)
+    }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def _tensors(shape: BlockShape, *, qkv_bias: bool,
-             qk_norm: bool) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def _tensors(
+    shape: BlockShape, *, qkv_bias: bool, qk_norm: bool
+) -> Iterator[tuple[str, tuple[int, ...], str]]:
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
     tied = shape.tie_word_embeddings
@@ -194,8 +234,11 @@ def _tensors(shape: BlockShape, *, qkv_bias: bool,
     for n in range(shape.num_layers):
         p = f"model.layers.{n}."
         yield p + "input_layernorm.weight", (h,), "norm"
-        for proj, rows, kind in (("q_proj", q, "query_key"), ("k_proj", kv, "query_key"),
-                                 ("v_proj", kv, "linear")):
+        for proj, rows, kind in (
+            ("q_proj", q, "query_key"),
+            ("k_proj", kv, "query_key"),
+            ("v_proj", kv, "linear"),
+        ):
             yield p + f"self_attn.{proj}.weight", (rows, h), kind
             if qkv_bias:
                 yield p + f"self_attn.{proj}.bias", (rows,), "bias"
@@ -212,8 +255,9 @@ def _tensors(shape: BlockShape, *, qkv_bias: bool,
         yield "lm_head.weight", (VOCAB_SIZE, h), "lm_head"
 
 
-def _draw(size: tuple[int, ...], kind: str, gen: torch.Generator,
-          logit_scale: float) -> torch.Tensor:
+def _draw(
+    size: tuple[int, ...], kind: str, gen: torch.Generator, logit_scale: float
+) -> torch.Tensor:
     """Initialise so that every sublayer matters and logits are far from uniform.
 
     Unit-variance embeddings (2/sqrt(hidden) when the embedding is also the LM head) and
@@ -256,8 +300,7 @@ def _write_tokenizer(out: Path, special_tokens: dict[int, str]) -> None:
             "split_special_tokens": False,
             "unk_token": None,
         },
-        special_map={"eos_token": _SPECIAL_TOKENS[IM_END],
-                     "pad_token": _SPECIAL_TOKENS[ENDOFTEXT]},
+        special_map={"eos_token": _SPECIAL_TOKENS[IM_END], "pad_token": _SPECIAL_TOKENS[ENDOFTEXT]},
     )
 
 

@@ -1,0 +1,81 @@
+"""What the block-diffusion families (Fast-dLLM v2, SDAR) share on top of the body.
+
+Both are Qwen bodies whose released configs may not name their MASK token: Fast-dLLM v2's never
+does, SDAR's 1.7B does and its larger releases do not. Their generation code then falls back to
+a constant that is the id of the mask token in the released tokenizer. The model classes resolve
+the id once, here, in the order the oracle (`tests/reference/block_model.py`) does, so the engine
+masks and refuses to propose the very token the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from transformers import PretrainedConfig
+from transformers.utils import cached_file
+from vllm.config import VllmConfig
+
+from vllm_dllm.model_executor.models.bidirectional_transformer import DiffusionLM
+
+
+def resolve_mask_token_id(
+    config: PretrainedConfig,
+    tokenizer: str,
+    revision: str | None,
+    mask_token: str,
+    release_default: int,
+) -> int:
+    """The MASK id: config `mask_token_id` if set, else the id of `mask_token` among the
+    tokenizer's added tokens, else `release_default` (the constant of the release's code).
+
+    `tokenizer` is a directory or a hub id (vLLM's `model_config.tokenizer`); its
+    `tokenizer_config.json` lists the added tokens under `added_tokens_decoder`.
+    """
+    if config.mask_token_id is not None:
+        return int(config.mask_token_id)
+    file = cached_file(
+        tokenizer,
+        "tokenizer_config.json",
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if file is not None:
+        with open(file) as f:
+            added = json.load(f).get("added_tokens_decoder", {})
+        for token_id, entry in added.items():
+            if entry.get("content") == mask_token:
+                return int(token_id)
+    return release_default
+
+
+class BlockDiffusionLM(DiffusionLM):
+    """Base of the Fast-dLLM v2 and SDAR model classes.
+
+    Subclasses name their tokenizer's MASK token and the release's fallback id; the body,
+    loader and TP are `DiffusionLM`'s.
+    """
+
+    mask_token: ClassVar[str]
+    release_mask_token_id: ClassVar[int]
+
+    @classmethod
+    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
+        model_config = vllm_config.model_config
+        return resolve_mask_token_id(
+            model_config.hf_config,
+            model_config.tokenizer,
+            model_config.tokenizer_revision,
+            cls.mask_token,
+            cls.release_mask_token_id,
+        )
+
+    @staticmethod
+    def check_config(config: PretrainedConfig) -> None:
+        """Refuse what the releases never use and the body would silently ignore."""
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope_scaling of type {rope_type!r} is not supported")
+        if config.sliding_window is not None:
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
