@@ -8,9 +8,9 @@ import contextlib
 def register_configs() -> None:
     """Make `AutoConfig` read the diffusion configs without `--trust-remote-code`.
 
-    LLaDA, Dream, Fast-dLLM v2, SDAR and LLaDA 2.x checkpoints ship their config classes as remote code
-    (`auto_map`); registering our own classes for their `model_type` lets transformers (and so
-    vLLM) load them locally.
+    LLaDA, Dream, Fast-dLLM v2, SDAR and LLaDA 2.x checkpoints ship their config classes as
+    remote code (`auto_map`); registering our own classes for their `model_type` lets
+    transformers (and so vLLM) load them locally.
     """
     from transformers import AutoConfig
 
