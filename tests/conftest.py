@@ -1,14 +1,26 @@
-"""Shared fixtures: tiny random checkpoints in the released on-disk layouts.
+"""Shared fixtures: tiny random checkpoints in the released on-disk layouts, engines on them.
 
-Session-scoped, so each checkpoint is written once per test run. ``tests/`` is a package, so
-test modules import the oracle as ``from tests.reference import ...``.
+Session-scoped, so each checkpoint is written (and each engine started) once per test run.
+``tests/`` is a package, so test modules import the oracle as ``from tests.reference import ...``.
 """
 
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from vllm_dllm.testing.block_checkpoints import (
+    write_fast_dllm_v2_checkpoint,
+    write_sdar_checkpoint,
+)
 from vllm_dllm.testing.checkpoints import write_dream_checkpoint, write_llada_checkpoint
+
+if TYPE_CHECKING:  # vLLM is imported lazily: a test run that starts no model never loads it
+    from vllm_dllm.model_executor.models.bidirectional_transformer import DiffusionLM
 
 # A scale that makes top-1 probabilities close to 1: every rule commits many tokens per step.
 PEAKED_LM_HEAD_SCALE = 30.0
@@ -24,6 +36,18 @@ def llada_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dream_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Dream TINY checkpoint, seed 0."""
     return write_dream_checkpoint(tmp_path_factory.mktemp("dream_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def fast_dllm_v2_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fast-dLLM v2 tiny checkpoint, seed 0, with the 1.5B release's tied LM head."""
+    return write_fast_dllm_v2_checkpoint(tmp_path_factory.mktemp("fast_dllm_v2_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdar_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDAR tiny checkpoint, seed 0: untied LM head, head_dim not hidden / heads."""
+    return write_sdar_checkpoint(tmp_path_factory.mktemp("sdar_tiny"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +74,26 @@ def dream_engine(dream_tiny_dir: Path):
     from tests.engines import start_engine
 
     llm = start_engine(dream_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fast_dllm_v2_engine(fast_dllm_v2_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny Fast-dLLM v2 checkpoint."""
+    from tests.engines import start_engine
+
+    llm = start_engine(fast_dllm_v2_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sdar_engine(sdar_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny SDAR checkpoint."""
+    from tests.engines import start_engine
+
+    llm = start_engine(sdar_tiny_dir)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -107,3 +151,56 @@ def llada_peaked_engine(llada_peaked_dir: Path):
     llm = start_engine(llada_peaked_dir, max_model_len=256, num_gpu_blocks_override=4)
     yield llm
     llm.llm_engine.engine_core.shutdown()
+
+
+#: Builds the plugin's model class for a checkpoint directory (`build_model`).
+BuildModel = Callable[[Path], "DiffusionLM"]
+
+
+@pytest.fixture(scope="module")
+def build_model() -> Iterator[BuildModel]:
+    """Builds the plugin's model for a checkpoint directory, as vLLM's loader would.
+
+    In this process, with vLLM's own config and layers (a one-rank gloo group stands in for
+    tensor parallelism); no weights are loaded. Module-scoped: the process-wide distributed
+    state lives only while the module that builds models runs.
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import (
+        cleanup_dist_env_and_memory,
+        ensure_model_parallel_initialized,
+        init_distributed_environment,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    from vllm_dllm import register
+
+    register()
+    initialised = False
+
+    def build(checkpoint: Path) -> DiffusionLM:
+        nonlocal initialised
+        config = EngineArgs(
+            model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=512
+        ).create_engine_config()
+        with set_current_vllm_config(config):
+            if not initialised:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                init_distributed_environment(
+                    world_size=1,
+                    rank=0,
+                    local_rank=0,
+                    distributed_init_method=f"tcp://127.0.0.1:{port}",
+                    backend="gloo",
+                )
+                ensure_model_parallel_initialized(1, 1)
+                initialised = True
+            model_cls, _ = get_model_architecture(config.model_config)
+            return model_cls(vllm_config=config)
+
+    yield build
+    if initialised:
+        cleanup_dist_env_and_memory()
