@@ -106,9 +106,10 @@ def test_llada_optional_keys_take_upstream_defaults(llada_tiny_dir, tmp_path, bu
     assert _rope_theta(model) == 10000.0
     assert _kv_heads(model) == heads
     assert model.model.layers[0].mlp.down_proj.input_size == 4 * hidden
-    assert model.lm_head.org_vocab_size == json.loads(
-        (llada_tiny_dir / "config.json").read_text()
-    )["vocab_size"]
+    assert (
+        model.lm_head.org_vocab_size
+        == json.loads((llada_tiny_dir / "config.json").read_text())["vocab_size"]
+    )
 
 
 def test_dream_optional_keys_take_upstream_defaults(dream_tiny_dir, tmp_path, build_model):
