@@ -1,68 +1,22 @@
 """The real model classes: the weight loader names a stray or missing checkpoint tensor, and the
 model's sizes come from the config classes, also for configs that omit optional keys.
 
-The models are built in this process with vLLM's own config and layers (a one-rank gloo group
-stands in for tensor parallelism), so the names and shapes checked are the ones the engine uses.
+The models are built in this process (`build_model` in conftest.py) with vLLM's own config and
+layers, so the names and shapes checked are the ones the engine uses.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import vllm_dllm
 from vllm_dllm.model_executor.models.bidirectional_transformer import DiffusionLM
-
-BuildModel = Callable[[Path], DiffusionLM]
-
-
-@pytest.fixture(scope="module")
-def build_model() -> Iterator[BuildModel]:
-    """Builds the plugin's model for a checkpoint directory, as vLLM's loader would."""
-    from vllm.config import set_current_vllm_config
-    from vllm.distributed import (
-        cleanup_dist_env_and_memory,
-        ensure_model_parallel_initialized,
-        init_distributed_environment,
-    )
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader.utils import get_model_architecture
-
-    vllm_dllm.register()
-    initialised = False
-
-    def build(checkpoint: Path) -> DiffusionLM:
-        nonlocal initialised
-        config = EngineArgs(
-            model=str(checkpoint), dtype="float32", enforce_eager=True, max_model_len=512
-        ).create_engine_config()
-        with set_current_vllm_config(config):
-            if not initialised:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    port = sock.getsockname()[1]
-                init_distributed_environment(
-                    world_size=1,
-                    rank=0,
-                    local_rank=0,
-                    distributed_init_method=f"tcp://127.0.0.1:{port}",
-                    backend="gloo",
-                )
-                ensure_model_parallel_initialized(1, 1)
-                initialised = True
-            model_cls, _ = get_model_architecture(config.model_config)
-            return model_cls(vllm_config=config)
-
-    yield build
-    if initialised:
-        cleanup_dist_env_and_memory()
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -152,9 +106,10 @@ def test_llada_optional_keys_take_upstream_defaults(llada_tiny_dir, tmp_path, bu
     assert _rope_theta(model) == 10000.0
     assert _kv_heads(model) == heads
     assert model.model.layers[0].mlp.down_proj.input_size == 4 * hidden
-    assert model.lm_head.org_vocab_size == json.loads(
-        (llada_tiny_dir / "config.json").read_text()
-    )["vocab_size"]
+    assert (
+        model.lm_head.org_vocab_size
+        == json.loads((llada_tiny_dir / "config.json").read_text())["vocab_size"]
+    )
 
 
 def test_dream_optional_keys_take_upstream_defaults(dream_tiny_dir, tmp_path, build_model):

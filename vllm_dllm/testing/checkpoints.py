@@ -58,32 +58,61 @@ class TinyCheckpoint:
 def _shape(
     hidden: int, heads: int, kv_heads: int, layers: int, mlp: int, vocab: int, **rest: Any
 ) -> TransformerShape:
-    family = {"max_position": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-              "qkv_bias": False} | rest
+    family = {
+        "max_position": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "qkv_bias": False,
+    } | rest
     return TransformerShape(hidden, heads, kv_heads, layers, mlp, vocab, **family)
 
 
 _DREAM = {"rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "qkv_bias": True}
 # Small checkpoints share one token layout: ids 0-255 are bytes, the special tokens follow.
-LLADA_SMALL_TOKENS = {"<|startoftext|>": 256, "<|endoftext|>": 257, "<|mdm_mask|>": 258,
-                      "<|start_header_id|>": 259, "<|end_header_id|>": 260, "<|eot_id|>": 261}
-DREAM_SMALL_TOKENS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258,
-                      "<|beginoftext|>": 259, "<|mask|>": 260}
+LLADA_SMALL_TOKENS = {
+    "<|startoftext|>": 256,
+    "<|endoftext|>": 257,
+    "<|mdm_mask|>": 258,
+    "<|start_header_id|>": 259,
+    "<|end_header_id|>": 260,
+    "<|eot_id|>": 261,
+}
+DREAM_SMALL_TOKENS = {
+    "<|endoftext|>": 256,
+    "<|im_start|>": 257,
+    "<|im_end|>": 258,
+    "<|beginoftext|>": 259,
+    "<|mask|>": 260,
+}
 
 LLADA_TINY = TinyCheckpoint(_shape(128, 2, 2, 2, 256, 320), LLADA_SMALL_TOKENS)
 # MID: a dense fp32 forward over 768 tokens costs ~150 ms on one core of our 2-core CPUs
 # (~35 ms for TINY), so model compute, not engine overhead, dominates CPU benchmarks.
 LLADA_MID = TinyCheckpoint(_shape(256, 4, 4, 4, 704, 320), LLADA_SMALL_TOKENS)
-LLADA_REAL = TinyCheckpoint(_shape(4096, 32, 32, 32, 12288, 126464), {
-    "<|startoftext|>": 126080, "<|endoftext|>": 126081, "<|mdm_mask|>": 126336,
-    "<|start_header_id|>": 126346, "<|end_header_id|>": 126347, "<|eot_id|>": 126348,
-})
+LLADA_REAL = TinyCheckpoint(
+    _shape(4096, 32, 32, 32, 12288, 126464),
+    {
+        "<|startoftext|>": 126080,
+        "<|endoftext|>": 126081,
+        "<|mdm_mask|>": 126336,
+        "<|start_header_id|>": 126346,
+        "<|end_header_id|>": 126347,
+        "<|eot_id|>": 126348,
+    },
+)
 DREAM_TINY = TinyCheckpoint(_shape(256, 4, 2, 2, 512, 320, **_DREAM), DREAM_SMALL_TOKENS)
 DREAM_MID = TinyCheckpoint(_shape(256, 4, 2, 4, 704, 320, **_DREAM), DREAM_SMALL_TOKENS)
-DREAM_REAL = TinyCheckpoint(_shape(3584, 28, 4, 28, 18944, 152064, max_position=131072, **_DREAM), {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-    "<|beginoftext|>": 151665, "<|mask|>": 151666,
-})
+DREAM_REAL = TinyCheckpoint(
+    _shape(3584, 28, 4, 28, 18944, 152064, max_position=131072, **_DREAM),
+    {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|beginoftext|>": 151665,
+        "<|mask|>": 151666,
+    },
+)
+
 
 def llada_config_dict(ckpt: TinyCheckpoint) -> dict[str, Any]:
     """config.json of a LLaDA checkpoint: every key of the release, in its order.
@@ -204,8 +233,12 @@ def write_llada_checkpoint(
         "pad_token": eos_text,
     }
     special_map = {"bos_token": bos_text, "eos_token": eos_text, "pad_token": eos_text}
-    generation = {"_from_model_config": True, "eos_token_id": eos, "pad_token_id": eos,
-                  "transformers_version": "4.46.3"}
+    generation = {
+        "_from_model_config": True,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "transformers_version": "4.46.3",
+    }
     configs = (config, generation, tokenizer_config, special_map)
     return _write(Path(path), ckpt, LLADA_NAMES, configs, **weights)
 
@@ -233,17 +266,34 @@ def write_dream_checkpoint(
         "split_special_tokens": False,
         "unk_token": None,
     }
-    special_map = {"additional_special_tokens": extra, "bos_token": bos_text,
-                   "eos_token": eos_text, "mask_token": mask_text, "pad_token": eos_text}
-    generation = {"_from_model_config": True, "bos_token_id": eos, "eos_token_id": eos,
-                  "pad_token_id": eos, "transformers_version": "4.46.2"}
+    special_map = {
+        "additional_special_tokens": extra,
+        "bos_token": bos_text,
+        "eos_token": eos_text,
+        "mask_token": mask_text,
+        "pad_token": eos_text,
+    }
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "transformers_version": "4.46.2",
+    }
     configs = (config, generation, tokenizer_config, special_map)
     return _write(Path(path), ckpt, DREAM_NAMES, configs, **weights)
 
 
-def _write(out: Path, ckpt: TinyCheckpoint, names: Mapping[str, str],
-           configs: tuple[dict[str, Any], ...], *, seed: int = 0, lm_head_scale: float = 1.0,
-           dtype: torch.dtype = torch.float32) -> Path:
+def _write(
+    out: Path,
+    ckpt: TinyCheckpoint,
+    names: Mapping[str, str],
+    configs: tuple[dict[str, Any], ...],
+    *,
+    seed: int = 0,
+    lm_head_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write the files of one checkpoint; weights drawn from ``seed``, the LM head scaled by
     ``lm_head_scale`` (larger: more peaked, more confident logits), stored as ``dtype``.
 
@@ -254,10 +304,17 @@ def _write(out: Path, ckpt: TinyCheckpoint, names: Mapping[str, str],
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", generation)
-    write_tokenizer(out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config,
-                    special_map=special_map)
-    write_weights(out / "model.safetensors", ckpt.shape, names, seed=seed,
-                  lm_head_scale=lm_head_scale, dtype=dtype)
+    write_tokenizer(
+        out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config, special_map=special_map
+    )
+    write_weights(
+        out / "model.safetensors",
+        ckpt.shape,
+        names,
+        seed=seed,
+        lm_head_scale=lm_head_scale,
+        dtype=dtype,
+    )
     return out
 
 
@@ -268,16 +325,33 @@ _TensorSpec = tuple[str, tuple[int, ...], str]
 #: Tensor names of each family: the embedding, one layer's tensors (with `{}` for the layer
 #: index) by role, the final norm and the untied LM head. Dream's are Qwen2's and Llama's.
 LLADA_NAMES = {
-    "embed": "model.transformer.wte", "norm": "model.transformer.ln_f",
-    "lm_head": "model.transformer.ff_out", "layer": "model.transformer.blocks.{}.",
-    "input_norm": "attn_norm", "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out",
-    "post_norm": "ff_norm", "gate": "ff_proj", "up": "up_proj", "down": "ff_out",
+    "embed": "model.transformer.wte",
+    "norm": "model.transformer.ln_f",
+    "lm_head": "model.transformer.ff_out",
+    "layer": "model.transformer.blocks.{}.",
+    "input_norm": "attn_norm",
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "attn_out",
+    "post_norm": "ff_norm",
+    "gate": "ff_proj",
+    "up": "up_proj",
+    "down": "ff_out",
 }
 DREAM_NAMES = {
-    "embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
-    "layer": "model.layers.{}.", "input_norm": "input_layernorm", "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "post_norm": "post_attention_layernorm", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+    "embed": "model.embed_tokens",
+    "norm": "model.norm",
+    "lm_head": "lm_head",
+    "layer": "model.layers.{}.",
+    "input_norm": "input_layernorm",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "post_norm": "post_attention_layernorm",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
     "down": "mlp.down_proj",
 }
 
