@@ -2,7 +2,8 @@
 
 The compiled engines (`enforce_eager=False`) run the model body through vLLM's compilation
 (inductor on CPU; on a GPU also the captured piecewise CUDA graphs, with windows padded to the
-capture sizes) and must still equal the oracle exactly.
+capture sizes) and must still equal the oracle exactly, for the bidirectional and the
+block-diffusion families.
 """
 
 from __future__ import annotations
@@ -14,7 +15,19 @@ import textwrap
 import pytest
 from vllm import SamplingParams
 
+from tests.engines import start_engine
 from tests.reference import ReferenceModel
+from tests.reference.block_model import BlockReferenceModel
+from tests.test_block_engine import (
+    SDAR_PROMPTS,
+    V2_CASES,
+    V2_PROMPTS,
+    sdar_cases,
+    sdar_oracle,
+    v2_oracle,
+)
+from tests.test_block_engine import engine_run as block_run
+from tests.test_block_engine import params as block_params
 from tests.test_engine_oracle import MAX_TOKENS, PROMPTS, engine_run, oracle_run
 from tests.worker_probes import (
     body_compilation,
@@ -114,3 +127,48 @@ def test_sampler_scratch_is_bounded_for_a_large_sampled_batch():
     )
     growth, bound = map(int, out.stdout.split())
     assert growth <= bound, (growth, bound)
+
+
+@pytest.fixture(scope="module", params=["fast_dllm_v2", "sdar"])
+def block_compiled(request):
+    """A compiled engine per block-diffusion family (module-scoped: shut down after use)."""
+    family = request.param
+    checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
+    llm = start_engine(checkpoint, enforce_eager=False)
+    yield family, llm, BlockReferenceModel(checkpoint), checkpoint
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _block_cases(family: str) -> list[tuple[list[int], dict]]:
+    if family == "fast_dllm_v2":
+        return [(prompt, extra) for prompt in V2_PROMPTS for extra in V2_CASES.values()]
+    return [(p, extra) for p in SDAR_PROMPTS for extra in sdar_cases(len(p)).values()]
+
+
+def test_compiled_block_diffusion_equals_oracle_in_mixed_batches(block_compiled):
+    """Prefill windows of several blocks, folded block writes, sub-block windows, all in one
+    compiled forward per step."""
+    family, llm, oracle, checkpoint = block_compiled
+    assert llm.collective_rpc(body_compilation) == [(True, True)]
+    run_oracle = v2_oracle if family == "fast_dllm_v2" else sdar_oracle
+    cases = _block_cases(family)
+    expected = [run_oracle(oracle, checkpoint, p, e) for p, e in cases]
+    for order in (list(range(len(cases))), list(reversed(range(len(cases))))):
+        got = block_run(llm, [cases[i][0] for i in order], [block_params(cases[i][1])
+                                                            for i in order])  # fmt: skip
+        assert got == [expected[i] for i in order]
+
+
+def test_block_diffusion_step_reads_the_device_once(block_compiled):
+    family, llm, _, _ = block_compiled
+    cases = _block_cases(family)
+    mixed = [block_params(extra, temperature=(0.0, 1.2)[i % 2], seed=i)
+             for i, (_, extra) in enumerate(cases)]  # fmt: skip
+    llm.collective_rpc(start_counting_host_reads)
+    try:
+        block_run(llm, [prompt for prompt, _ in cases], mixed)
+    finally:
+        (records,) = llm.collective_rpc(stop_counting_host_reads)
+    steps = [calls for num_reqs, calls in records if num_reqs]
+    assert max(num_reqs for num_reqs, _ in records) == len(mixed)
+    assert steps and all(calls == ["cpu"] for calls in steps), records
