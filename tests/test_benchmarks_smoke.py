@@ -15,7 +15,7 @@ import json
 import pytest
 
 from benchmarks import engine_job, report, run
-from benchmarks.checkpoints import TINY_MODEL, write_llada, write_llama_like
+from benchmarks.run import TINY_MODEL, write_llada, write_llama_like
 
 
 @pytest.fixture(scope="module")
