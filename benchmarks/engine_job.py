@@ -9,9 +9,10 @@ interleaved rounds (A B C, A B C, ...) after one warm-up request each and report
 median wall time, so a burst of background load hits every case alike. Timing is wall-clock
 around `LLM.generate`; forwards come from each request's own ``kv_transfer_params["dllm"]``.
 A job's ``profile`` case is split by stage from outside the engine: in one process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) vLLM's public ``LLM.apply_model`` reaches the model, whose
-forward and LM head forward hooks time; the rest of the wall time is the scheduler, inputs,
-sampler, bookkeeping and front end. No engine method is patched.
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) vLLM's public ``LLM.apply_model`` reaches the model, and
+forward hooks on it and on its logits processor time the model forward and the LM head; the rest
+of the wall time is the scheduler, inputs, sampler, bookkeeping and front end. A
+``torch.profiler`` pass lists the operators. No engine method is patched.
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ def heldout_problems(n: int) -> dict[str, Any]:
 # ---- cases (one per-request configuration each) and jobs (one engine each) -------------------
 
 
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def byte_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     """``n`` deterministic prompts of byte tokens (ids below every special token)."""
     rngs = [random.Random(seed + i) for i in range(n)]
     return [[rng.randrange(256) for _ in range(length)] for rng in rngs]
@@ -214,7 +214,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
                             "bench_model": model_info(bench, bench_model, SEEDS["bench"]),
                             "tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
     # Cache modes per generation length, then our side of the AR comparison at batch > 1.
-    cases, gen0 = [], s.cache_gens[0]
+    cases, gen0, prompt = [], s.cache_gens[0], byte_prompts(1, s.prompt_len, 0)
     for gen in s.cache_gens:
         for mode in (m for m in report.MODES if m != "prefix" or gen <= s.prefix_max_gen):
             rounds = s.none_rounds if mode == "none" else s.rounds
@@ -224,9 +224,9 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
             if mode == "none" and gen > s.none_measured_max:
                 steps = gen // BLOCK
                 meta.update(measured=False, probe_steps=steps)
-            cases.append(case(f"cache-g{gen}-{mode}", "cache", prompts(1, s.prompt_len, 0), gen,
+            cases.append(case(f"cache-g{gen}-{mode}", "cache", prompt, gen,
                               {"dllm_cache": mode, "dllm_steps": steps}, meta, rounds=rounds))
-    cases += [case(f"ar-dllm-b{b}", "ar_dllm", prompts(b, s.prompt_len, 0), gen0,
+    cases += [case(f"ar-dllm-b{b}", "ar_dllm", byte_prompts(b, s.prompt_len, 0), gen0,
                    {"dllm_cache": "dual", "dllm_steps": gen0},
                    {"batch": b, "gen": gen0, "prompt": s.prompt_len}) for b in s.ar_batches[1:]]
     longest = _round_up(s.prompt_len + max(s.cache_gens), 512)
@@ -267,7 +267,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
             "instead. Train it with `python examples/train_tiny_llada.py --out "
             "models/llada-arith`, then rerun.")
         model, gen, scored = "random benchmark", 32, {}
-        batch_prompts = prompts(min(s.batching_problems, 32), 32, 100)
+        batch_prompts = byte_prompts(min(s.batching_problems, 32), 32, 100)
     batching = [case(f"batching-c{c}", "batching", batch_prompts, gen,
                      {"dllm_cache": "dual", "dllm_threshold": 0.9},
                      {"concurrency": c, "gen": gen, "requests": len(batch_prompts),
@@ -279,7 +279,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     else:
         jobs[0]["cases"] += parallel + batching
 
-    overhead = case("overhead-dual-1tok", "overhead", prompts(1, s.overhead_prompt, 7),
+    overhead = case("overhead-dual-1tok", "overhead", byte_prompts(1, s.overhead_prompt, 7),
                     s.overhead_gen, {"dllm_cache": "dual", "dllm_steps": s.overhead_gen},
                     {"prompt": s.overhead_prompt, "gen": s.overhead_gen}, rounds=s.rounds)
     profile = dict(overhead, name="overhead-profile")
@@ -294,11 +294,11 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
                              tokenizer_from=bench)
     info["ar_model"] = {"path": str(llama), "architecture": "LlamaForCausalLM",
                         "shape": shape_dict(BENCH_MODEL), "seed": SEEDS["llama"]}
-    jobs.append({"name": "ar", "engine": engine(llama, longest, max(s.ar_batches),
-                                                max(widest, 2048), enable_prefix_caching=False),
-                 "cases": [case(f"ar-llama-b{b}", "ar", prompts(b, s.prompt_len, 0), gen0, None,
-                                {"batch": b, "gen": gen0, "prompt": s.prompt_len},
-                                rounds=s.rounds if b == 1 else 1) for b in s.ar_batches]})
+    ar_cases = [case(f"ar-llama-b{b}", "ar", byte_prompts(b, s.prompt_len, 0), gen0, None,
+                     {"batch": b, "gen": gen0, "prompt": s.prompt_len},
+                     rounds=s.rounds if b == 1 else 1) for b in s.ar_batches]
+    jobs.append({"name": "ar", "cases": ar_cases, "engine": engine(
+        llama, longest, max(s.ar_batches), max(widest, 2048), enable_prefix_caching=False)})
     jobs.append({"name": "overhead", "inproc": True, "cases": [overhead], "profile": profile,
                  "engine": engine(tiny, 1024, 16, 2048)})
     if s.overhead_mp:
@@ -313,7 +313,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     step_len = _round_up(s.step_prompt + s.step_gen, 512)
     for label, eager in (("eager", True), ("compiled", False)):
         jobs.append({"name": f"step-{label}", "cases": [
-            case(f"step-{mode}-{label}", "step", prompts(1, s.step_prompt, 11), s.step_gen,
+            case(f"step-{mode}-{label}", "step", byte_prompts(1, s.step_prompt, 11), s.step_gen,
                  {"dllm_cache": mode, "dllm_steps": s.step_gen},
                  {"mode": mode, "engine": label, "prompt": s.step_prompt, "gen": s.step_gen},
                  rounds=1 if mode == "none" else 2) for mode in report.MODES],
