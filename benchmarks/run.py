@@ -169,7 +169,7 @@ def heldout_problems(n: int) -> dict[str, Any]:
     spec = importlib.util.spec_from_file_location(
         "_bench_train_tiny_llada", REPO_ROOT / "examples" / "train_tiny_llada.py")
     assert spec is not None and spec.loader is not None
-    m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses need it
+    m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
     spec.loader.exec_module(m)
     cfg = m.TrainConfig()
     problems = m.heldout_set(n, m.EVAL_SEED, cfg)
