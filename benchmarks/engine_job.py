@@ -2,13 +2,17 @@
 
     python -m benchmarks.engine_job JOB.json RESULT.json
 
-A job is one engine configuration (model + engine options) and the request-level cases run on
-it (cache mode, selection rule, batch size: per-request parameters, so they share the engine).
-`benchmarks/run.py` starts one such process per job, one at a time, so engines never share
-memory or CPU. The cases run in ``rounds`` interleaved rounds (A B C, A B C, ...) after one
-warm-up request each; each case reports its best and median wall time, so a burst of background
-load hits every case alike. Timing is wall-clock around `LLM.generate`; forwards come from each
-request's own statistics (``kv_transfer_params["dllm"]``).
+A job is one engine (model + options) and the request-level cases run on it (cache mode, rule,
+batch size: per-request parameters, so they share the engine); `benchmarks/run.py` starts one
+such process per job, one at a time, so engines never share memory or CPU. The cases run in
+interleaved rounds (A B C, A B C, ...) after one warm-up request each and report their best and
+median wall time, so a burst of background load hits every case alike. Timing is wall-clock
+around `LLM.generate`; forwards come from each request's own ``kv_transfer_params["dllm"]``.
+A job's ``profile`` case is split by stage from outside the engine: in one process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) vLLM's public ``LLM.apply_model`` reaches the model, and
+forward hooks on it and on its logits processor time the model forward and the LM head; the rest
+of the wall time is the scheduler, inputs, sampler, bookkeeping and front end. A
+``torch.profiler`` pass lists the operators. No engine method is patched.
 """
 
 from __future__ import annotations
@@ -17,15 +21,13 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def build_engine(engine: dict[str, Any]):
-    """`vllm.LLM` for a job's engine options (fp32, eager unless told otherwise, seed 0)."""
-    from vllm import LLM
-
-    return LLM(**{"dtype": "float32", "enforce_eager": True, "seed": 0, **engine})
+#: Stage names as they appear in results.json.
+MODEL, LM_HEAD = "model forward", "LM head (compute_logits)"
+REST = "rest of the step (scheduler, inputs, sampler, bookkeeping, front end)"
 
 
 def run_case_once(llm, case: dict[str, Any]) -> dict[str, Any]:
@@ -40,25 +42,22 @@ def run_case_once(llm, case: dict[str, Any]) -> dict[str, Any]:
     prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in case["prompts"]]
     params = SamplingParams(temperature=0.0, **case["params"])
     step = case.get("concurrency") or len(prompts)
-    cpu_before = process_cpu_times()
-    start = time.perf_counter()
-    outputs = [out for i in range(0, len(prompts), step)
-               for out in llm.generate(prompts[i : i + step], params, use_tqdm=False)]
+    cpu_before, start = process_cpu_times(), time.perf_counter()
+    outputs = [o for i in range(0, len(prompts), step)
+               for o in llm.generate(prompts[i : i + step], params, use_tqdm=False)]
     wall = time.perf_counter() - start
     cpu_after = process_cpu_times()
-    ids = [list(out.outputs[0].token_ids) for out in outputs]
-    stats = [(out.kv_transfer_params or {}).get("dllm") or {} for out in outputs]
+    ids = [list(o.outputs[0].token_ids) for o in outputs]
+    stats = [(o.kv_transfer_params or {}).get("dllm") or {} for o in outputs]
     correct = None
-    if "expected" in case:
-        end_ids = set(case["end_ids"])
-        cuts = [next((k for k, t in enumerate(x) if t in end_ids), len(x)) for x in ids]
+    if "expected" in case:  # the answer is what precedes the first end token
+        ends = set(case["end_ids"])
+        cuts = [next((k for k, t in enumerate(x) if t in ends), len(x)) for x in ids]
         correct = sum(x[:c] == list(e) for x, c, e in zip(ids, cuts, case["expected"], strict=True))
     return {
-        "wall_s": wall,
-        "output_tokens": sum(map(len, ids)),
+        "wall_s": wall, "output_tokens": sum(map(len, ids)),
         "forwards": sum(s.get("forwards", 0) for s in stats),
-        "early_stops": sum(bool(s.get("early_stop")) for s in stats),
-        "correct": correct,
+        "early_stops": sum(bool(s.get("early_stop")) for s in stats), "correct": correct,
         # CPU seconds each engine process burned during the pass (user + system).
         "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
     }
@@ -68,12 +67,10 @@ def process_cpu_times() -> dict[str, float]:
     """CPU time (user + system) of this process and each engine process it started, by role."""
     import psutil
 
-    me = psutil.Process()
-    out: dict[str, float] = {}
+    me, out = psutil.Process(), {}
     for proc in [me, *me.children(recursive=True)]:
         try:
-            t = proc.cpu_times()
-            title = (proc.cmdline() or [proc.name()])[0]
+            t, title = proc.cpu_times(), (proc.cmdline() or [proc.name()])[0]
         except psutil.Error:
             continue
         role = "front end" if proc.pid == me.pid else title.split("/")[-1]
@@ -83,13 +80,12 @@ def process_cpu_times() -> dict[str, float]:
 
 def warmup_case(case: dict[str, Any], cap: int = 32) -> dict[str, Any]:
     """The case cut to its first prompt and at most ``cap`` tokens (steps scaled alike)."""
-    params = dict(case["params"])
-    gen = params["max_tokens"]
-    params["max_tokens"] = min(gen, cap)
-    extra = dict(params.get("extra_args") or {})
+    gen = case["params"]["max_tokens"]
+    params = {**case["params"], "max_tokens": min(gen, cap)}
+    extra = params.get("extra_args") or {}
     if "dllm_steps" in extra:
-        extra["dllm_steps"] = max(1, extra["dllm_steps"] * params["max_tokens"] // gen)
-        params["extra_args"] = extra
+        steps = max(1, extra["dllm_steps"] * params["max_tokens"] // gen)
+        params["extra_args"] = {**extra, "dllm_steps": steps}
     return {"prompts": case["prompts"][:1], "params": params}
 
 
@@ -114,43 +110,74 @@ def summarise(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
     if n == 1 and forwards:  # batch 1: every engine step is one forward of this request
         result["ms_per_forward"] = round(1000 * best / forwards, 3)
     if first["correct"] is not None:
-        result["correct"] = first["correct"]
-        result["accuracy"] = round(first["correct"] / n, 4)
+        result.update(correct=first["correct"], accuracy=round(first["correct"] / n, 4))
     return result
 
 
+def profile_steps(llm, run: Callable[[], dict[str, Any]], repeats: int = 3,
+                  top: int = 25) -> dict[str, Any]:
+    """Split the best of ``repeats`` runs of ``run`` (one pass over a batch-1 case) by stage."""
+    import torch
+
+    spent, entered = {MODEL: 0.0, LM_HEAD: 0.0}, {}
+
+    def attach(model: torch.nn.Module) -> None:
+        for stage, module in ((MODEL, model), (LM_HEAD, model.logits_processor)):
+
+            def enter(*_: Any, stage: str = stage) -> None:
+                entered[stage] = time.perf_counter()
+
+            def leave(*_: Any, stage: str = stage) -> None:
+                spent[stage] += time.perf_counter() - entered[stage]
+
+            module.register_forward_pre_hook(enter)
+            module.register_forward_hook(leave)
+
+    llm.apply_model(attach)
+    runs = []
+    for _ in range(repeats):
+        before = dict(spent)
+        runs.append((run(), {k: spent[k] - before[k] for k in spent}))
+    result, stages = min(runs, key=lambda r: r[0]["wall_s"])
+    steps, wall = max(result["forwards"], 1), result["wall_s"]
+    stages[REST] = wall - sum(stages.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return {
+        "steps": steps, "wall_s": round(wall, 4), "ms_per_step": round(1000 * wall / steps, 4),
+        "stages_ms_per_step": {k: round(1000 * v / steps, 4) for k, v in stages.items()},
+        "stage_share": {k: round(v / wall, 4) for k, v in stages.items()},
+        "forwards": result["forwards"], "output_tokens": result["output_tokens"],
+        "torch_profiler_top_ops": prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48),
+    }
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Run every case of ``job`` on a new engine and return the results."""
+    """Run every case of ``job`` on a new engine (fp32, eager unless told otherwise, seed 0)."""
+    from vllm import LLM
+
     t0 = time.perf_counter()
-    llm = build_engine(job["engine"])
+    llm = LLM(**{"dtype": "float32", "enforce_eager": True, "seed": 0, **job["engine"]})
     startup = time.perf_counter() - t0
-    _log(f"engine ready in {startup:.1f} s")
+    print(f"[bench-job] engine ready in {startup:.1f} s", file=sys.stderr, flush=True)
     cases = job["cases"]
     for case in cases:  # warm-up: one short request per case (allocator, kernels, code paths)
         run_case_once(llm, warmup_case(case))
     runs: dict[str, list[dict[str, Any]]] = {c["name"]: [] for c in cases}
     for r in range(max(c.get("rounds", 1) for c in cases)):  # interleaved: A B C, A B C, ...
-        for case in cases:
-            if r < case.get("rounds", 1):
-                runs[case["name"]].append(run_case_once(llm, case))
-                _log(f"round {r}: {case['name']}: {runs[case['name']][-1]['wall_s']:.2f} s")
+        for case in (c for c in cases if r < c.get("rounds", 1)):
+            runs[case["name"]].append(run_case_once(llm, case))
+            print(f"[bench-job] round {r}: {case['name']}: "
+                  f"{runs[case['name']][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
     profile = None
-    if job.get("profile"):
-        from benchmarks.profiling import profile_steps
-
-        case = job["profile"]
-        run_case_once(llm, case)  # warm the profiled path
-        profile = profile_steps(llm, lambda: run_case_once(llm, case))
+    if profiled := job.get("profile"):
+        run_case_once(llm, profiled)  # warm the profiled path
+        profile = profile_steps(llm, lambda: run_case_once(llm, profiled))
     llm.llm_engine.engine_core.shutdown()
-    return {
-        "job": job["name"], "engine": job["engine"], "startup_s": round(startup, 2),
-        "job_wall_s": round(time.perf_counter() - t0, 2),
-        "cases": [summarise(c, runs[c["name"]]) for c in cases], "profile": profile,
-    }
-
-
-def _log(msg: str) -> None:
-    print(f"[bench-job] {msg}", file=sys.stderr, flush=True)
+    return {"job": job["name"], "engine": job["engine"], "startup_s": round(startup, 2),
+            "job_wall_s": round(time.perf_counter() - t0, 2),
+            "cases": [summarise(c, runs[c["name"]]) for c in cases], "profile": profile}
 
 
 if __name__ == "__main__":

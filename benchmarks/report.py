@@ -1,6 +1,7 @@
 """Turn the per-job results into results.json, results.md (tables) and results.png (bar charts).
 
-The PNG is drawn with matplotlib (the ``bench`` extra).
+Every row of a section is a dict (its results.json form); the tables and the charts read those
+rows, so the three files cannot disagree. The PNG is drawn with matplotlib (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -9,35 +10,57 @@ import json
 from pathlib import Path
 from typing import Any
 
+MODES = ("none", "prefix", "dual")
 TARGETS = (
     ("dual >= 5x none (cache, first generation length)", "cache_dual", 5.0),
     ("prefix >= 2.5x none (cache, first generation length)", "cache_prefix", 2.5),
     ("threshold 0.9 + dual >= 2x one token/step + dual (trained model)", "parallel_dual", 2.0),
 )
+#: Columns of the step table (header, row key), also printed at the end of a run.
+STEP_COLUMNS = ("cache=cache|eager ms/step=eager_ms_per_step|compiled ms/step=compiled_ms_per_step"
+                "|compiled / eager=compiled_over_eager|eager / none=eager_over_none"
+                "|compiled / none=compiled_over_none")
 
 
-def _r(x: float | None, nd: int = 2) -> float | None:
-    return None if x is None else round(x, nd)
+def _ratio(a: float | None, b: float | None, nd: int = 3) -> float | None:
+    return round(a / b, nd) if a and b else None
+
+
+def _pick(case: dict, spec: str, **values: Any) -> dict[str, Any]:
+    """A row with the keys of ``spec`` in order: ``key`` or ``key=source`` (``meta.x`` reads the
+    case's meta) copies a case value, unless ``values`` gives the key's value."""
+    row = {}
+    for item in spec.split():
+        key, _, source = item.partition("=")
+        value: Any = case
+        for part in (source or key).split("."):
+            value = value.get(part)
+        row[key] = values.get(key, value)
+    return row
 
 
 def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict[str, Any]:
     """One document with every section's rows, the targets and the run's provenance."""
     cases = {c["name"]: c for r in results for c in r.get("cases", [])}
+    group = {g: [c for c in cases.values() if c.get("group") == g]
+             for g in ("parallel", "batching")}
     profile = next((r["profile"] for r in results if r.get("profile")), None)
+    job_keys = ("job", "startup_s", "job_wall_s", "process_wall_s", "loadavg", "error", "log",
+                "log_tail")
     doc: dict[str, Any] = {
-        "settings": settings,
-        "environment": env,
+        "settings": settings, "environment": env,
         "models": {k: v for k, v in info.items() if k.endswith("_model")},
         "skipped": dict(info.get("skipped", {})),
-        "jobs": [
-            {k: r.get(k) for k in ("job", "startup_s", "job_wall_s", "process_wall_s",
-                                   "loadavg", "error", "log", "log_tail") if k in r}
-            for r in results
-        ],
+        "jobs": [{k: r.get(k) for k in job_keys if k in r} for r in results],
+        "cache": _cache_section(settings, cases), "parallel": _parallel_section(group["parallel"]),
     }
-    doc["cache"] = _cache_section(settings, cases)
-    doc["parallel"] = _parallel_section(cases)
-    doc["batching"] = _batching_section(cases)
+    batching = sorted(group["batching"], key=lambda c: c["meta"]["concurrency"])
+    doc["batching"] = [_pick(c, "concurrency=meta.concurrency requests model=meta.model "
+                                "tokens_per_s requests_per_s scaling_vs_1 tokens_per_forward "
+                                "accuracy output_tokens forwards wall_s=best_wall_s",
+                             requests_per_s=round(c["requests"] / c["best_wall_s"], 2),
+                             scaling_vs_1=_ratio(c["tokens_per_s"], batching[0]["tokens_per_s"], 2))
+                       for c in batching]
     doc["ar"] = _ar_section(settings, cases)
     doc["overhead"] = _overhead_section(cases, profile, doc["cache"])
     doc["step"] = _step_section(cases)
@@ -49,289 +72,217 @@ def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict
 
 
 def _cache_section(settings: dict, cases: dict) -> list[dict]:
+    """Cache modes per generation length; an unmeasured `none` is extrapolated from its probe."""
     rows = []
     for gen in settings["cache_gens"]:
         base = None
-        for mode in ("none", "prefix", "dual"):
-            c = cases.get(f"cache-g{gen}-{mode}")
-            if c is None:
-                continue
-            measured = c["meta"].get("measured", True)
-            ms = 1000 * c["best_wall_s"] / c["forwards"]
-            if measured:
-                forwards, wall, tps = c["forwards"], c["best_wall_s"], c["tokens_per_s"]
-            else:  # one forward per block measured; one token per step is gen such forwards
+        for c in filter(None, (cases.get(f"cache-g{gen}-{mode}") for mode in MODES)):
+            measured, ms = c["meta"].get("measured", True), 1000 * c["best_wall_s"] / c["forwards"]
+            forwards, wall, tps = c["forwards"], c["best_wall_s"], c["tokens_per_s"]
+            if not measured:  # one forward per block ran; one token per step is gen of them
                 forwards, wall = gen, gen * ms / 1000
                 tps = gen / wall
-            row = {"gen": gen, "prompt": c["meta"]["prompt"], "mode": mode,
-                   "forwards": forwards, "tokens_per_s": _r(tps, 3), "ms_per_forward": _r(ms, 3),
-                   "wall_s": _r(wall, 3), "measured": measured, "runs": c["runs"],
-                   "median_tokens_per_s": c["median_tokens_per_s"] if measured else None}
+            row = _pick(c, "gen=meta.gen prompt=meta.prompt mode=meta.mode forwards tokens_per_s "
+                           "ms_per_forward wall_s measured runs median_tokens_per_s",
+                        forwards=forwards, tokens_per_s=round(tps, 3), ms_per_forward=round(ms, 3),
+                        wall_s=round(wall, 3), measured=measured,
+                        median_tokens_per_s=c["median_tokens_per_s"] if measured else None)
             if not measured:
                 row["probe"] = f"{c['forwards']} forwards measured (one per block), x{gen}"
-            if mode == "none":
-                base = tps
-            row["speedup_vs_none"] = _r(tps / base, 2) if base else None
-            rows.append(row)
+            base = tps if row["mode"] == "none" else base
+            rows.append({**row, "speedup_vs_none": _ratio(tps, base, 2)})
     return rows
 
 
-def _parallel_section(cases: dict) -> list[dict]:
-    rows = []
-    ref: dict[str, float] = {}
-    for name, c in cases.items():
-        if c.get("group") != "parallel":
-            continue
-        m = c["meta"]
-        row = {"mode": m["mode"], "rule": m["rule"], "problems": c["requests"],
-               "tokens_per_s": c["tokens_per_s"], "tokens_per_forward": c["tokens_per_forward"],
-               "forwards_per_request": _r(c["forwards"] / c["requests"], 2)
-               if c["forwards"] else None,
-               "output_tokens": c["output_tokens"], "accuracy": c.get("accuracy"),
-               "wall_s": c["best_wall_s"], "name": name, "model": m.get("model"),
-               "block": m.get("block")}
-        if m["rule"] == "one token/step":
-            ref[m["mode"]] = c["tokens_per_s"]
-        rows.append(row)
-    for row in rows:
-        own = ref.get(row["mode"])
-        row["speedup_vs_one_per_step"] = _r(row["tokens_per_s"] / own, 2) if own else None
-        base = ref.get("none")
-        row["speedup_vs_none_one_per_step"] = _r(row["tokens_per_s"] / base, 2) if base else None
-    return rows
-
-
-def _batching_section(cases: dict) -> list[dict]:
-    rows = [c for c in cases.values() if c.get("group") == "batching"]
-    rows.sort(key=lambda c: c["meta"]["concurrency"])
-    out = []
-    base = rows[0]["tokens_per_s"] if rows else None
-    for c in rows:
-        out.append({"concurrency": c["meta"]["concurrency"], "requests": c["requests"],
-                    "model": c["meta"]["model"], "tokens_per_s": c["tokens_per_s"],
-                    "requests_per_s": _r(c["requests"] / c["best_wall_s"], 2),
-                    "scaling_vs_1": _r(c["tokens_per_s"] / base, 2) if base else None,
-                    "tokens_per_forward": c["tokens_per_forward"],
-                    "accuracy": c.get("accuracy"), "output_tokens": c["output_tokens"],
-                    "forwards": c["forwards"], "wall_s": c["best_wall_s"]})
-    return out
+def _parallel_section(cases: list[dict]) -> list[dict]:
+    """Each rule's tokens/s against one token per step, with the same cache and with `none`."""
+    ref = {c["meta"]["mode"]: c["tokens_per_s"] for c in cases
+           if c["meta"]["rule"] == "one token/step"}
+    return [_pick(c, "mode=meta.mode rule=meta.rule problems=requests tokens_per_s "
+                     "tokens_per_forward forwards_per_request output_tokens accuracy "
+                     "wall_s=best_wall_s name model=meta.model block=meta.block "
+                     "speedup_vs_one_per_step speedup_vs_none_one_per_step",
+                  forwards_per_request=_ratio(c["forwards"], c["requests"], 2),
+                  speedup_vs_one_per_step=_ratio(c["tokens_per_s"], ref.get(c["meta"]["mode"]), 2),
+                  speedup_vs_none_one_per_step=_ratio(c["tokens_per_s"], ref.get("none"), 2))
+            for c in cases]
 
 
 def _ar_section(settings: dict, cases: dict) -> list[dict]:
-    rows = []
-    gen = settings["cache_gens"][0]
+    """Our dual one token per step against vLLM's Llama, per batch size."""
+    rows, gen = [], settings["cache_gens"][0]
     for batch in settings["ar_batches"]:
         ar = cases.get(f"ar-llama-b{batch}")
         ours = cases.get(f"cache-g{gen}-dual" if batch == 1 else f"ar-dllm-b{batch}")
-        if ar is None and ours is None:
-            continue
-        row = {"batch": batch, "gen": gen, "prompt": settings["prompt_len"],
-               "dllm_config": "dual, one token/step",
-               "dllm_tokens_per_s": ours["tokens_per_s"] if ours else None,
-               "ar_tokens_per_s": ar["tokens_per_s"] if ar else None}
-        row["ratio_dllm_over_ar"] = (
-            _r(row["dllm_tokens_per_s"] / row["ar_tokens_per_s"], 3)
-            if ours and ar else None)
-        rows.append(row)
+        if ar or ours:
+            ours_tps, ar_tps = (x and x["tokens_per_s"] for x in (ours, ar))
+            rows.append({"batch": batch, "gen": gen, "prompt": settings["prompt_len"],
+                         "dllm_config": "dual, one token/step", "dllm_tokens_per_s": ours_tps,
+                         "ar_tokens_per_s": ar_tps, "ratio_dllm_over_ar": _ratio(ours_tps, ar_tps)})
     return rows
 
 
 def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict]) -> dict:
-    inproc = cases.get("overhead-dual-1tok")
-    mp = cases.get("overhead-dual-1tok-mp")
+    """The per-step overhead, its stages, and how far the cache model's full forward is above."""
+    inproc, mp = cases.get("overhead-dual-1tok") or {}, cases.get("overhead-dual-1tok-mp") or {}
     out: dict[str, Any] = {
-        "ms_per_step_inproc": (profile or {}).get("ms_per_step")
-        or (inproc.get("ms_per_forward") if inproc else None),
-        "ms_per_step_multiprocess": mp.get("ms_per_forward") if mp else None,
-        "cpu_per_wall_multiprocess": mp.get("cpu_per_wall") if mp else None,
+        "ms_per_step_inproc": (profile or {}).get("ms_per_step") or inproc.get("ms_per_forward"),
+        "ms_per_step_multiprocess": mp.get("ms_per_forward"),
+        "cpu_per_wall_multiprocess": mp.get("cpu_per_wall"),
     }
     if profile:
         out["profile"] = {k: profile[k] for k in ("steps", "ms_per_step", "stages_ms_per_step",
-                                                  "stage_share", "torch_profiler_top_ops")
-                          if k in profile}
+                                                  "stage_share", "torch_profiler_top_ops")}
         stages = profile["stages_ms_per_step"]
-        non_model = {k: v for k, v in stages.items() if k != "model forward"}
         out["biggest_stage"] = max(stages, key=stages.get)
-        out["biggest_non_model_stage"] = max(non_model, key=non_model.get)
-    # How far a full forward of the benchmark model is above the per-step overhead.
+        out["biggest_non_model_stage"] = max((k for k in stages if k != "model forward"),
+                                             key=stages.get)
     per_step = out["ms_per_step_multiprocess"] or out["ms_per_step_inproc"]
     full = next((r for r in cache_rows if r["mode"] == "none"), None)
     if per_step and full:
         out["bench_full_forward_ms"] = full["ms_per_forward"]
-        out["full_forward_over_step_overhead"] = _r(full["ms_per_forward"] / per_step, 1)
+        out["full_forward_over_step_overhead"] = round(full["ms_per_forward"] / per_step, 1)
     return out
 
 
 def _step_section(cases: dict) -> dict:
     """ms per denoising step by cache mode and engine; dual/none and compiled/eager ratios."""
-    ms = {(c["meta"]["mode"], c["meta"]["engine"]): c.get("ms_per_forward")
-          for c in cases.values() if c.get("group") == "step"}
-    engines = ("eager", "compiled")
-    rows = []
-    for mode in ("none", "prefix", "dual"):
+    step = [c for c in cases.values() if c.get("group") == "step"]
+    ms = {(c["meta"]["mode"], c["meta"]["engine"]): c.get("ms_per_forward") for c in step}
+    engines, rows = ("eager", "compiled"), []
+    for mode in MODES:
         row: dict[str, Any] = {"cache": mode}
         for engine in engines:
             row[f"{engine}_ms_per_step"] = ms.get((mode, engine))
-            none = ms.get(("none", engine))
-            row[f"{engine}_over_none"] = _ratio(ms.get((mode, engine)), none)
-        row["compiled_over_eager"] = _ratio(row["compiled_ms_per_step"], row["eager_ms_per_step"])
-        rows.append(row)
-    meta = next((c["meta"] for c in cases.values() if c.get("group") == "step"), {})
+            row[f"{engine}_over_none"] = _ratio(ms.get((mode, engine)), ms.get(("none", engine)))
+        rows.append({**row, "compiled_over_eager": _ratio(row["compiled_ms_per_step"],
+                                                          row["eager_ms_per_step"])})
+    meta = step[0]["meta"] if step else {}
     return {"prompt": meta.get("prompt"), "gen": meta.get("gen"), "rows": rows,
             "dual_over_none": {e: _ratio(ms.get(("dual", e)), ms.get(("none", e)))
                                for e in engines}}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return _r(a / b, 3) if a and b else None
-
-
-STEP_HEADERS = ["cache", "eager ms/step", "compiled ms/step", "compiled / eager",
-                "eager / none", "compiled / none"]
-
-
-def _step_rows(step: dict) -> list[list[Any]]:
-    """Table rows of the step benchmark; none when no step job ran."""
-    rows = [[r["cache"], r["eager_ms_per_step"], r["compiled_ms_per_step"],
-             r["compiled_over_eager"], r["eager_over_none"], r["compiled_over_none"]]
-            for r in step["rows"]]
-    return rows if any(r[1] or r[2] for r in rows) else []
+def _step_rows(step: dict) -> list[dict]:
+    """The step section's rows; none when no step job ran."""
+    ran = any(r["eager_ms_per_step"] or r["compiled_ms_per_step"] for r in step["rows"])
+    return step["rows"] if ran else []
 
 
 def step_table(step: dict) -> str:
     """The step benchmark as a Markdown table (also printed at the end of a run)."""
-    return _table(STEP_HEADERS, _step_rows(step))
+    return _table(STEP_COLUMNS, _step_rows(step))
 
 
 def _targets(doc: dict) -> list[dict]:
-    values: dict[str, float | None] = {"cache_dual": None, "cache_prefix": None,
-                                       "parallel_dual": None}
-    if doc["cache"]:
-        first = doc["cache"][0]["gen"]
-        for row in doc["cache"]:
-            if row["gen"] == first and row["mode"] in ("dual", "prefix"):
-                values[f"cache_{row['mode']}"] = row["speedup_vs_none"]
-    for row in doc["parallel"]:
-        if row["mode"] == "dual" and row["rule"] == "threshold 0.9":
-            values["parallel_dual"] = row["speedup_vs_one_per_step"]
-    out = []
-    for label, key, need in TARGETS:
-        v = values[key]
-        out.append({"target": label, "required": need, "measured": v,
-                    "met": None if v is None else v >= need})
-    return out
+    first = doc["cache"][0]["gen"] if doc["cache"] else None
+    values = {f"cache_{r['mode']}": r["speedup_vs_none"] for r in doc["cache"]
+              if r["gen"] == first and r["mode"] != "none"}
+    for r in doc["parallel"]:
+        if (r["mode"], r["rule"]) == ("dual", "threshold 0.9"):
+            values["parallel_dual"] = r["speedup_vs_one_per_step"]
+    return [{"target": label, "required": need, "measured": values.get(key),
+             "met": None if values.get(key) is None else values[key] >= need}
+            for label, key, need in TARGETS]
 
 
 # ---- Markdown ------------------------------------------------------------------------------------
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def _table(columns: str, rows: list[dict]) -> str:
+    """A Markdown table of ``rows`` by ``columns``, "header=key|...": a key ending in ":x" is
+    written as a ratio ("1.5x"), one ending in ":%" as a percentage."""
     def fmt(x: Any) -> str:
-        if x is None:
-            return "-"
-        if isinstance(x, bool):
-            return "yes" if x else "no"
-        if isinstance(x, float):
-            return f"{x:,.2f}" if abs(x) >= 10 else f"{x:.3g}"
-        return str(x)
+        if isinstance(x, bool) or x is None:
+            return {True: "yes", False: "no", None: "-"}[x]
+        return (f"{x:,.2f}" if abs(x) >= 10 else f"{x:.3g}") if isinstance(x, float) else str(x)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
+    def cell(row: dict, key: str) -> str:
+        key, _, unit = key.partition(":")
+        value = row.get(key)
+        return f"{value}x" if unit == "x" else f"{100 * value:.1f}%" if unit else fmt(value)
+
+    heads, keys = zip(*(c.split("=") for c in columns.split("|")), strict=True)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows])
 
 
 def markdown(doc: dict) -> str:
     """results.md: provenance, then one table per section."""
-    env, s, ov, st = doc["environment"], doc["settings"], doc["overhead"], doc["step"]
-    models = doc["models"]
+    env, s, ov, st, skipped = (doc[k] for k in ("environment", "settings", "overhead", "step",
+                                                "skipped"))
+    pr, prof = doc.get("problems", {}), ov.get("profile") or {}
 
     def sizes(name: str) -> str:
-        m = models.get(name, {})
+        m = doc["models"].get(name, {})
         sh = m.get("shape", {})
         return (f"hidden {sh.get('hidden_size')}, {sh.get('num_layers')} layers, "
                 f"{sh.get('num_heads')} heads, MLP {sh.get('intermediate_size')}, vocabulary "
                 f"{sh.get('vocab_size')} ({m.get('params', 0) / 1e6:.1f} M parameters, seed "
                 f"{m.get('seed')})")
 
-    def section(title: str, text: str, headers: list[str], rows: list[list[Any]],
-                skipped: str | None = None) -> list[str]:
-        intro = [text, ""] if text else []
-        body = [*intro, _table(headers, rows)] if rows else [f"Skipped: {skipped}"]
-        return [f"## {title}", "", *body, ""]
-
-    pr = doc.get("problems", {})
-    prof = ov.get("profile") or {}
-    md = [
-        "# vllm-dllm benchmark results", "",
-        f"Command: `{env.get('command')}`, {env.get('total_wall_s', 0) / 60:.1f} min, "
-        f"{env.get('started')}. Machine: {env['cpu']}, {env['cpus']} CPUs; engines fp32, "
-        f"{env['threads_per_engine']} OpenMP thread(s) each, one engine at a time; vLLM "
-        f"{env['vllm']}, torch {env['torch']}, commit {env['git_commit']}"
-        f"{' (dirty tree)' if env.get('git_dirty') else ''}. Load average at start "
-        f"{env['loadavg_start'][0]}, at end {env.get('loadavg_end', ['?'])[0]}. Tokens/s: best "
-        "of the rounds (median in results.json); greedy decoding; ratios are within one engine.",
-        "",
-        *section("Targets", "", ["target", "required", "measured", "met"],
-                 [[t["target"], f"{t['required']}x", t["measured"], t["met"]]
-                  for t in doc["targets"]]),
-        *section("1. Cache speed-up (random LLaDA, one token per step)",
-                 f"Random LLaDA, {sizes('bench_model')}. Block 32, `dllm_steps` = generation "
-                 "length, ignore_eos. * `none` ran one step per block and is extrapolated: "
-                 "every `none` forward is the same full forward whatever it commits.",
-                 ["prompt", "gen", "cache", "forwards", "tokens/s", "ms/forward", "wall s",
-                  "speed-up"],
-                 [[r["prompt"], r["gen"], r["mode"] + ("" if r["measured"] else "*"),
-                   r["forwards"], r["tokens_per_s"], r["ms_per_forward"], r["wall_s"],
-                   f"{r['speedup_vs_none']}x"] for r in doc["cache"]]),
-        *section("2. Parallel decoding (trained models/llada-arith)",
-                 f"Held-out problems (examples/train_tiny_llada.py, seed {pr.get('eval_seed')}), "
-                 f"max_tokens {pr.get('gen_len')}, one request at a time, stops at EOS.",
-                 ["cache", "rule", "tokens/s", "tokens/forward", "forwards/request", "accuracy",
-                  "vs one/step", "vs none one/step"],
-                 [[r["mode"], r["rule"], r["tokens_per_s"], r["tokens_per_forward"],
-                   r["forwards_per_request"], r["accuracy"], f"{r['speedup_vs_one_per_step']}x",
-                   f"{r['speedup_vs_none_one_per_step']}x"] for r in doc["parallel"]],
-                 doc["skipped"].get("parallel", "no cases ran")),
-        *section("3. Batching (dual + threshold 0.9)",
-                 "Requests submitted `concurrency` at a time to offline `LLM.generate`.",
-                 ["concurrent", "requests", "tokens/s", "requests/s", "scaling vs 1",
-                  "tokens/forward", "accuracy", "wall s"],
-                 [[r["concurrency"], r["requests"], r["tokens_per_s"], r["requests_per_s"],
-                   f"{r['scaling_vs_1']}x", r["tokens_per_forward"], r["accuracy"], r["wall_s"]]
-                  for r in doc["batching"]]),
-        *section("4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)",
-                 f"Prompt {s['prompt_len']}, ignore_eos, random weights on both sides; ours: "
-                 "dual cache, one token per step (random weights are never confident).",
-                 ["batch", "new tokens", "ours tokens/s", "AR tokens/s", "ours / AR"],
-                 [[r["batch"], r["gen"], r["dllm_tokens_per_s"], r["ar_tokens_per_s"],
-                   r["ratio_dllm_over_ar"]] for r in doc["ar"]],
-                 doc["skipped"].get("ar")),
-        *section("5. Engine overhead per denoising step (tiny LLaDA)",
-                 f"Dual cache, one token per step, batch 1, prompt {s['overhead_prompt']}, "
-                 f"{prof.get('steps')} steps in one process: {prof.get('ms_per_step')} ms per "
-                 f"step (best of 3; model forward and LM head timed by forward hooks); vLLM's "
-                 f"normal multi-process mode: {ov.get('ms_per_step_multiprocess')} ms per step, "
-                 f"CPU seconds per wall second {ov.get('cpu_per_wall_multiprocess')}.",
-                 ["stage", "ms / step", "share"],
-                 [[k, v, f"{100 * prof['stage_share'][k]:.1f}%"]
-                  for k, v in prof.get("stages_ms_per_step", {}).items()]),
-        "<details><summary>torch.profiler, top operators by own CPU time</summary>\n",
-        "```\n" + prof.get("torch_profiler_top_ops", "") + "\n```\n</details>", "",
-        *section("6. Denoising step (random LLaDA, real vocabulary)",
-                 f"Random LLaDA, {sizes('step_model')}; prompt {st['prompt']}, generation "
-                 f"{st['gen']}, block 32, one token per step, batch 1. Compiled: "
-                 "`enforce_eager=False`.",
-                 STEP_HEADERS, _step_rows(st),
-                 doc["skipped"].get("step", "no cases ran")),
-        *section("Jobs", "", ["job", "engine start s", "job s", "load before", "load after",
-                              "error"],
-                 [[j.get("job"), j.get("startup_s"), j.get("process_wall_s"),
-                   (j.get("loadavg") or {}).get("before", [None])[0],
-                   (j.get("loadavg") or {}).get("after", [None])[0], j.get("error")]
-                  for j in doc["jobs"]]),
-        "![results](results.png)",
+    sections = [  # title, text, columns, rows, why a section without rows did not run
+        ("Targets", "", "target=target|required=required:x|measured=measured|met=met",
+         doc["targets"], None),
+        ("1. Cache speed-up (random LLaDA, one token per step)",
+         f"Random LLaDA, {sizes('bench_model')}. Block 32, `dllm_steps` = generation length, "
+         "ignore_eos. * `none` ran one step per block and is extrapolated: every `none` forward "
+         "is the same full forward whatever it commits.",
+         "prompt=prompt|gen=gen|cache=mode|forwards=forwards|tokens/s=tokens_per_s|"
+         "ms/forward=ms_per_forward|wall s=wall_s|speed-up=speedup_vs_none:x",
+         [{**r, "mode": r["mode"] + ("" if r["measured"] else "*")} for r in doc["cache"]], None),
+        ("2. Parallel decoding (trained models/llada-arith)",
+         f"Held-out problems (examples/train_tiny_llada.py, seed {pr.get('eval_seed')}), "
+         f"max_tokens {pr.get('gen_len')}, one request at a time, stops at EOS.",
+         "cache=mode|rule=rule|tokens/s=tokens_per_s|tokens/forward=tokens_per_forward|"
+         "forwards/request=forwards_per_request|accuracy=accuracy|"
+         "vs one/step=speedup_vs_one_per_step:x|vs none one/step=speedup_vs_none_one_per_step:x",
+         doc["parallel"], skipped.get("parallel", "no cases ran")),
+        ("3. Batching (dual + threshold 0.9)",
+         "Requests submitted `concurrency` at a time to offline `LLM.generate`.",
+         "concurrent=concurrency|requests=requests|tokens/s=tokens_per_s|"
+         "requests/s=requests_per_s|scaling vs 1=scaling_vs_1:x|"
+         "tokens/forward=tokens_per_forward|accuracy=accuracy|wall s=wall_s",
+         doc["batching"], None),
+        ("4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)",
+         f"Prompt {s['prompt_len']}, ignore_eos, random weights on both sides; ours: dual cache, "
+         "one token per step (random weights are never confident).",
+         "batch=batch|new tokens=gen|ours tokens/s=dllm_tokens_per_s|AR tokens/s=ar_tokens_per_s"
+         "|ours / AR=ratio_dllm_over_ar", doc["ar"], skipped.get("ar")),
+        ("5. Engine overhead per denoising step (tiny LLaDA)",
+         f"Dual cache, one token per step, batch 1, prompt {s['overhead_prompt']}, "
+         f"{prof.get('steps')} steps in one process: {prof.get('ms_per_step')} ms per step (best "
+         "of 3; model forward and LM head timed by forward hooks); vLLM's normal multi-process "
+         f"mode: {ov.get('ms_per_step_multiprocess')} ms per step, CPU seconds per wall second "
+         f"{ov.get('cpu_per_wall_multiprocess')}.", "stage=stage|ms / step=ms|share=share:%",
+         [{"stage": k, "ms": v, "share": prof["stage_share"][k]}
+          for k, v in prof.get("stages_ms_per_step", {}).items()], None),
+        ("6. Denoising step (random LLaDA, real vocabulary)",
+         f"Random LLaDA, {sizes('step_model')}; prompt {st['prompt']}, generation {st['gen']}, "
+         "block 32, one token per step, batch 1. Compiled: `enforce_eager=False`.",
+         STEP_COLUMNS, _step_rows(st), skipped.get("step", "no cases ran")),
+        ("Jobs", "", "job=job|engine start s=startup_s|job s=process_wall_s|load before=before|"
+         "load after=after|error=error",
+         [{**j, **{k: (j.get("loadavg") or {}).get(k, [None])[0] for k in ("before", "after")}}
+          for j in doc["jobs"]], None),
     ]
-    return "\n".join(md) + "\n"
+    md = ["# vllm-dllm benchmark results", "",
+          f"Command: `{env.get('command')}`, {env.get('total_wall_s', 0) / 60:.1f} min, "
+          f"{env.get('started')}. Machine: {env['cpu']}, {env['cpus']} CPUs; engines fp32, "
+          f"{env['threads_per_engine']} OpenMP thread(s) each, one engine at a time; vLLM "
+          f"{env['vllm']}, torch {env['torch']}, commit {env['git_commit']}"
+          f"{' (dirty tree)' if env.get('git_dirty') else ''}. Load average at start "
+          f"{env['loadavg_start'][0]}, at end {env.get('loadavg_end', ['?'])[0]}. Tokens/s: "
+          "best of the rounds (median in results.json); greedy decoding; ratios are within one "
+          "engine.", ""]
+    for title, text, columns, rows, why in sections:
+        body = [*([text, ""] if text else []), _table(columns, rows)] if rows else [
+            f"Skipped: {why}"]
+        md += [f"## {title}", "", *body, ""]
+        if title.startswith("5."):
+            md += ["<details><summary>torch.profiler, top operators by own CPU time</summary>\n",
+                   "```\n" + prof.get("torch_profiler_top_ops", "") + "\n```\n</details>", ""]
+    return "\n".join([*md, "![results](results.png)"]) + "\n"
 
 
 # ---- PNG -----------------------------------------------------------------------------------------
@@ -344,11 +295,10 @@ def chart(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
+    panels = [  # title, bars (label, tokens/s, colour)
         ("1. Cache, one token per step (random LLaDA; * extrapolated)",
          [(f"g{r['gen']} {r['mode']}{'' if r['measured'] else '*'}\n{r['speedup_vs_none']}x",
-           r["tokens_per_s"], f"C{['none', 'prefix', 'dual'].index(r['mode'])}")
-          for r in doc["cache"]]),
+           r["tokens_per_s"], f"C{MODES.index(r['mode'])}") for r in doc["cache"]]),
         ("2. Parallel decoding, trained llada-arith, batch 1",
          [(f"{r['mode']}\n{r['rule']}\nacc {r['accuracy']}", r["tokens_per_s"],
            "C3" if r["mode"] == "dual" else "C0") for r in doc["parallel"]]),
@@ -368,8 +318,7 @@ def chart(doc: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "(not run)", ha="center", transform=ax.transAxes)
             continue
         labels, values, colors = zip(*bars, strict=True)
-        drawn = ax.bar(range(len(bars)), values, color=colors)
-        ax.bar_label(drawn, fmt="%.3g", fontsize=8)
+        ax.bar_label(ax.bar(range(len(bars)), values, color=colors), fmt="%.3g", fontsize=8)
         ax.set_xticks(range(len(bars)), labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

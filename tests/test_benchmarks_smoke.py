@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from benchmarks import profiling, report, run
-from benchmarks.checkpoints import TINY_MODEL, write_llada, write_llama_like
+from benchmarks import engine_job, report, run
+from benchmarks.run import TINY_MODEL, write_llada, write_llama_like
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_overhead_profile(smoke) -> None:
     prof = ov["profile"]
     assert prof["steps"] == doc["settings"]["overhead_gen"]
     stages = prof["stages_ms_per_step"]
-    assert stages[profiling.MODEL] > stages[profiling.LM_HEAD] > 0
-    assert stages[profiling.REST] > 0
+    assert stages[engine_job.MODEL] > stages[engine_job.LM_HEAD] > 0
+    assert stages[engine_job.REST] > 0
     assert sum(stages.values()) == pytest.approx(prof["ms_per_step"], rel=0.01)
     assert ov["biggest_stage"] in stages
     assert "Self CPU" in prof["torch_profiler_top_ops"]
