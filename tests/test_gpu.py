@@ -14,6 +14,17 @@ from vllm import SamplingParams
 
 from tests.engines import start_engine
 from tests.reference import ReferenceModel
+from tests.reference.block_model import BlockReferenceModel
+from tests.test_block_engine import (
+    SDAR_PROMPTS,
+    V2_CASES,
+    V2_PROMPTS,
+    sdar_cases,
+    sdar_oracle,
+    v2_oracle,
+)
+from tests.test_block_engine import engine_run as block_run
+from tests.test_block_engine import params as block_params
 from tests.test_engine_oracle import MAX_TOKENS, PROMPTS, engine_run, oracle_run
 from tests.worker_probes import start_counting_host_reads, stop_counting_host_reads
 
@@ -118,3 +129,30 @@ def test_bf16_tokens_equal_the_oracle_on_a_peaked_checkpoint(llada_peaked_dir):
             assert got == [oracle_run(oracle, llada_peaked_dir, PROMPTS[1], extra)], extra
     finally:
         _stop(llm)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(family, backend) for family in ("fast_dllm_v2", "sdar") for backend in BACKENDS],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
+def gpu_block_engine(request):
+    """Block-diffusion engines with CUDA graphs: several windows per request in one forward."""
+    family, backend = request.param
+    checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
+    llm = start_engine(checkpoint, attention_backend=backend, gpu_memory_utilization=GPU_MEMORY)
+    yield family, llm, BlockReferenceModel(checkpoint), checkpoint
+    _stop(llm)
+
+
+def test_gpu_block_diffusion_equals_oracle(gpu_block_engine):
+    family, llm, oracle, checkpoint = gpu_block_engine
+    if family == "fast_dllm_v2":
+        cases = [(p, extra) for p in V2_PROMPTS for extra in V2_CASES.values()]
+        run_oracle = v2_oracle
+    else:
+        cases = [(p, extra) for p in SDAR_PROMPTS for extra in sdar_cases(len(p)).values()]
+        run_oracle = sdar_oracle
+    expected = [run_oracle(oracle, checkpoint, p, e) for p, e in cases]
+    got = block_run(llm, [p for p, _ in cases], [block_params(e) for _, e in cases])
+    assert got == expected
