@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 MODEL_CLASSES: dict[str, str] = {
     "LLaDAModelLM": "vllm_dllm.model_executor.models.llada:LLaDAModelLM",
     "DreamModel": "vllm_dllm.model_executor.models.dream:DreamModel",
+    "LLaDA2MoeModelLM": "vllm_dllm.model_executor.models.llada2_moe:LLaDA2MoeModelLM",
 }
 
 _registered = False
