@@ -23,6 +23,7 @@ from tests.engines import start_engine
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.test_parallel import TP_ENGINE_ENV, _environment
 from tests.test_weight_loading import build_model  # noqa: F401 (a fixture)
+from tests.worker_probes import model_contract
 from vllm_dllm.model_executor.models.llada2_moe import (
     RELEASE_MASK_TOKEN_ID,
     resolve_mask_token_id,
@@ -124,9 +125,10 @@ def test_mask_id_order(llada2_tiny_dir, tmp_path):
 # ---- logits through the engine --------------------------------------------------------------
 
 
-def test_engine_contract(llada2_engine):
-    model_config = llada2_engine.llm_engine.vllm_config.model_config
-    assert model_config.architecture == "LLaDA2MoeModelLM"
+def test_engine_runs_the_plugin_model(llada2_engine):
+    """The worker's model is ours, with the tokenizer's mask id and unshifted logits."""
+    (contract,) = llada2_engine.collective_rpc(model_contract)
+    assert contract == ("LLaDA2MoeModelLM", MASK, 0)
 
 
 @pytest.mark.parametrize(("length", "block"), [(32, 8), (64, 32), (27, 8)])

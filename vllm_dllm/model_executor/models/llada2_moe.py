@@ -188,8 +188,8 @@ class LLaDA2SparseMoe(nn.Module):
 
     The released gate, argument by argument:
 
-    - router logits ``mlp.gate.weight @ x`` in fp32 (the release casts both to fp32 whatever
-      the model dtype): a ``GateLinear`` with fp32 parameters and output, and
+    - router logits ``mlp.gate.weight @ x`` in fp32, whatever the model dtype, as the release
+      computes them: a ``GateLinear`` with fp32 parameters and output, and
       ``router_logits_dtype=float32`` so nothing downcasts them on the way to the routing;
     - ``scoring_func="sigmoid"``: the scores are the logits' sigmoid;
     - ``e_score_correction_bias=mlp.gate.expert_bias``: added to the scores to *choose* experts
