@@ -204,3 +204,20 @@ def build_model() -> Iterator[BuildModel]:
     yield build
     if initialised:
         cleanup_dist_env_and_memory()
+
+@pytest.fixture(scope="session")
+def llada2_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaDA 2.x tiny MoE checkpoint (released layout), seed 0."""
+    from vllm_dllm.testing.llada2_checkpoints import write_llada2_checkpoint
+
+    return write_llada2_checkpoint(tmp_path_factory.mktemp("llada2_tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def llada2_engine(llada2_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA 2.x checkpoint."""
+    from tests.engines import start_engine
+
+    llm = start_engine(llada2_tiny_dir)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()

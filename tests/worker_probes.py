@@ -21,6 +21,12 @@ def body_compilation(worker: Any) -> tuple[bool, bool]:
     return not body.do_not_compile, bool(getattr(body, "compiled", False))
 
 
+def model_contract(worker: Any) -> tuple[str, int, int]:
+    """(model class, `mask_token_id`, `logits_shift`): what the denoiser reads from the model."""
+    model = worker.model_runner.get_model()
+    return type(model).__name__, model.mask_token_id, model.logits_shift
+
+
 def start_counting_host_reads(worker: Any) -> None:
     """Wrap the denoiser's step so that every host read of a tensor during it is recorded."""
     denoiser = worker.denoiser

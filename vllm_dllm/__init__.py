@@ -17,6 +17,7 @@ MODEL_CLASSES: dict[str, str] = {
         "vllm_dllm.model_executor.models.fast_dllm_v2:Fast_dLLM_QwenForCausalLM"
     ),
     "SDARForCausalLM": "vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
+    "LLaDA2MoeModelLM": "vllm_dllm.model_executor.models.llada2_moe:LLaDA2MoeModelLM",
 }
 
 _registered = False

@@ -111,24 +111,35 @@ class DiffusionAttention(nn.Module):
 
 
 class DiffusionMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
+
+    `reduce_results=False` leaves the tensor-parallel sum of `down_proj` to the caller: an MoE
+    layer adds its shared expert to the routed experts' partial sums and reduces once.
+    """
 
     def __init__(
-        self, shape: TransformerShape, quant_config: QuantizationConfig | None, prefix: str
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+        *,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            shape.hidden_size,
-            [shape.intermediate_size] * 2,
+            hidden_size,
+            [intermediate_size] * 2,
             bias=False,
             quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            shape.intermediate_size,
-            shape.hidden_size,
+            intermediate_size,
+            hidden_size,
             bias=False,
             quant_config=quant_config,
+            reduce_results=reduce_results,
             prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
@@ -146,7 +157,9 @@ class DiffusionDecoderLayer(nn.Module):
         self.self_attn = DiffusionAttention(
             shape, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn"
         )
-        self.mlp = DiffusionMLP(shape, quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = DiffusionMLP(
+            shape.hidden_size, shape.intermediate_size, quant_config, prefix=f"{prefix}.mlp"
+        )
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
@@ -274,34 +287,10 @@ class DiffusionLM(nn.Module):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load checkpoint tensors by their real names; fail naming any stray or missing one.
-
-        vLLM's `AutoWeightsLoader` does the loading through `hf_to_vllm_mapper`. The strict
-        name check stays ours: vLLM's loader lets a stray `.bias` pass, and its check that every
-        parameter was initialised exempts unquantized linear layers and cannot see one missing
-        shard (say `k_proj`) of a fused parameter.
-        """
-        expected = self.expected_checkpoint_names()
-        seen: set[str] = set()
-
-        def checked() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if name not in expected:
-                    raise ValueError(
-                        f"unexpected tensor {name!r} in the {type(self).__name__} checkpoint "
-                        f"(is this checkpoint of a different architecture?)"
-                    )
-                seen.add(name)
-                yield name, tensor
-
-        loaded = AutoWeightsLoader(self).load_weights(checked(), mapper=self.hf_to_vllm_mapper)
-        missing = sorted(expected - seen)
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ValueError(
-                f"{type(self).__name__} checkpoint is missing {len(missing)} tensor(s): {shown}"
-            )
-        return loaded
+        """Strict: a stray or missing checkpoint tensor fails, named (`load_checked`)."""
+        return load_checked(
+            self, weights, self.expected_checkpoint_names(), self.hf_to_vllm_mapper
+        )
 
     def expected_checkpoint_names(self) -> set[str]:
         """Every tensor name a complete checkpoint holds: our parameters, mapped back."""
@@ -310,6 +299,42 @@ class DiffusionLM(nn.Module):
             for param, _ in self.named_parameters()
             for name in checkpoint_names(self.hf_to_vllm_mapper, param)
         }
+
+
+def load_checked(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    expected: set[str],
+    mapper: WeightsMapper,
+) -> set[str]:
+    """Load checkpoint tensors by their real names; fail naming any stray or missing one.
+
+    `expected` is every tensor name a complete checkpoint of `model` holds. vLLM's
+    `AutoWeightsLoader` does the loading through `mapper`. The strict name check stays ours:
+    vLLM's loader lets a stray `.bias` pass, and its check that every parameter was initialised
+    exempts unquantized linear layers and cannot see one missing shard (say `k_proj`) of a fused
+    parameter, or one missing expert of an MoE layer's stacked expert weights.
+    """
+    seen: set[str] = set()
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name not in expected:
+                raise ValueError(
+                    f"unexpected tensor {name!r} in the {type(model).__name__} checkpoint "
+                    f"(is this checkpoint of a different architecture?)"
+                )
+            seen.add(name)
+            yield name, tensor
+
+    loaded = AutoWeightsLoader(model).load_weights(checked(), mapper=mapper)
+    missing = sorted(expected - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{type(model).__name__} checkpoint is missing {len(missing)} tensor(s): {shown}"
+        )
+    return loaded
 
 
 def checkpoint_names(mapper: WeightsMapper, param: str) -> list[str]:

@@ -23,17 +23,20 @@ def resolve_mask_token_id(
     config: PretrainedConfig,
     tokenizer: str,
     revision: str | None,
-    mask_token: str,
+    mask_token: str | None,
     release_default: int,
 ) -> int:
-    """The MASK id: config `mask_token_id` if set, else the id of `mask_token` among the
-    tokenizer's added tokens, else `release_default` (the constant of the release's code).
+    """The MASK id: config `mask_token_id` if set, else the id of `mask_token` (None: the
+    tokenizer's own `mask_token`) among the tokenizer's added tokens, else `release_default`
+    (the constant of the release's code).
 
     `tokenizer` is a directory or a hub id (vLLM's `model_config.tokenizer`); its
-    `tokenizer_config.json` lists the added tokens under `added_tokens_decoder`.
+    `tokenizer_config.json` names the mask token and lists the added tokens under
+    `added_tokens_decoder`.
     """
-    if config.mask_token_id is not None:
-        return int(config.mask_token_id)
+    configured = getattr(config, "mask_token_id", None)
+    if configured is not None:
+        return int(configured)
     file = cached_file(
         tokenizer,
         "tokenizer_config.json",
@@ -43,9 +46,13 @@ def resolve_mask_token_id(
     )
     if file is not None:
         with open(file) as f:
-            added = json.load(f).get("added_tokens_decoder", {})
-        for token_id, entry in added.items():
-            if entry.get("content") == mask_token:
+            tokenizer_config = json.load(f)
+        if mask_token is None:
+            mask_token = tokenizer_config.get("mask_token")
+            if isinstance(mask_token, dict):  # a serialised AddedToken
+                mask_token = mask_token.get("content")
+        for token_id, entry in tokenizer_config.get("added_tokens_decoder", {}).items():
+            if mask_token is not None and entry.get("content") == mask_token:
                 return int(token_id)
     return release_default
 
