@@ -1,8 +1,9 @@
 """Block-diffusion models on the engine against their oracles: same tokens, same forwards.
 
-Fast-dLLM v2 (tiny checkpoint: block 32, token shift, sub-blocks) and SDAR (block 4, no shift)
-run through the real vLLM engine (fp32, paged KV, block-causal windows) and through
-`tests/reference/block_generate.py` (plain torch, dense block-causal attention, one request).
+Fast-dLLM v2 (tiny checkpoint: block 32, token shift, sub-blocks), SDAR (block 4, no shift) and
+LLaDA 2.x (block 32, mixture of experts) run through the real vLLM engine (fp32, paged KV,
+block-causal windows) and through `tests/reference/block_generate.py` / `llada2_generate.py`
+(plain torch, dense block-causal attention, one request).
 Prompts end mid-block, exactly on a block boundary, and inside the first block; parameters cover
 each family's rules, its cache option and block lengths; batches mix them in two orders.
 """
@@ -18,6 +19,8 @@ from vllm.inputs import TokensPrompt
 from tests.engines import end_token_ids
 from tests.reference.block_generate import generate_fast_dllm_v2, generate_sdar
 from tests.reference.block_model import BlockReferenceModel
+from tests.reference.llada2_generate import generate_llada2
+from tests.reference.llada2_model import LLaDA2ReferenceModel
 
 MAX_TOKENS = 40
 V2_PROMPTS = ([17, 101, 42], list(range(1, 33)), [(7 * i) % 250 + 1 for i in range(45)])
@@ -59,6 +62,25 @@ def v2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs)
         threshold=extra.get("dllm_threshold", 0.95),
         use_block_cache=extra.get("dllm_cache", "none") == "dual",
         end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
+        **kwargs,
+    )
+    return result.tokens, result.num_forwards
+
+
+def llada2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
+    block = extra.get("dllm_block_length", 32)
+    steps = extra.get("dllm_steps")
+    per_block = block if steps is None else steps // sdar_decoded_blocks(len(prompt), block,
+                                                                         max_tokens)  # fmt: skip
+    result = generate_llada2(
+        model,
+        prompt,
+        max_new_tokens=max_tokens,
+        block_length=block,
+        steps=per_block,
+        threshold=extra.get("dllm_threshold", 0.95),
+        end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
+        fold_finished_block=True,
         **kwargs,
     )
     return result.tokens, result.num_forwards
@@ -166,13 +188,55 @@ def test_sdar_mixed_batch_in_two_orders(sdar_engine, sdar_tiny_dir, sdar):
         assert got == [expected[i] for i in order]
 
 
-@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
+def reference(family: str, checkpoint):
+    """The family's oracle model and loop."""
+    if family == "llada2":
+        return LLaDA2ReferenceModel(checkpoint), llada2_oracle
+    return BlockReferenceModel(checkpoint), v2_oracle if family == "fast_dllm_v2" else sdar_oracle
+
+
+LLADA2_CASES = {
+    "defaults": {},
+    "threshold-0.3": {"dllm_threshold": 0.3},
+    "steps-8-per-block": {"dllm_threshold": 0.5, "dllm_steps": 8},
+}
+
+
+@pytest.mark.parametrize("case", list(LLADA2_CASES))
+def test_llada2_equals_oracle(llada2_engine, llada2_tiny_dir, case):
+    model = LLaDA2ReferenceModel(llada2_tiny_dir)
+    for prompt in V2_PROMPTS:
+        extra = dict(LLADA2_CASES[case])
+        if "dllm_steps" in extra:
+            extra["dllm_steps"] *= sdar_decoded_blocks(len(prompt), 32)
+        (got,) = engine_run(llada2_engine, [prompt], [params(extra)])
+        assert got == llada2_oracle(model, llada2_tiny_dir, prompt, extra), (len(prompt), extra)
+
+
+def test_llada2_mixed_batch_in_two_orders(llada2_engine, llada2_tiny_dir):
+    model = LLaDA2ReferenceModel(llada2_tiny_dir)
+    cases = [
+        (V2_PROMPTS[0], LLADA2_CASES["threshold-0.3"], MAX_TOKENS),
+        (V2_PROMPTS[1], LLADA2_CASES["defaults"], 20),
+        (V2_PROMPTS[2], {"dllm_threshold": 0.5, "dllm_steps": 16 * 2}, MAX_TOKENS),
+        (V2_PROMPTS[2], {"dllm_block_length": 16, "dllm_threshold": 0.2}, 30),
+    ]
+    expected = [llada2_oracle(model, llada2_tiny_dir, p, e, m) for p, e, m in cases]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        got = engine_run(
+            llada2_engine,
+            [cases[i][0] for i in order],
+            [params(cases[i][1], max_tokens=cases[i][2]) for i in order],
+        )
+        assert got == [expected[i] for i in order]
+
+
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
 def test_early_stop_at_end_token(family, request):
     """An end token ends the request at once: same tokens as the oracle, fewer forwards."""
     llm = request.getfixturevalue(f"{family}_engine")
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
-    oracle_model = BlockReferenceModel(checkpoint)
-    oracle = v2_oracle if family == "fast_dllm_v2" else sdar_oracle
+    oracle_model, oracle = reference(family, checkpoint)
     prompt, extra = [5, 9, 200, 13, 77], {"dllm_threshold": 0.3}
     free = oracle(oracle_model, checkpoint, prompt, extra, end_token_ids=())
     stop_token = free[0][5]
@@ -183,7 +247,7 @@ def test_early_stop_at_end_token(family, request):
     assert got[1] < free[1]
 
 
-@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
 def test_seeded_sampling_is_reproducible_and_batch_independent(family, request):
     llm = request.getfixturevalue(f"{family}_engine")
     extra = {"dllm_threshold": 0.5}
@@ -227,6 +291,9 @@ def test_engine_block_causal_logits_equal_oracle(family, request):
         ("sdar", {"dllm_sub_block_length": 2}, "dllm_sub_block_length"),
         ("sdar", {"dllm_remasking": "random"}, "dllm_remasking"),
         ("sdar", {"dllm_steps": 7}, "dllm_steps"),
+        ("llada2", {"dllm_cache": "dual"}, "dllm_cache"),
+        ("llada2", {"dllm_remasking": "low_confidence_static"}, "dllm_remasking"),
+        ("llada2", {"dllm_steps": 66}, "dllm_steps"),
     ],
 )
 def test_parameters_that_do_not_apply_are_rejected(family, extra, name, request):
