@@ -19,7 +19,7 @@ from vllm.inputs import TokensPrompt
 from tests.engines import end_token_ids
 from tests.reference.block_generate import generate_fast_dllm_v2, generate_sdar
 from tests.reference.block_model import BlockReferenceModel
-from tests.reference.llada2_generate import generate_llada2
+from tests.reference.llada2_generate import generate_llada2, generate_llada21
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 
 MAX_TOKENS = 40
@@ -231,6 +231,64 @@ def test_llada2_mixed_batch_in_two_orders(llada2_engine, llada2_tiny_dir):
         assert got == [expected[i] for i in order]
 
 
+def llada21_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
+    result = generate_llada21(
+        model,
+        prompt,
+        max_new_tokens=max_tokens,
+        block_length=extra.get("dllm_block_length", 32),
+        threshold=extra.get("dllm_threshold", 0.95),
+        editing_threshold=extra["dllm_editing_threshold"],
+        max_post_steps=extra.get("dllm_max_post_steps", 16),
+        end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
+        fold_finished_block=True,
+        **kwargs,
+    )
+    return result.tokens, result.num_forwards
+
+
+LLADA21_CASES = {
+    "release-defaults": {"dllm_editing_threshold": 0.9},
+    "edits": {"dllm_editing_threshold": 0.05, "dllm_threshold": 0.3},
+    "two-post-steps": {"dllm_editing_threshold": 0.02, "dllm_max_post_steps": 2},
+    "no-post-steps-block-16": {
+        "dllm_editing_threshold": 0.05,
+        "dllm_max_post_steps": 0,
+        "dllm_block_length": 16,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(LLADA21_CASES))
+def test_llada21_editing_equals_oracle(llada2_engine, llada2_tiny_dir, case):
+    """LLaDA 2.1's loop: decoded tokens of the block rewritten, post steps after it fills."""
+    model = LLaDA2ReferenceModel(llada2_tiny_dir)
+    extra = LLADA21_CASES[case]
+    for prompt in V2_PROMPTS:
+        (got,) = engine_run(llada2_engine, [prompt], [params(extra)])
+        assert got == llada21_oracle(model, llada2_tiny_dir, prompt, extra), (len(prompt), extra)
+
+
+def test_llada21_editing_changes_the_loop_and_mixes_with_plain_requests(
+    llada2_engine, llada2_tiny_dir
+):
+    model = LLaDA2ReferenceModel(llada2_tiny_dir)
+    plain = llada2_oracle(model, llada2_tiny_dir, V2_PROMPTS[2], {"dllm_threshold": 0.3})
+    edited = llada21_oracle(model, llada2_tiny_dir, V2_PROMPTS[2], LLADA21_CASES["edits"])
+    assert plain != edited  # the low editing threshold rewrites tokens (and adds post steps)
+    cases = [
+        (V2_PROMPTS[2], LLADA21_CASES["edits"], llada21_oracle),
+        (V2_PROMPTS[0], {"dllm_threshold": 0.3}, llada2_oracle),
+        (V2_PROMPTS[1], LLADA21_CASES["two-post-steps"], llada21_oracle),
+    ]
+    expected = [oracle(model, llada2_tiny_dir, p, e) for p, e, oracle in cases]
+    for order in ([0, 1, 2], [2, 1, 0]):
+        got = engine_run(
+            llada2_engine, [cases[i][0] for i in order], [params(cases[i][1]) for i in order]
+        )
+        assert got == [expected[i] for i in order]
+
+
 @pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
 def test_early_stop_at_end_token(family, request):
     """An end token ends the request at once: same tokens as the oracle, fewer forwards."""
@@ -294,6 +352,8 @@ def test_engine_block_causal_logits_equal_oracle(family, request):
         ("llada2", {"dllm_cache": "dual"}, "dllm_cache"),
         ("llada2", {"dllm_remasking": "low_confidence_static"}, "dllm_remasking"),
         ("llada2", {"dllm_steps": 66}, "dllm_steps"),
+        ("llada2", {"dllm_editing_threshold": 0.9, "dllm_steps": 32}, "dllm_steps"),
+        ("llada2", {"dllm_max_post_steps": 3}, "dllm_max_post_steps"),
     ],
 )
 def test_parameters_that_do_not_apply_are_rejected(family, extra, name, request):

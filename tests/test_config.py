@@ -42,6 +42,8 @@ def test_doc_table_matches_parser_defaults() -> None:
         "dllm_steps",
         "dllm_remasking",
         "dllm_sub_block_length",
+        "dllm_editing_threshold",
+        "dllm_max_post_steps",
     }
     params = parse_dllm_params(None, max_tokens=7)
     for name, (default, description) in DLLM_PARAM_DOCS.items():

@@ -29,7 +29,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_dllm.families import BIDIRECTIONAL, DEFAULT_SUB_BLOCK_LENGTH, Family, Loop
+from vllm_dllm.families import (
+    BIDIRECTIONAL,
+    DEFAULT_MAX_POST_STEPS,
+    DEFAULT_SUB_BLOCK_LENGTH,
+    Family,
+    Loop,
+)
 
 #: Cache modes (docs/design.md, step 1).
 CACHE_MODES = ("none", "prefix", "dual")
@@ -87,6 +93,17 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
         "Fast-dLLM v2 only (default 8): sub-blocks decoded left to right inside each block; "
         "must divide the block length.",
     ),
+    "dllm_editing_threshold": (
+        None,
+        "LLaDA 2.x only: LLaDA 2.1's token editing (its release uses 0.9), float in (0, 1]: "
+        "decoded tokens of the current block are rewritten where the model proposes another "
+        "token with confidence strictly above it; one MASK committed per step at least.",
+    ),
+    "dllm_max_post_steps": (
+        None,
+        "LLaDA 2.x with dllm_editing_threshold (default 16): extra editing steps after a block "
+        "has no MASK left, ending after the first that edits nothing.",
+    ),
 }
 DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
 
@@ -126,6 +143,8 @@ class DllmParams:
     steps: int | None = None
     remasking: str = DEFAULT_REMASKING
     sub_block_length: int | None = None
+    editing_threshold: float | None = None
+    max_post_steps: int | None = None
     family: Family = BIDIRECTIONAL
 
     def __post_init__(self) -> None:
@@ -174,6 +193,13 @@ class DllmParams:
                 f"dllm_cache must be one of {', '.join(family.caches)} for {family.name} models, "
                 f"got {self.cache!r}"
             )
+        if self.editing_threshold is not None and self.steps is not None:
+            raise DllmParamError(
+                "dllm_steps does not apply with dllm_editing_threshold: LLaDA 2.1's editing "
+                "loop commits by the threshold with a quota of one token per step"
+            )
+        if self.max_post_steps is not None and self.editing_threshold is None:
+            raise DllmParamError("dllm_max_post_steps needs dllm_editing_threshold")
         if self.sub_block_length is not None and self.block_length % self.sub_block_length:
             raise DllmParamError(
                 f"dllm_sub_block_length ({self.sub_block_length}) must divide the block length "
@@ -303,6 +329,10 @@ def parse_dllm_params(
         rule_key = "dllm_threshold"
     else:
         rule_key = next((key for key in _RULE_KEYS if key in values), "dllm_threshold")
+    editing = values.get("dllm_editing_threshold")
+    max_post_steps = values.get("dllm_max_post_steps")
+    if editing is not None and max_post_steps is None:
+        max_post_steps = DEFAULT_MAX_POST_STEPS
     sub_block = values.get("dllm_sub_block_length")
     if family.loop is Loop.FAST_DLLM_V2 and sub_block is None:
         sub_block = DEFAULT_SUB_BLOCK_LENGTH
@@ -316,6 +346,8 @@ def parse_dllm_params(
         steps=values.get("dllm_steps"),
         remasking=values.get("dllm_remasking", family.remasking[0]),
         sub_block_length=sub_block,
+        editing_threshold=editing,
+        max_post_steps=max_post_steps,
         family=family,
     )
 
@@ -382,6 +414,8 @@ _PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bo
     "dllm_factor": (_to_float, lambda v: v > 0.0, "must be > 0"),
     "dllm_steps": (_to_int, lambda v: v >= 1, "must be >= 1"),
     "dllm_sub_block_length": (_to_int, lambda v: v >= 1, "must be >= 1"),
+    "dllm_editing_threshold": (_to_float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "dllm_max_post_steps": (_to_int, lambda v: v >= 0, "must be >= 0"),
     "dllm_remasking": (
         _to_str,
         lambda v: v in REMASKING_MODES,

@@ -118,17 +118,23 @@ def sdar(block_length: int) -> Family:
 
 #: LLaDA 2.x's block (its generate's default; the config does not say).
 LLADA2_DEFAULT_BLOCK = 32
+#: LLaDA 2.1's `max_post_steps` default.
+DEFAULT_MAX_POST_STEPS = 16
 
 
 def llada2(block_length: int) -> Family:
     """LLaDA 2.x: SDAR's dynamic rule with its own defaults (threshold 0.95, one token per step
-    at least: 32 steps per block of 32); its generate takes the block length as an argument."""
+    at least: 32 steps per block of 32); its generate takes the block length as an argument.
+    LLaDA 2.1's token editing is the same model with another loop: on per request (or server
+    wide) with `dllm_editing_threshold`, as the 2.1 release's generate takes it as an argument
+    and its checkpoint files do not say."""
     return Family(
         name="LLaDA 2",
         loop=Loop.LLADA2,
         block_length=block_length,
         block_length_overridable=True,
-        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps"}),
+        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps",
+                          "dllm_editing_threshold", "dllm_max_post_steps"}),  # fmt: skip
         default_cache="none",
         default_threshold=BLOCK_DIFFUSION_THRESHOLD,
         remasking=("low_confidence_dynamic",),

@@ -40,6 +40,9 @@ class Targets:
     quota: int = 0
     #: Take the argmax whatever the request's temperature (Fast-dLLM v2's next-block token).
     greedy: bool = False
+    #: LLaDA 2.1's editing: every column of `[lo, hi)` is a candidate, and a committed one is
+    #: rewritten where the proposal differs with confidence strictly above this.
+    edit_threshold: float | None = None
 
 
 @dataclass
@@ -379,9 +382,23 @@ class SdarState(_BlockDiffusionState):
 
 @dataclass
 class Llada2State(SdarState):
-    """LLaDA 2.0's `generate` (docs/design.md): SDAR's dynamic rule and block loop, with the
+    """LLaDA 2.x's `generate` (docs/design.md): SDAR's dynamic rule and block loop, with the
     release's step cap: steps per block at most `max_tokens` (its
-    `min(steps, gen_length // minimal_topk)`)."""
+    `min(steps, gen_length // minimal_topk)`).
+
+    With `dllm_editing_threshold` it is LLaDA 2.1's loop: every step proposes a token for each
+    non-prompt position of the block, commits masked ones by the dynamic rule with a quota of
+    one, and rewrites decoded ones whose proposal differs with confidence strictly above the
+    editing threshold. Once the block holds no MASK, up to `dllm_max_post_steps` more steps run,
+    ending after the first that edits nothing. A block's tokens become final only when it ends.
+    """
+
+    #: Steps of the current block that began with no MASK left.
+    post_steps: int = 0
+
+    @property
+    def _editing(self) -> bool:
+        return self.params.editing_threshold is not None
 
     @property
     def _steps_per_block(self) -> int:
@@ -390,6 +407,43 @@ class Llada2State(SdarState):
     @property
     def _dynamic(self) -> bool:
         return True
+
+    def targets(self) -> Targets:
+        targets = super().targets()
+        if not self._editing or self.phase is _Phase.PREFILL:
+            return targets
+        lo = max(self.prompt_len - self.block_start, 0)
+        block = self.params.block_length
+        return Targets(self.block_start, block, lo, block, block - lo, SelectionRule.DYNAMIC,
+                       quota=1, edit_threshold=self._edit_threshold)  # fmt: skip
+
+    @property
+    def _edit_threshold(self) -> float:
+        """Compared strictly (`>`) in float32 on the device, as the release compares."""
+        assert self.params.editing_threshold is not None
+        return self.params.editing_threshold
+
+    def advance(self, committed: np.ndarray, first_masked: int) -> int:
+        if not self._editing or self.phase is _Phase.PREFILL:
+            return super().advance(committed, first_masked)
+        block = self.params.block_length
+        was_masked = self.masked.copy()
+        edited = bool(((committed[:block] >= 0) & ~was_masked).any())
+        self._record(committed, first_masked)
+        self.unwritten = False
+        done = False
+        if not was_masked.any():
+            self.post_steps += 1
+            done = not edited
+        if not self.masked.any() and self.post_steps >= (self.params.max_post_steps or 0):
+            done = True
+        if not done:
+            return self.block_start
+        block_end = self.block_end
+        self._next_block()
+        self.post_steps = 0
+        self.unwritten = True
+        return block_end
 
 
 _STATES: dict[Loop, type[RequestState]] = {

@@ -58,11 +58,13 @@ class Field(IntEnum):
     TEMPERATURE = 13
     THRESHOLD = 14
     FACTOR = 15
+    #: LLaDA 2.1's editing: committed positions may be rewritten above it (> 1: no editing).
+    EDIT_THRESHOLD = 16
 
 
 NUM_WINDOW_FIELDS = len(WindowField)
 NUM_FIELDS = len(Field)
-_FLOATS = (Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR)
+_FLOATS = (Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR, Field.EDIT_THRESHOLD)
 
 
 def packed_size(num_reqs: int, num_windows: int) -> int:
@@ -116,10 +118,11 @@ def pack(
         fields[:, i] = (
             slots[i], query_start[last_window[i]], p.windows[-1].start, t.block_start,
             t.block_len, t.lo, t.hi, t.rule, t.quota, s.remasks_randomly, _low_word(s.seed),
-            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0,
+            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0, 0,
         )  # fmt: skip
         temperature = 0.0 if t.greedy else s.temperature
-        floats[:, i] = (temperature, s.threshold, s.params.factor or 1.0)
+        edit = 2.0 if t.edit_threshold is None else t.edit_threshold
+        floats[:, i] = (temperature, s.threshold, s.params.factor or 1.0, edit)
     fields[Field.TEMPERATURE :] = floats.view(np.int32)
     return StepShape(
         num_reqs=n,
@@ -207,7 +210,8 @@ class Candidates:
 
     positions: Tensor  # canvas position of each column (the sink past a request's block)
     values: Tensor  # tokens there now
-    mask: Tensor  # still MASK, inside the block, and allowed this step
+    mask: Tensor  # inside the block, allowed this step, and still MASK (or editable)
+    masked: Tensor  # the candidates that are MASK (the others may only be edited)
     rows: Tensor  # [R] flat indices (row-major) of the candidates: the rows that get logits
 
 
@@ -224,8 +228,12 @@ def candidates(canvases: Canvases, meta: StepTensors, shape: StepShape) -> Candi
     allowed = (column >= meta[Field.COMMIT_LO].unsqueeze(-1)) & (
         column < meta[Field.COMMIT_HI].unsqueeze(-1)
     )
-    mask = values.eq(canvases.mask_token_id) & inside & allowed
-    return Candidates(positions, values, mask, _compact(mask.view(-1), shape.num_rows))
+    is_mask = values.eq(canvases.mask_token_id)
+    editing = (meta[Field.EDIT_THRESHOLD] <= 1.0).unsqueeze(-1)
+    mask = (is_mask | editing) & inside & allowed
+    return Candidates(
+        positions, values, mask, mask & is_mask, _compact(mask.view(-1), shape.num_rows)
+    )
 
 
 def _compact(flags: Tensor, count: int) -> Tensor:
@@ -282,6 +290,9 @@ def commit(
 ) -> Tensor:
     """Select by each request's rule, write the commits into the canvases, and pack the result.
 
+    An editing request (LLaDA 2.1) also rewrites each already decoded candidate whose proposal
+    differs from it with confidence strictly above its editing threshold.
+
     Returns `[N, block_width + 1]` int32: the committed token of each block column (-1 where
     nothing was committed), then the block offset of the first position still masked (the block
     length when none is left). That is all the host needs to advance every request.
@@ -300,11 +311,17 @@ def commit(
     dense_x0 = dense_x0.view(shape.num_reqs, -1)
     chosen = select(
         dense_conf,
-        cand.mask,
+        cand.masked,
         meta[Field.RULE].to(torch.int64),
         meta[Field.THRESHOLD],
         meta[Field.FACTOR],
         meta[Field.QUOTA].to(torch.int64),
+    )
+    chosen |= (
+        cand.mask
+        & ~cand.masked
+        & dense_x0.ne(cand.values)
+        & (dense_conf > meta[Field.EDIT_THRESHOLD].unsqueeze(-1))
     )
     new_values = torch.where(chosen, dense_x0, cand.values)
     slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
