@@ -18,10 +18,14 @@ from vllm import SamplingParams
 from tests.engines import start_engine
 from tests.reference import ReferenceModel
 from tests.reference.block_model import BlockReferenceModel
+from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.test_block_engine import (
+    LLADA21_CASES,
     SDAR_PROMPTS,
     V2_CASES,
     V2_PROMPTS,
+    llada2_oracle,
+    llada21_oracle,
     sdar_cases,
     sdar_oracle,
     v2_oracle,
@@ -129,30 +133,38 @@ def test_sampler_scratch_is_bounded_for_a_large_sampled_batch():
     assert growth <= bound, (growth, bound)
 
 
-@pytest.fixture(scope="module", params=["fast_dllm_v2", "sdar"])
+@pytest.fixture(scope="module", params=["fast_dllm_v2", "sdar", "llada2"])
 def block_compiled(request):
     """A compiled engine per block-diffusion family (module-scoped: shut down after use)."""
     family = request.param
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
     llm = start_engine(checkpoint, enforce_eager=False)
-    yield family, llm, BlockReferenceModel(checkpoint), checkpoint
+    yield family, llm, checkpoint
     llm.llm_engine.engine_core.shutdown()
 
 
-def _block_cases(family: str) -> list[tuple[list[int], dict]]:
+def _block_cases(family: str, checkpoint) -> list[tuple[list[int], dict, object]]:
+    """(prompt, parameters, expected) of every case of the family."""
     if family == "fast_dllm_v2":
-        return [(prompt, extra) for prompt in V2_PROMPTS for extra in V2_CASES.values()]
-    return [(p, extra) for p in SDAR_PROMPTS for extra in sdar_cases(len(p)).values()]
+        model = BlockReferenceModel(checkpoint)
+        cases = [(p, e, v2_oracle) for p in V2_PROMPTS for e in V2_CASES.values()]
+    elif family == "sdar":
+        model = BlockReferenceModel(checkpoint)
+        cases = [(p, e, sdar_oracle) for p in SDAR_PROMPTS for e in sdar_cases(len(p)).values()]
+    else:
+        model = LLaDA2ReferenceModel(checkpoint)
+        cases = [(p, {"dllm_threshold": 0.3}, llada2_oracle) for p in V2_PROMPTS]
+        cases += [(p, e, llada21_oracle) for p in V2_PROMPTS for e in LLADA21_CASES.values()]
+    return [(p, e, oracle(model, checkpoint, p, e)) for p, e, oracle in cases]
 
 
 def test_compiled_block_diffusion_equals_oracle_in_mixed_batches(block_compiled):
     """Prefill windows of several blocks, folded block writes, sub-block windows, all in one
     compiled forward per step."""
-    family, llm, oracle, checkpoint = block_compiled
+    family, llm, checkpoint = block_compiled
     assert llm.collective_rpc(body_compilation) == [(True, True)]
-    run_oracle = v2_oracle if family == "fast_dllm_v2" else sdar_oracle
-    cases = _block_cases(family)
-    expected = [run_oracle(oracle, checkpoint, p, e) for p, e in cases]
+    cases = _block_cases(family, checkpoint)
+    expected = [want for _, _, want in cases]
     for order in (list(range(len(cases))), list(reversed(range(len(cases))))):
         got = block_run(llm, [cases[i][0] for i in order], [block_params(cases[i][1])
                                                             for i in order])  # fmt: skip
@@ -160,13 +172,13 @@ def test_compiled_block_diffusion_equals_oracle_in_mixed_batches(block_compiled)
 
 
 def test_block_diffusion_step_reads_the_device_once(block_compiled):
-    family, llm, _, _ = block_compiled
-    cases = _block_cases(family)
+    family, llm, checkpoint = block_compiled
+    cases = _block_cases(family, checkpoint)
     mixed = [block_params(extra, temperature=(0.0, 1.2)[i % 2], seed=i)
-             for i, (_, extra) in enumerate(cases)]  # fmt: skip
+             for i, (_, extra, _) in enumerate(cases)]  # fmt: skip
     llm.collective_rpc(start_counting_host_reads)
     try:
-        block_run(llm, [prompt for prompt, _ in cases], mixed)
+        block_run(llm, [prompt for prompt, _, _ in cases], mixed)
     finally:
         (records,) = llm.collective_rpc(stop_counting_host_reads)
     steps = [calls for num_reqs, calls in records if num_reqs]
