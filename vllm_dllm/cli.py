@@ -43,11 +43,11 @@ _SERVE_GROUP_DESCRIPTION = (
 )
 _DEFAULTS_HELP = (
     "Server-wide defaults for the per-request diffusion parameters, a JSON object of dllm_* "
-    "keys (dllm_block_length, dllm_cache, dllm_threshold, dllm_factor, dllm_steps, "
-    "dllm_remasking), e.g. '{\"dllm_cache\": \"dual\", \"dllm_threshold\": 0.9}'. A request's "
+    "keys (the request parameters: see the README), e.g. "
+    "'{\"dllm_cache\": \"dual\", \"dllm_threshold\": 0.9}'. A request's "
     "own vllm_xargs win. Same as the VLLM_DLLM_DEFAULTS environment variable. This, not "
     "vLLM's --diffusion-config (vLLM's native diffusion path: Model Runner V2, GPU only), "
-    "configures LLaDA and Dream models served by the vllm-dllm plugin, which also adds "
+    "configures the diffusion models served by the vllm-dllm plugin, which also adds "
     f"--middleware {MIDDLEWARE} and turns on the prometheus multiprocess mode for /metrics."
 )
 

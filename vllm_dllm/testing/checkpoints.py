@@ -15,7 +15,8 @@ Deliberate differences from the releases (none changes how a loader reads the fi
   a custom ``DreamTokenizer`` behind ``auto_map`` (that would need trust_remote_code).
 
 Usage: ``python -m vllm_dllm.testing.checkpoints {llada,dream} OUT_DIR [--preset tiny|mid]``;
-``fast_dllm_v2`` and ``sdar`` (tiny only) are written by `block_checkpoints`.
+``fast_dllm_v2`` and ``sdar`` (tiny only) are written by `block_checkpoints`, ``llada2`` (tiny,
+float32) by `llada2_checkpoints`.
 """
 
 import argparse
@@ -431,9 +432,10 @@ def main(argv: list[str] | None = None) -> None:
         write_fast_dllm_v2_checkpoint,
         write_sdar_checkpoint,
     )
+    from vllm_dllm.testing.llada2_checkpoints import write_llada2_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar"])
+    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2"])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--preset", choices=["tiny", "mid"], default="tiny", help="mid: LLaDA and Dream only"
@@ -445,7 +447,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = _DTYPES[args.dtype]
     options = {"seed": args.seed, "lm_head_scale": args.lm_head_scale, "dtype": dtype}
     block_writers = {"fast_dllm_v2": write_fast_dllm_v2_checkpoint, "sdar": write_sdar_checkpoint}
-    if args.family in block_writers:
+    if args.family == "llada2":
+        if args.preset != "tiny" or args.dtype != "float32":
+            parser.error("llada2 has only the tiny preset in float32")
+        print(write_llada2_checkpoint(args.out_dir, seed=args.seed, logit_scale=args.lm_head_scale))
+    elif args.family in block_writers:
         if args.preset != "tiny":
             parser.error(f"{args.family} has only the tiny preset")
         # The block-diffusion writers scale the final norm, which scales the logits alike for a

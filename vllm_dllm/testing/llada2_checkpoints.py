@@ -29,10 +29,9 @@ Deliberate differences (none changes how a loader reads the files):
 - one ``model.safetensors`` in fp32 instead of bf16 shards; no generation_config.json (the
   release's generate() takes its ids as arguments).
 
-Usage: ``python -m vllm_dllm.testing.llada2_checkpoints OUT_DIR [--logit-scale S]``.
+Usage: ``python -m vllm_dllm.testing.checkpoints llada2 OUT_DIR [--lm-head-scale S]``.
 """
 
-import argparse
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,17 +240,3 @@ def _draw(
         return 0.3 * noise
     gain = {"linear": 1.0, "query_key_value": 4.0, "router": 4.0}[kind]
     return gain * size[1] ** -0.5 * noise
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: write one checkpoint and print its directory."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--logit-scale", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    print(write_llada2_checkpoint(args.out_dir, seed=args.seed, logit_scale=args.logit_scale))
-
-
-if __name__ == "__main__":
-    main()
