@@ -6,8 +6,10 @@ each one once; tests that share an engine never depend on its earlier traffic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 # vLLM's CPU platform reads these at start-up; tests run on 2-core machines. An explicit KV-cache
@@ -64,3 +66,60 @@ def end_token_ids(checkpoint: Path) -> list[int]:
         eos = json.loads(generation.read_text()).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else eos or [])
     return sorted(ids)
+
+
+class CanvasRecorder:
+    """Worker extension (test only): a digest of every in-flight canvas after every step."""
+
+    def dllm_test_record_canvases(self) -> None:
+        log: dict[str, list[int]] = {}
+        self._dllm_test_canvas_log = log
+        plugin_step = type(self).execute_model  # the plugin worker's denoising step
+
+        def execute_model(scheduler_output):
+            output = plugin_step(self, scheduler_output)
+            canvases = self.denoiser.canvases
+            for req_id, state in self.denoiser.states.items():
+                canvas = canvases.tokens[self.denoiser.slots[req_id], : state.canvas_len]
+                log.setdefault(req_id, []).append(zlib.crc32(canvas.cpu().numpy().tobytes()))
+            return output
+
+        self.execute_model = execute_model
+
+    def dllm_test_canvas_log(self) -> dict[str, list[int]]:
+        return self._dllm_test_canvas_log
+
+
+# Set while a TP engine starts (its processes read them when they start; this one keeps its
+# own). OMP_NUM_THREADS: vLLM's CPU worker with VLLM_CPU_OMP_THREADS_BIND=nobind leaves torch at
+# one thread per core, so two ranks on two cores would run four spinning threads (steps about 4x
+# slower here). The execute-model timeout turns a rank divergence into an error, not a hang.
+TP_ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "120"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_tp2_engine(checkpoint: Path, **kwargs):
+    """`start_engine` with tensor parallelism 2 on CPU (multiprocess backend), its workers
+    extended with `CanvasRecorder`, under `TP_ENGINE_ENV`. Start it after the previous TP
+    engine is shut down: two ranks already fill the two cores."""
+    with _environment(TP_ENGINE_ENV):
+        return start_engine(
+            checkpoint,
+            tensor_parallel_size=2,
+            distributed_executor_backend="mp",
+            worker_extension_cls=f"{__name__}.CanvasRecorder",
+            **kwargs,
+        )

@@ -7,8 +7,9 @@ engine with the same settings (fp32, eager, max_model_len 512, seed 0).
 Every rank runs the sampler on the all-gathered logits, so ranks agree only if they draw the
 same random numbers. A seeded request is compared with TP=1 token for token. An unseeded one
 cannot be compared with TP=1 (its seed comes from the request id, which vLLM randomises), so
-the ranks are compared with each other: a test-only worker extension (`CanvasRecorder`, added
-with vLLM's `worker_extension_cls`; the plugin still picks its own worker) records a digest of
+the ranks are compared with each other: a test-only worker extension (`tests.engines.
+CanvasRecorder`, added with vLLM's `worker_extension_cls`; the plugin still picks its own worker)
+records a digest of
 every request's canvas on every rank after every step.
 
 Ranks that diverge do not fail cleanly: the rank whose plan disagrees with the schedule raises,
@@ -18,16 +19,12 @@ started with a short timeout so that such a bug fails the test instead of hangin
 
 from __future__ import annotations
 
-import contextlib
-import os
-import zlib
-
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids, start_engine
+from tests.engines import end_token_ids, start_tp2_engine
 from tests.reference import ReferenceModel
 
 MAX_TOKENS = 32
@@ -67,49 +64,6 @@ UNSEEDED = (
 )
 
 
-class CanvasRecorder:
-    """Worker extension (test only): a digest of every in-flight canvas after every step."""
-
-    def dllm_test_record_canvases(self) -> None:
-        log: dict[str, list[int]] = {}
-        self._dllm_test_canvas_log = log
-        plugin_step = type(self).execute_model  # the plugin worker's denoising step
-
-        def execute_model(scheduler_output):
-            output = plugin_step(self, scheduler_output)
-            canvases = self.denoiser.canvases
-            for req_id, state in self.denoiser.states.items():
-                canvas = canvases.tokens[self.denoiser.slots[req_id], : state.canvas_len]
-                log.setdefault(req_id, []).append(zlib.crc32(canvas.cpu().numpy().tobytes()))
-            return output
-
-        self.execute_model = execute_model
-
-    def dllm_test_canvas_log(self) -> dict[str, list[int]]:
-        return self._dllm_test_canvas_log
-
-
-# Set while a TP engine starts (its processes read them when they start; this one keeps its
-# own). OMP_NUM_THREADS: vLLM's CPU worker with VLLM_CPU_OMP_THREADS_BIND=nobind leaves torch at
-# one thread per core, so two ranks on two cores would run four spinning threads (steps about 4x
-# slower here). The execute-model timeout turns a rank divergence into an error, not a hang.
-TP_ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "120"}
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def family(request) -> str:
     return request.param
@@ -118,14 +72,7 @@ def family(request) -> str:
 @pytest.fixture(scope="module")
 def tp2_engine(family, request):
     """A TP=2 engine on the family's tiny checkpoint; shut down before the next family's."""
-    checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
-    with _environment(TP_ENGINE_ENV):
-        llm = start_engine(
-            checkpoint,
-            tensor_parallel_size=2,
-            distributed_executor_backend="mp",
-            worker_extension_cls=f"{__name__}.CanvasRecorder",
-        )
+    llm = start_tp2_engine(request.getfixturevalue(f"{family}_tiny_dir"))
     yield llm
     llm.llm_engine.engine_core.shutdown()
 

@@ -1,0 +1,197 @@
+"""The OpenAI-compatible server on the block-diffusion families (Fast-dLLM v2, SDAR).
+
+One real `vllm-dllm serve` subprocess per family (module-scoped, the first shut down before the
+second starts), talked to with the `openai` client and compared with the session's offline
+engine on the same checkpoint: completions and ChatML chats token for token, streams against
+the non-streamed text, the engine statistics in `kv_transfer_params`, and a parameter the family
+does not take answered with a 400 that names it, after which the server still answers.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import requests
+from vllm import SamplingParams
+
+from tests.engines import server_args
+from tests.server import Server, assert_completion_equals_offline
+from vllm_dllm.testing.block_checkpoints import IM_END, IM_START
+
+pytestmark = pytest.mark.server
+
+#: Per family: served name, the parameters the equality tests send, and requests the family
+#: refuses (parameters of other families, or values outside its own) with the name to expect.
+FAMILIES = {
+    "fast_dllm_v2": {
+        "model": "tiny-fast-dllm-v2",
+        "xargs": {"dllm_cache": "dual", "dllm_threshold": 0.5, "dllm_sub_block_length": 8},
+        "rejected": [
+            ({"dllm_cache": "prefix"}, "dllm_cache"),
+            ({"dllm_block_length": 16}, "dllm_block_length"),
+            ({"dllm_steps": 32}, "dllm_steps"),
+            ({"dllm_remasking": "low_confidence_static"}, "dllm_remasking"),
+        ],
+    },
+    "sdar": {
+        "model": "tiny-sdar",
+        "xargs": {"dllm_threshold": 0.5, "dllm_remasking": "low_confidence_dynamic"},
+        "rejected": [
+            ({"dllm_cache": "none"}, "dllm_cache"),
+            ({"dllm_sub_block_length": 2}, "dllm_sub_block_length"),
+            ({"dllm_factor": 1.0}, "dllm_factor"),
+            ({"dllm_remasking": "random"}, "dllm_remasking"),
+        ],
+    },
+}
+
+# The byte-level tokenizer: one token per character, no BOS. 19 tokens end inside a block of
+# either family (32 / 4); 32 tokens end exactly on a block boundary of both.
+PROMPT_MID_BLOCK = "The quick brown fox"
+PROMPT_ON_BOUNDARY = "The quick brown fox jumped over."
+MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
+# The ChatML prompt the checkpoints' template renders for MESSAGES (byte tokens + specials).
+CHATML_PROMPT_IDS = [
+    IM_START, *b"user\nWhat is 2+2?", IM_END, *b"\n", IM_START, *b"assistant\n",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def server(family, request, tmp_path_factory):
+    """`vllm-dllm serve` on the family's tiny checkpoint, with no server-wide defaults."""
+    checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
+    server = Server(
+        checkpoint,
+        server_args(FAMILIES[family]["model"]),
+        tmp_path_factory.mktemp(f"{family}_server") / "server.log",
+    )
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def engine(family, request):
+    return request.getfixturevalue(f"{family}_engine")
+
+
+def test_prompts_end_mid_block_and_on_a_boundary():
+    assert len(PROMPT_MID_BLOCK) % 4 and len(PROMPT_MID_BLOCK) < 32
+    assert len(PROMPT_ON_BOUNDARY) == 32
+
+
+def test_models_lists_the_served_name(family, client):
+    assert [m.id for m in client.models.list().data] == [FAMILIES[family]["model"]]
+
+
+@pytest.mark.parametrize("prompt", [PROMPT_MID_BLOCK, PROMPT_ON_BOUNDARY])
+@pytest.mark.parametrize("defaults", [False, True], ids=["xargs", "family-defaults"])
+def test_completion_equals_offline_engine(family, client, engine, prompt, defaults):
+    xargs = {} if defaults else FAMILIES[family]["xargs"]
+    assert_completion_equals_offline(client, FAMILIES[family]["model"], engine, prompt, xargs)
+
+
+def test_chat_uses_chatml_and_equals_offline_chat(family, client, engine):
+    xargs = FAMILIES[family]["xargs"]
+    response = client.chat.completions.create(
+        model=FAMILIES[family]["model"],
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=0,
+        extra_body={"vllm_xargs": xargs, "return_token_ids": True},
+    )
+    (offline,) = engine.chat(
+        MESSAGES, SamplingParams(max_tokens=24, temperature=0, extra_args=xargs), use_tqdm=False
+    )
+    assert list(offline.prompt_token_ids) == CHATML_PROMPT_IDS
+    assert response.model_extra["prompt_token_ids"] == CHATML_PROMPT_IDS
+    choice = response.choices[0]
+    assert choice.model_extra["token_ids"] == list(offline.outputs[0].token_ids)
+    assert choice.message.content == offline.outputs[0].text
+    assert choice.finish_reason == offline.outputs[0].finish_reason
+    stats = response.model_extra["kv_transfer_params"]["dllm"]
+    assert stats["output_tokens"] == response.usage.completion_tokens
+    assert stats == offline.kv_transfer_params["dllm"]
+
+
+def _stream_kwargs(family: str, **kwargs) -> dict:
+    # 72 tokens span several blocks of either family; ignore_eos keeps all of them.
+    return dict(
+        model=FAMILIES[family]["model"],
+        max_tokens=72,
+        temperature=0,
+        extra_body={"ignore_eos": True, "vllm_xargs": FAMILIES[family]["xargs"]},
+        **kwargs,
+    )
+
+
+def test_completion_stream_equals_non_streamed(family, client):
+    kwargs = _stream_kwargs(family, prompt=PROMPT_MID_BLOCK)
+    whole = client.completions.create(**kwargs)
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    texts = [c.choices[0].text for c in chunks[:-1]]
+    assert "".join(texts) == whole.choices[0].text
+    assert sum(1 for t in texts if t) > 1  # the answer arrived in pieces, not at the end
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 72
+    assert final.model_extra["kv_transfer_params"] == whole.model_extra["kv_transfer_params"]
+    stats = whole.model_extra["kv_transfer_params"]["dllm"]
+    # Block completions and cache refreshes are forwards too: there may be more than tokens.
+    assert stats["output_tokens"] == 72 and stats["forwards"] >= 1
+    assert stats["tokens_per_forward"] == round(72 / stats["forwards"], 4)
+    assert all("kv_transfer_params" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_chat_stream_equals_non_streamed(family, client):
+    kwargs = _stream_kwargs(family, messages=MESSAGES)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 72
+    assert final.model_extra["kv_transfer_params"] == whole.model_extra["kv_transfer_params"]
+    assert whole.model_extra["kv_transfer_params"]["dllm"]["output_tokens"] == 72
+
+
+def test_parameters_of_other_families_are_400_naming_them(family, client, server):
+    model = FAMILIES[family]["model"]
+    for xargs, name in FAMILIES[family]["rejected"]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model=model, prompt=PROMPT_MID_BLOCK, max_tokens=8, extra_body={"vllm_xargs": xargs}
+            )
+        assert name in str(err.value), (xargs, err.value)
+        # The chat endpoint validates the same way.
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=model, messages=MESSAGES, max_tokens=8, extra_body={"vllm_xargs": xargs}
+            )
+        assert name in str(err.value), (xargs, err.value)
+    # Still answering, with a full answer.
+    after = client.completions.create(
+        model=model,
+        prompt=PROMPT_MID_BLOCK,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert after.usage.completion_tokens == 8 and after.choices[0].finish_reason == "length"
+    assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
