@@ -1,5 +1,8 @@
 """Tensor parallelism on the block-diffusion families: TP=2 on CPU equals TP=1.
 
+LLaDA 2.x's tiny checkpoint has 4 q / 2 KV heads and 4 routed experts plus a shared one:
+vLLM's fused MoE splits each expert's intermediate dimension over the ranks.
+
 One TP=2 engine per family (multiprocess backend, started with `tests.engines.start_tp2_engine`
 after the other family's is shut down), compared with the session's TP=1 engine on the same
 checkpoint (fp32, eager, max_model_len 512, seed 0). The tiny checkpoints split over two ranks:
@@ -23,6 +26,7 @@ from vllm.inputs import TokensPrompt
 
 from tests.engines import end_token_ids, start_tp2_engine
 from tests.reference.block_model import BlockReferenceModel
+from tests.reference.llada2_model import LLaDA2ReferenceModel
 
 MAX_TOKENS = 40
 LONG = [(7 * i) % 250 + 1 for i in range(45)]
@@ -72,11 +76,25 @@ CASES = {
             ),
         ),
     ],
+    "llada2": [
+        ([17, 101, 42], _params({"dllm_threshold": 0.3})),
+        (list(range(1, 33)), _params({}, max_tokens=20)),
+        (LONG, _params({"dllm_threshold": 0.5, "dllm_editing_threshold": 0.05})),
+        (LONG[:20], _params({"dllm_threshold": 0.5, "dllm_steps": 16 * 2})),
+        (list(range(1, 33)), _params({"dllm_threshold": 0.5}, temperature=1.5, seed=1234)),
+    ],
 }
 UNSEEDED = {
     "fast_dllm_v2": (LONG[:20], _params({"dllm_threshold": 0.5}, temperature=1.0)),
     "sdar": (LONG[:10], _params({"dllm_threshold": 0.5}, temperature=1.0)),
+    "llada2": (LONG[:10], _params({"dllm_threshold": 0.5}, temperature=1.0)),
 }
+
+
+def _reference(family: str, checkpoint) -> BlockReferenceModel | LLaDA2ReferenceModel:
+    if family == "llada2":
+        return LLaDA2ReferenceModel(checkpoint)
+    return BlockReferenceModel(checkpoint)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -136,7 +154,7 @@ def test_tp2_mixed_batch_equals_tp1(family, tp2_engine, request):
 
     unseeded, stats = got[-1], got_stats[-1]
     tokens = list(unseeded.token_ids)
-    assert tokens and BlockReferenceModel(checkpoint).spec.mask_token_id not in tokens
+    assert tokens and _reference(family, checkpoint).spec.mask_token_id not in tokens
     if unseeded.finish_reason == "length":
         assert len(tokens) == MAX_TOKENS
     else:
@@ -156,13 +174,13 @@ def test_tp2_batch_in_reverse_order_equals_tp1(family, tp2_engine, request):
 def test_ranks_see_identical_block_causal_logits(family, tp2_engine, request):
     """Block by block through the paged cache, each rank's logits (sharded model, all-gathered
     vocabulary) are the same and equal the oracle's block-causal forward of the canvas."""
-    model = BlockReferenceModel(request.getfixturevalue(f"{family}_tiny_dir"))
+    model = _reference(family, request.getfixturevalue(f"{family}_tiny_dir"))
     block, mask = model.spec.block_size, model.spec.mask_token_id
     canvas = [(11 * i) % 250 + 1 for i in range(2 * block + 3)] + [mask] * (block - 3)
     windows = [(s, s + block, s + block) for s in range(0, len(canvas), block)]
     ranks = tp2_engine.collective_rpc("dllm_score", args=(canvas, windows))
     assert len(ranks) == 2 and ranks[0] == ranks[1]
-    expected = model.forward(torch.tensor(canvas), 0, model.new_cache(), block_size=block)
+    expected = model.forward(torch.tensor(canvas), 0, block_size=block)
     torch.testing.assert_close(
         torch.cat([torch.tensor(rows) for rows in ranks[0]]), expected, atol=1e-4, rtol=1e-4
     )

@@ -1,8 +1,9 @@
-"""The OpenAI-compatible server on the block-diffusion families (Fast-dLLM v2, SDAR).
+"""The OpenAI-compatible server on the block-diffusion families (Fast-dLLM v2, SDAR, LLaDA 2.x).
 
 One real `vllm-dllm serve` subprocess per family (module-scoped, the first shut down before the
 second starts), talked to with the `openai` client and compared with the session's offline
-engine on the same checkpoint: completions and ChatML chats token for token, streams against
+engine on the same checkpoint: completions and chats (ChatML; LLaDA 2's role template) token for
+token, streams against
 the non-streamed text, the engine statistics in `kv_transfer_params`, and a parameter the family
 does not take answered with a 400 that names it, after which the server still answers.
 """
@@ -17,6 +18,7 @@ from vllm import SamplingParams
 from tests.engines import server_args
 from tests.server import Server, assert_completion_equals_offline
 from vllm_dllm.testing.block_checkpoints import IM_END, IM_START
+from vllm_dllm.testing.llada2_checkpoints import ROLE_END
 
 pytestmark = pytest.mark.server
 
@@ -43,6 +45,17 @@ FAMILIES = {
             ({"dllm_remasking": "random"}, "dllm_remasking"),
         ],
     },
+    "llada2": {
+        "model": "tiny-llada2",
+        # LLaDA 2.1's editing: a block's tokens become final (and stream) when it ends.
+        "xargs": {"dllm_threshold": 0.5, "dllm_editing_threshold": 0.2},
+        "rejected": [
+            ({"dllm_cache": "dual"}, "dllm_cache"),
+            ({"dllm_remasking": "low_confidence_static"}, "dllm_remasking"),
+            ({"dllm_sub_block_length": 8}, "dllm_sub_block_length"),
+            ({"dllm_max_post_steps": 2}, "dllm_max_post_steps"),
+        ],
+    },
 }
 
 # The byte-level tokenizer: one token per character, no BOS. 19 tokens end inside a block of
@@ -53,6 +66,11 @@ MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 # The ChatML prompt the checkpoints' template renders for MESSAGES (byte tokens + specials).
 CHATML_PROMPT_IDS = [
     IM_START, *b"user\nWhat is 2+2?", IM_END, *b"\n", IM_START, *b"assistant\n",
+]  # fmt: skip
+# LLaDA 2's template: role tags in plain text, turns ended by <|role_end|>.
+LLADA2_PROMPT_IDS = [
+    *b"<role>SYSTEM</role>detailed thinking off", ROLE_END,
+    *b"<role>HUMAN</role>What is 2+2?", ROLE_END, *b"<role>ASSISTANT</role>",
 ]  # fmt: skip
 
 
@@ -87,7 +105,7 @@ def engine(family, request):
 
 def test_prompts_end_mid_block_and_on_a_boundary():
     assert len(PROMPT_MID_BLOCK) % 4 and len(PROMPT_MID_BLOCK) < 32
-    assert len(PROMPT_ON_BOUNDARY) == 32
+    assert len(PROMPT_ON_BOUNDARY) == 32  # a boundary of blocks of 4 and of 32
 
 
 def test_models_lists_the_served_name(family, client):
@@ -101,7 +119,7 @@ def test_completion_equals_offline_engine(family, client, engine, prompt, defaul
     assert_completion_equals_offline(client, FAMILIES[family]["model"], engine, prompt, xargs)
 
 
-def test_chat_uses_chatml_and_equals_offline_chat(family, client, engine):
+def test_chat_uses_the_family_template_and_equals_offline_chat(family, client, engine):
     xargs = FAMILIES[family]["xargs"]
     response = client.chat.completions.create(
         model=FAMILIES[family]["model"],
@@ -113,8 +131,9 @@ def test_chat_uses_chatml_and_equals_offline_chat(family, client, engine):
     (offline,) = engine.chat(
         MESSAGES, SamplingParams(max_tokens=24, temperature=0, extra_args=xargs), use_tqdm=False
     )
-    assert list(offline.prompt_token_ids) == CHATML_PROMPT_IDS
-    assert response.model_extra["prompt_token_ids"] == CHATML_PROMPT_IDS
+    expected_prompt = LLADA2_PROMPT_IDS if family == "llada2" else CHATML_PROMPT_IDS
+    assert list(offline.prompt_token_ids) == expected_prompt
+    assert response.model_extra["prompt_token_ids"] == expected_prompt
     choice = response.choices[0]
     assert choice.model_extra["token_ids"] == list(offline.outputs[0].token_ids)
     assert choice.message.content == offline.outputs[0].text

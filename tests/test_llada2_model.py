@@ -19,9 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.engines import start_engine
 from tests.reference.llada2_model import LLaDA2ReferenceModel
-from tests.test_parallel import TP_ENGINE_ENV, _environment
 from tests.worker_probes import model_contract
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
 from vllm_dllm.model_executor.models.llada2_moe import RELEASE_MASK_TOKEN_ID
@@ -160,24 +158,3 @@ def test_routing_matters(llada2_tiny_dir, oracle, tmp_path):
     canvas = torch.tensor(_canvas(32))
     unbiased = LLaDA2ReferenceModel(tmp_path / "ckpt").forward(canvas, 0, block_size=8)
     assert (unbiased - oracle.forward(canvas, 0, block_size=8)).abs().max() > 1e-2
-
-
-@pytest.fixture(scope="module")
-def llada2_tp2_engine(llada2_tiny_dir: Path):
-    """TP=2 on CPU (multiprocess backend): 2 q heads and 1 KV head per rank, each expert's
-    intermediate dimension split in two."""
-    with _environment(TP_ENGINE_ENV):
-        llm = start_engine(
-            llada2_tiny_dir, tensor_parallel_size=2, distributed_executor_backend="mp"
-        )
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-def test_tp2_logits_equal_tp1(llada2_tp2_engine, llada2_engine, oracle):
-    canvas = _canvas(32)
-    windows = _block_windows(32, 8)
-    tp2 = _score(llada2_tp2_engine, canvas, windows)
-    torch.testing.assert_close(tp2, _score(llada2_engine, canvas, windows), atol=1e-4, rtol=1e-4)
-    expected = oracle.forward(torch.tensor(canvas), 0, block_size=8)
-    torch.testing.assert_close(tp2, expected, atol=1e-4, rtol=1e-4)
