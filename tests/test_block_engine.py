@@ -306,6 +306,36 @@ def test_early_stop_at_end_token(family, request):
 
 
 @pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
+def test_seeded_sampling_equals_oracle_alone_and_in_a_mixed_batch(family, request):
+    """Temperature > 0 with a seed: the oracle draws the same counter-based noise (keyed by
+    seed, forward count and position) and scores by the tempered probability, as released."""
+    llm = request.getfixturevalue(f"{family}_engine")
+    checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
+    model, oracle = reference(family, checkpoint)
+    extra = {"dllm_threshold": 0.3}
+    cases = [
+        ([17, 101, 42, 8, 9], 1.5, 1234),
+        (V2_PROMPTS[1], 0.7, 7),
+        (V2_PROMPTS[2][:11], 1.0, 99),
+    ]
+    expected = [oracle(model, checkpoint, p, extra, temperature=t, seed=seed, top_p=1.0)
+                for p, t, seed in cases]  # fmt: skip
+    for (prompt, t, seed), want in zip(cases, expected, strict=True):
+        assert engine_run(llm, [prompt], [params(extra, temperature=t, seed=seed)]) == [want]
+    greedy = oracle(model, checkpoint, V2_PROMPTS[0], extra)
+    order = [2, 0, 1]
+    got = engine_run(
+        llm,
+        [V2_PROMPTS[0]] + [cases[i][0] for i in order],
+        [params(extra)] + [params(extra, temperature=cases[i][1], seed=cases[i][2])
+                           for i in order],  # fmt: skip
+    )
+    assert got == [greedy] + [expected[i] for i in order]
+    assert any(want != oracle(model, checkpoint, p, extra) for (p, _, _), want
+               in zip(cases, expected, strict=True))  # fmt: skip  # sampling changed something
+
+
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
 def test_seeded_sampling_is_reproducible_and_batch_independent(family, request):
     llm = request.getfixturevalue(f"{family}_engine")
     extra = {"dllm_threshold": 0.5}

@@ -438,3 +438,21 @@ def test_random_scores_are_per_request_and_per_step() -> None:
     assert not torch.equal(scores(13, 3, step=1), alone)
     gumbel_keys = keys_for(13, 3)
     assert not torch.equal(uniform(gumbel_keys), alone)  # streams are independent
+
+
+def test_tempered_confidence_is_the_probability_of_the_tempered_logits():
+    """Block-diffusion releases compare softmax(logits / T)[x0] to their thresholds; greedy rows
+    (T = 0) keep softmax(logits)[x0]."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    temperature = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    keys = row_keys(torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.arange(4), 1)
+    x0, plain = propose(logits, 7, temperature, keys)
+    same_x0, tempered = propose(logits, 7, temperature, keys, tempered_confidence=True)
+    assert torch.equal(x0, same_x0)
+    scaled = logits.clone()
+    scaled[:, 7] = float("-inf")
+    divisor = torch.where(temperature > 0, temperature, 1.0)[:, None]
+    expected = (scaled / divisor).softmax(-1).gather(-1, x0[:, None]).squeeze(-1)
+    torch.testing.assert_close(tempered, expected)
+    assert torch.equal(plain[0], tempered[0]) and not torch.allclose(plain[1:], tempered[1:])

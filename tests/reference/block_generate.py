@@ -9,12 +9,16 @@ Shared decisions (where the releases leave room or disagree):
 - **Proposal.** The MASK logit is ``-inf`` for proposal and confidence (the releases let MASK be
   proposed; a committed MASK would only stay masked, so excluding it changes nothing for a
   trained model and keeps the rule of the bidirectional oracle). ``temperature == 0``: argmax,
-  confidence = full-softmax probability of it. ``temperature > 0``: probabilities of
-  ``logits / T`` after top-k (SDAR) and top-p filtering, renormalised; the token is drawn from
-  them by Gumbel-max, noise drawn for the candidate rows in position order from one
-  ``torch.Generator`` seeded with ``seed`` (0 when None); confidence = the filtered, renormalised
-  probability of the drawn token (what both releases compare to the threshold). Fast-dLLM v2's
-  release draws one row and applies it to every row of a batch; we draw every row.
+  confidence = full-softmax probability of it. ``temperature > 0``: a Gumbel-max sample of the
+  probabilities of ``logits / T`` (after top-k and top-p filtering, renormalised, when asked);
+  confidence = that probability of the drawn token (what both releases compare to the
+  threshold). Without filtering (what the engine serves) the noise is the engine's
+  counter-based noise (``vllm_dllm.sampling.noise``, checked bit for bit against NumPy): keyed
+  by ``seed`` (0 when None), the request's forward count before this forward and the canvas
+  position, so a seeded engine request must give exactly these tokens. With filtering it is
+  drawn from one ``torch.Generator`` seeded with ``seed``, for the candidate rows in position
+  order. Fast-dLLM v2's release draws one row and applies it to every row of a batch; we draw
+  every row.
 - **Ties.** Equal confidences go to the lower position first (top-1 and top-k).
 - **Finality and stop.** After every step the output prefix ``x[P:f]`` is final, ``f`` the first
   still-masked position at or after ``P`` (the canvas end if none). The request stops as soon as
@@ -33,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tests.reference.block_model import BlockKV, BlockReferenceModel
+from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 # Default threshold of both loops: Fast-dLLM v2's batch_sample default, and the value of SDAR's
 # evaluation config behind its published numbers (its generate.py says 0.85, its README 0.9).
@@ -70,7 +75,8 @@ class _Request:
         ends = model.spec.end_token_ids if end_token_ids is None else end_token_ids
         self.end_token_ids = frozenset(ends)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        self.seed = 0 if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.cache = model.new_cache()
         self.num_forwards = 0
 
@@ -90,18 +96,35 @@ class _Request:
         """Positions in ``[start, end)`` still holding MASK."""
         return start + torch.nonzero(self.canvas[start:end] == self.mask).flatten()
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Proposed tokens and confidences for rows of logits (MASK never proposed)."""
+    def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Proposed tokens and confidences for rows of logits at canvas ``positions`` (MASK
+        never proposed). Sampling without top-k / top-p filtering draws the engine's
+        counter-based noise (see the module docstring)."""
         logits = logits.float().clone()
         logits[:, self.mask] = float("-inf")
         if self.temperature == 0:
             x0 = logits.argmax(dim=-1)
             return x0, logits.softmax(dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+        if self.top_k == 0 and self.top_p == 1.0:
+            return self._sample_counter_based(logits, positions)
         probs = _filtered_probs(logits / self.temperature, self.top_k, self.top_p)
         uniform = torch.rand(probs.shape, generator=self.generator)
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
         x0 = (probs.log() + gumbel).argmax(dim=-1)
         return x0, probs.gather(-1, x0[:, None]).squeeze(-1)
+
+    def _sample_counter_based(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``argmax(logits + T * G)``, ``G`` the Gumbel noise keyed by (seed, step, position):
+        a sample of ``softmax(logits / T)``; confidence its probability there, as released."""
+        step = self.num_forwards - 1  # the forward whose logits these are, counted from 0
+        keys = row_keys(
+            torch.full_like(positions, self.seed), torch.full_like(positions, step),
+            positions.to(torch.int64), GUMBEL_STREAM,
+        )  # fmt: skip
+        x0 = gumbel(keys, logits.shape[-1]).mul_(self.temperature).add_(logits).argmax(dim=-1)
+        scaled = logits / self.temperature
+        chosen = scaled.gather(-1, x0[:, None]).squeeze(-1)
+        return x0, torch.exp(chosen - torch.logsumexp(scaled, dim=-1))
 
     def greedy_token(self, logits_row: Tensor) -> int:
         """Argmax of one row, MASK excluded (Fast-dLLM v2's prefill / finished-block token)."""
@@ -236,7 +259,7 @@ def _decode_fast_dllm_v2_block(request: _Request, start: int, end: int, small_bl
                 rows = _shift(logits)[sub_start - start:sub_end - start]
             else:
                 rows = _shift(request.forward(sub_start, sub_end, block_kv=block_kv))
-            x0, confidence = request.propose(rows[candidates - sub_start])
+            x0, confidence = request.propose(rows[candidates - sub_start], candidates)
             chosen = torch.unique(torch.cat([
                 _top(confidence, 1), torch.nonzero(confidence > threshold).flatten()]))
             request.canvas[candidates[chosen]] = x0[chosen]
@@ -317,7 +340,7 @@ def generate_sdar(
                 unwritten = None
             else:
                 logits = request.forward(start, end)
-            x0, confidence = request.propose(logits[candidates - start])
+            x0, confidence = request.propose(logits[candidates - start], candidates)
             quota = min(quotas[step], len(candidates))
             above = torch.nonzero(confidence > threshold).flatten()
             if remasking == "low_confidence_dynamic" and len(above) >= quota:

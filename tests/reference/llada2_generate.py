@@ -89,7 +89,7 @@ def generate_llada2(
         logits, step = first_logits, 0
         while True:
             candidates = request.masked(start, end)
-            x0, confidence = request.propose(logits[candidates - start])
+            x0, confidence = request.propose(logits[candidates - start], candidates)
             above = torch.nonzero(confidence > threshold).flatten()
             quota = min(quotas[step], len(candidates))
             chosen = above if len(above) >= quota else _top(confidence, quota)
@@ -150,7 +150,7 @@ def generate_llada21(
         logits, post_steps = first_logits, 0
         while True:
             masked = request.canvas[rows] == request.mask
-            x0, confidence = request.propose(logits[rows - start])
+            x0, confidence = request.propose(logits[rows - start], rows)
             commit = torch.zeros_like(masked)
             if masked.any():
                 candidates = torch.nonzero(masked).flatten()

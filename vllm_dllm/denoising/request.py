@@ -72,11 +72,6 @@ class RequestState:
         return self.params.canvas_length(self.prompt_len)
 
     @property
-    def samples(self) -> bool:
-        """The request draws Gumbel noise (temperature > 0)."""
-        return self.temperature > 0
-
-    @property
     def remasks_randomly(self) -> bool:
         return self.params.remasking == "random"
 

@@ -4,10 +4,12 @@ This replaces the model runner's token-by-token `execute_model` for diffusion mo
 loading the model, allocating the KV cache, choosing attention backends, compiling the model and
 capturing CUDA graphs; a step then is:
 
-1. one asynchronous upload of the step's per-request integers (`denoising.step.pack`) from a
-   pinned buffer; input ids, positions and KV slots are gathered on the device from the
-   resident canvases;
-2. non-causal attention metadata, and one forward through the runner's model as vLLM itself
+1. one asynchronous upload of the step's per-window and per-request integers
+   (`denoising.step.pack`) from a pinned buffer; input ids, positions and KV slots are gathered
+   on the device from the resident canvases;
+2. non-causal attention metadata with one sequence per query window (its own key range: the
+   whole canvas for LLaDA/Dream, up to the window's block end for block diffusion), and one
+   forward through the runner's model as vLLM itself
    calls it (compiled; on a GPU, replaying the piecewise CUDA graph captured for the padded
    token count);
 3. logits only for the positions that may be committed, chunk by chunk with the proposal
@@ -169,6 +171,8 @@ class Denoiser:
             temperature,
             noise_keys,
             self.max_rows,
+            # Block-diffusion releases compare the tempered probability to their thresholds.
+            tempered_confidence=self.family.block_causal,
         )
         packed = commit(self.canvases, meta, cand, shape, x0, confidence)
         result = packed.cpu().numpy()  # the step's one device-to-host transfer

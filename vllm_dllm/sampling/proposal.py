@@ -33,6 +33,7 @@ def propose(
     mask_token_id: int,
     temperature: Tensor,
     noise_keys: Tensor | None = None,
+    tempered_confidence: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -48,20 +49,27 @@ def propose(
         noise_keys: `[N]` int64 keys of the rows' Gumbel noise (`vllm_dllm.sampling.noise`), or
             None when the caller knows from host-side request metadata that every row is greedy:
             then no noise is made at all.
+        tempered_confidence: score a sampled row by the probability of `logits / T` (what the
+            block-diffusion releases compare to their thresholds) instead of `logits`'.
 
     Returns:
         `x0` (`[N]` int64) and `confidence` (`[N]` float32). The confidence uses the raw logits
-        (no temperature), computed as `exp(logit[x0] - logsumexp(logits without MASK))` in
-        float32; float64 is never used on `[N, V]` data.
+        (no temperature, unless `tempered_confidence`), computed as
+        `exp(logit[x0] - logsumexp(logits without MASK))` in float32; float64 is never used on
+        `[N, V]` data.
     """
     scores = logits.to(torch.float32, copy=True)
     scores[:, mask_token_id] = float("-inf")
-    log_normaliser = torch.logsumexp(scores, dim=-1)
     if noise_keys is None:
         x0 = scores.argmax(dim=-1)
     else:
+        temperature = temperature.to(torch.float32).unsqueeze(-1)
         noise = gumbel(noise_keys, scores.shape[-1])
-        x0 = noise.mul_(temperature.to(torch.float32).unsqueeze(-1)).add_(scores).argmax(dim=-1)
+        x0 = noise.mul_(temperature).add_(scores).argmax(dim=-1)
+        del noise
+        if tempered_confidence:
+            scores.div_(torch.where(temperature > 0, temperature, 1.0))
+    log_normaliser = torch.logsumexp(scores, dim=-1)
     chosen_logit = scores.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     return x0, (chosen_logit - log_normaliser).exp()
 
@@ -73,6 +81,7 @@ def propose_rows(
     temperature: Tensor,
     noise_keys: Tensor | None,
     max_rows: int,
+    tempered_confidence: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -86,6 +95,7 @@ def propose_rows(
         rows = slice(start, start + max_rows)
         keys = None if noise_keys is None else noise_keys[rows]
         x0[rows], confidence[rows] = propose(
-            compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys
-        )
+            compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys,
+            tempered_confidence,
+        )  # fmt: skip
     return x0, confidence
