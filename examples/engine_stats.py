@@ -1,10 +1,10 @@
 """Forwards per request and tokens per forward for each configuration of a family's decoding.
 
-    python examples/engine_stats.py {llada,dream,fast_dllm_v2,sdar} [--lm-head-scale 30]
+    python examples/engine_stats.py {llada,dream,fast_dllm_v2,sdar,llada2} [--lm-head-scale 30]
 
 Writes a tiny checkpoint of the family (random weights; `--lm-head-scale` > 1 makes its
 distributions peaked, like a trained model's: the LLaDA / Dream writers scale the LM head, the
-Fast-dLLM v2 / SDAR writers every logit), decodes 8 prompts of different lengths (ignore_eos)
+Fast-dLLM v2 / SDAR / LLaDA 2 writers every logit), decodes 8 prompts of different lengths (ignore_eos)
 under each configuration of the family's grid, and prints the engine's own per-request
 statistics:
 
@@ -14,7 +14,9 @@ statistics:
   0.95 / 0.5, max_tokens 64;
 - sdar (block 4 from the checkpoint, one step per token of a block by default): remasking
   low_confidence_dynamic / low_confidence_static x threshold 0.95 / 0.5, max_tokens 64
-  (the static rule commits the step's quota whatever the threshold).
+  (the static rule commits the step's quota whatever the threshold);
+- llada2 (block 32): threshold 0.95 / 0.5, without and with LLaDA 2.1's editing (editing
+  threshold 0.9), max_tokens 64.
 
 Block-diffusion prompts end inside a block, on a block boundary and inside the first block.
 """
@@ -51,6 +53,15 @@ def grid(family: str) -> dict[str, dict]:
             for cache in ("none", "dual")
             for threshold in (0.95, 0.5)
         }
+    if family == "llada2":
+        return {
+            f"editing={editing} threshold={threshold}": {
+                "dllm_threshold": threshold,
+                **({"dllm_editing_threshold": 0.9} if editing else {}),
+            }
+            for editing in (False, True)
+            for threshold in (0.95, 0.5)
+        }
     return {
         f"remasking={remasking:22} threshold={threshold}": {
             "dllm_remasking": remasking,
@@ -68,8 +79,9 @@ PROMPT_LENGTHS = {
     "dream": [3 + 2 * i for i in range(8)],
     "fast_dllm_v2": [3, 8, 17, 32, 45, 50, 64, 70],
     "sdar": [3, 8, 17, 32, 45, 50, 64, 70],
+    "llada2": [3, 8, 17, 32, 45, 50, 64, 70],
 }
-MAX_TOKENS = {"llada": 32, "dream": 32, "fast_dllm_v2": 64, "sdar": 64}
+MAX_TOKENS = {"llada": 32, "dream": 32, "fast_dllm_v2": 64, "sdar": 64, "llada2": 64}
 
 
 def write_checkpoint(family: str, out: Path, scale: float) -> Path:
@@ -78,7 +90,10 @@ def write_checkpoint(family: str, out: Path, scale: float) -> Path:
         write_sdar_checkpoint,
     )
     from vllm_dllm.testing.checkpoints import write_dream_checkpoint, write_llada_checkpoint
+    from vllm_dllm.testing.llada2_checkpoints import write_llada2_checkpoint
 
+    if family == "llada2":
+        return write_llada2_checkpoint(out, seed=0, logit_scale=scale)
     if family == "llada":
         return write_llada_checkpoint(out, seed=0, lm_head_scale=scale)
     if family == "dream":
@@ -93,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar"])
+    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2"])
     parser.add_argument(
         "--lm-head-scale",
         type=float,
