@@ -3,8 +3,8 @@
     python examples/engine_stats.py {llada,dream,fast_dllm_v2,sdar,llada2} [--lm-head-scale 30]
 
 Writes a tiny checkpoint of the family (random weights; `--lm-head-scale` > 1 makes its
-distributions peaked, like a trained model's: the LLaDA / Dream writers scale the LM head, the
-Fast-dLLM v2 / SDAR / LLaDA 2 writers every logit), decodes 8 prompts of different lengths (ignore_eos)
+distributions peaked, like a trained model's: the LLaDA / Dream writers scale the LM head,
+the block-diffusion writers every logit), decodes 8 prompts of different lengths (ignore_eos)
 under each configuration of the family's grid, and prints the engine's own per-request
 statistics:
 
