@@ -41,7 +41,8 @@ def test_serve_help_lists_our_group():
 def test_serve_help_documents_dllm_defaults(search):
     result = run(VLLM_DLLM, "serve", search)
     assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())
+    # argparse wraps help lines after hyphens too ("--diffusion-" / "config"): undo both.
+    text = " ".join(result.stdout.split()).replace("- ", "-")
     assert "--dllm-defaults JSON" in text
     assert "Server-wide defaults for the per-request diffusion parameters" in text
     assert "not vLLM's --diffusion-config" in text

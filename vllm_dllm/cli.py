@@ -43,7 +43,7 @@ _SERVE_GROUP_DESCRIPTION = (
 )
 _DEFAULTS_HELP = (
     "Server-wide defaults for the per-request diffusion parameters, a JSON object of dllm_* "
-    "keys (the request parameters: see the README), e.g. "
+    "keys (the README lists them per model family), e.g. "
     "'{\"dllm_cache\": \"dual\", \"dllm_threshold\": 0.9}'. A request's "
     "own vllm_xargs win. Same as the VLLM_DLLM_DEFAULTS environment variable. This, not "
     "vLLM's --diffusion-config (vLLM's native diffusion path: Model Runner V2, GPU only), "
