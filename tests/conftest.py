@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints in the released on-disk layouts, engines on them.
 
-Session-scoped, so each checkpoint is written (and each engine started) once per test run.
+Checkpoints are session-scoped, written once per test run; engines come from a session pool
+that keeps a few alive (`EnginePool`).
 ``tests/`` is a package, so test modules import the oracle as ``from tests.reference import ...``.
 """
 
@@ -59,67 +60,6 @@ def llada_peaked_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llada_engine(llada_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA checkpoint."""
-    from tests.engines import start_engine
-
-    llm = start_engine(llada_tiny_dir)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def dream_engine(dream_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny Dream checkpoint."""
-    from tests.engines import start_engine
-
-    llm = start_engine(dream_tiny_dir)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def fast_dllm_v2_engine(fast_dllm_v2_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny Fast-dLLM v2 checkpoint."""
-    from tests.engines import start_engine
-
-    llm = start_engine(fast_dllm_v2_tiny_dir)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def sdar_engine(sdar_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny SDAR checkpoint."""
-    from tests.engines import start_engine
-
-    llm = start_engine(sdar_tiny_dir)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def llada_compiled_engine(llada_tiny_dir: Path):
-    """The LLaDA engine with vLLM's compilation on (`enforce_eager=False`): on CPU the model
-    runs through the inductor build, on a GPU through the captured CUDA graphs."""
-    from tests.engines import start_engine
-
-    llm = start_engine(llada_tiny_dir, enforce_eager=False)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def dream_compiled_engine(dream_tiny_dir: Path):
-    """The Dream engine with vLLM's compilation on (`enforce_eager=False`)."""
-    from tests.engines import start_engine
-
-    llm = start_engine(dream_tiny_dir, enforce_eager=False)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
 def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint.
 
@@ -141,16 +81,6 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     server.wait_ready()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def llada_peaked_engine(llada_peaked_dir: Path):
-    """An engine on the peaked checkpoint with a KV cache of only a few 128-token blocks."""
-    from tests.engines import start_engine
-
-    llm = start_engine(llada_peaked_dir, max_model_len=256, num_gpu_blocks_override=4)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
 
 
 #: Builds the plugin's model class for a checkpoint directory (`build_model`).
@@ -213,11 +143,94 @@ def llada2_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llada2_checkpoint(tmp_path_factory.mktemp("llada2_tiny"), seed=0)
 
 
-@pytest.fixture(scope="session")
-def llada2_engine(llada2_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA 2.x checkpoint."""
-    from tests.engines import start_engine
+class EnginePool:
+    """The session's offline engines, at most `capacity` alive at once.
 
-    llm = start_engine(llada2_tiny_dir)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    An engine process holds about a gigabyte; with every family's engines alive the suite's
+    later tests (Ray, TP=2) ran out of memory on 24 GB machines. Tests use engines in runs (one
+    file after another), so the least recently used one is shut down when another is needed,
+    and started again if a later test asks for it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.engines: dict[str, object] = {}
+
+    def get(self, name: str, start: Callable[[], object]) -> object:
+        if name in self.engines:
+            self.engines[name] = self.engines.pop(name)  # most recently used last
+            return self.engines[name]
+        while len(self.engines) >= self.capacity:
+            oldest = next(iter(self.engines))
+            self.engines.pop(oldest).llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+        self.engines[name] = start()
+        return self.engines[name]
+
+    def engine(self, name: str, checkpoint: Path, **options: object):
+        """The engine `name` on `checkpoint` (`tests.engines.start_engine` options)."""
+        from tests.engines import start_engine
+
+        return self.get(name, lambda: start_engine(checkpoint, **options))
+
+    def close(self) -> None:
+        for llm in self.engines.values():
+            llm.llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+        self.engines.clear()
+
+
+@pytest.fixture(scope="session")
+def engine_pool() -> Iterator[EnginePool]:
+    pool = EnginePool(capacity=3)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def llada_engine(engine_pool: EnginePool, llada_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA checkpoint."""
+    return engine_pool.engine("llada", llada_tiny_dir)
+
+
+@pytest.fixture
+def dream_engine(engine_pool: EnginePool, dream_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny Dream checkpoint."""
+    return engine_pool.engine("dream", dream_tiny_dir)
+
+
+@pytest.fixture
+def fast_dllm_v2_engine(engine_pool: EnginePool, fast_dllm_v2_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny Fast-dLLM v2 checkpoint."""
+    return engine_pool.engine("fast_dllm_v2", fast_dllm_v2_tiny_dir)
+
+
+@pytest.fixture
+def sdar_engine(engine_pool: EnginePool, sdar_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny SDAR checkpoint."""
+    return engine_pool.engine("sdar", sdar_tiny_dir)
+
+
+@pytest.fixture
+def llada2_engine(engine_pool: EnginePool, llada2_tiny_dir: Path):
+    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA 2.x checkpoint."""
+    return engine_pool.engine("llada2", llada2_tiny_dir)
+
+
+@pytest.fixture
+def llada_compiled_engine(engine_pool: EnginePool, llada_tiny_dir: Path):
+    """The LLaDA engine with vLLM's compilation on (`enforce_eager=False`): on CPU the model
+    runs through the inductor build, on a GPU through the captured CUDA graphs."""
+    return engine_pool.engine("llada_compiled", llada_tiny_dir, enforce_eager=False)
+
+
+@pytest.fixture
+def dream_compiled_engine(engine_pool: EnginePool, dream_tiny_dir: Path):
+    """The Dream engine with vLLM's compilation on (`enforce_eager=False`)."""
+    return engine_pool.engine("dream_compiled", dream_tiny_dir, enforce_eager=False)
+
+
+@pytest.fixture
+def llada_peaked_engine(engine_pool: EnginePool, llada_peaked_dir: Path):
+    """An engine on the peaked checkpoint with a KV cache of only a few 128-token blocks."""
+    return engine_pool.engine(
+        "llada_peaked", llada_peaked_dir, max_model_len=256, num_gpu_blocks_override=4
+    )

@@ -83,13 +83,14 @@ def write_probe_plugin_wheel(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(llada_engine, tmp_path_factory):
+def ray_cluster(engine_pool, llada_tiny_dir, tmp_path_factory):
     """A local Ray cluster whose job `runtime_env` is the one examples/multi_gpu.py builds.
 
-    Started after the session's TP=1 engine (`llada_engine`) so that engine is not built in a
-    Ray-initialised process. Ray's runtime-env agent installs py_modules wheels with the `pip`
-    on its PATH: this venv's comes first.
+    Started after the session's TP=1 LLaDA engine (the pool's `llada`, which the tests here use)
+    so that engine is not built in a Ray-initialised process. Ray's runtime-env agent installs
+    py_modules wheels with the `pip` on its PATH: this venv's comes first.
     """
+    engine_pool.engine("llada", llada_tiny_dir)
     multi_gpu = load_example("multi_gpu")
     wheel = write_probe_plugin_wheel(tmp_path_factory.mktemp("probe_wheel"))
     runtime_env = multi_gpu.ray_runtime_env(
