@@ -63,3 +63,15 @@ def _required_scheduler_output_fields() -> frozenset[str]:
         for f in dataclasses.fields(SchedulerOutput)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
+
+
+def fused_moe(**kwargs: Any) -> torch.nn.Module:
+    """vLLM's fused mixture-of-experts layer, built from the same keyword arguments.
+
+    vLLM 0.32 builds it with the function `FusedMoEFactory`; vLLM 0.26 (up to the release that
+    added the factory) with the `FusedMoE` class itself.
+    """
+    from vllm.model_executor.layers import fused_moe as layers
+
+    build = getattr(layers, "FusedMoEFactory", None) or layers.FusedMoE
+    return build(**kwargs)

@@ -32,7 +32,7 @@ from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -44,6 +44,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 
+from vllm_dllm.engine.compat import fused_moe
 from vllm_dllm.model_executor.layers.bidirectional_attention import BidirectionalAttention
 from vllm_dllm.model_executor.models.bidirectional_transformer import (
     DiffusionMLP,
@@ -209,7 +210,7 @@ class LLaDA2SparseMoe(nn.Module):
             else None
         )
         top_k = config.num_experts_per_tok
-        self.experts = FusedMoEFactory(
+        self.experts = fused_moe(
             num_experts=config.num_experts,
             top_k=top_k,
             hidden_size=config.hidden_size,
