@@ -12,6 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from vllm_dllm.transformers_utils.configs.common import set_upstream_keys
+
 #: Upstream's ``ModelConfig`` dataclass defaults (configuration_llada.py), so a key missing
 #: from a config.json means what it means upstream. The released configs spell out every key.
 UPSTREAM_DEFAULTS: dict[str, Any] = {
@@ -47,8 +49,7 @@ class LLaDAConfig(PreTrainedConfig):
 
     def __init__(self, **kwargs: Any) -> None:
         # As upstream's LLaDAConfig does: its ModelConfig's defaults, updated by the file's keys.
-        for key, default in UPSTREAM_DEFAULTS.items():
-            setattr(self, key, kwargs.pop(key, default))
+        set_upstream_keys(self, UPSTREAM_DEFAULTS, kwargs)
         # modeling_llada sizes both the embedding (wte) and the LM head (ff_out) with
         # `embedding_size or vocab_size`; vLLM reads `vocab_size` as the logits width, so it
         # must be that row count (equal to the tokenizer vocabulary, 126464, in the releases).

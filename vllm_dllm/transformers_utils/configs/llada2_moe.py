@@ -23,6 +23,24 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from vllm_dllm.transformers_utils.configs.common import set_upstream_keys
+
+#: Upstream ``configuration_llada2_moe.py``'s defaults. ``num_key_value_heads`` 0 is kept as
+#: given, as upstream does (the releases state it; the attention divides by it).
+UPSTREAM_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 30592, "hidden_size": 1024, "intermediate_size": None,
+    "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 0,
+    "hidden_act": "silu", "use_qkv_bias": False, "use_qk_norm": True, "use_bias": True,
+    "rms_norm_eps": 1e-5, "norm_head": False, "tie_word_embeddings": False,
+    "embedding_dropout": 0.1, "attention_dropout": 0.1, "output_dropout": 0.1,
+    "initializer_range": 0.02, "max_position_embeddings": 16384, "rope_theta": 10000.0,
+    "use_cache": True, "use_sliding_window": False, "sliding_window": 4096,
+    "max_window_layers": 28, "head_dim": None, "rope_scaling": None, "pad_token_id": 126081,
+    "num_experts": 16, "num_shared_experts": 0, "num_experts_per_tok": 2, "n_group": 8,
+    "topk_group": 4, "routed_scaling_factor": 2.5, "moe_intermediate_size": None,
+    "first_k_dense_replace": 0, "output_router_logits": False, "partial_rotary_factor": 0.5,
+}
+
 
 class LLaDA2MoeConfig(PreTrainedConfig):
     """The keys of the released LLaDA 2.x config.json (upstream ``LLaDA2MoeConfig``)."""
@@ -30,84 +48,9 @@ class LLaDA2MoeConfig(PreTrainedConfig):
     model_type = "llada2_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(
-        self,
-        vocab_size: int = 30592,
-        hidden_size: int = 1024,
-        intermediate_size: int | None = None,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 16,
-        num_key_value_heads: int = 0,
-        hidden_act: str = "silu",
-        use_qkv_bias: bool = False,
-        use_qk_norm: bool = True,
-        use_bias: bool = True,
-        rms_norm_eps: float = 1e-5,
-        norm_head: bool = False,
-        tie_word_embeddings: bool = False,
-        embedding_dropout: float = 0.1,
-        attention_dropout: float = 0.1,
-        output_dropout: float = 0.1,
-        initializer_range: float = 0.02,
-        max_position_embeddings: int = 16384,
-        rope_theta: float = 10000.0,
-        use_cache: bool = True,
-        use_sliding_window: bool = False,
-        sliding_window: int = 4096,
-        max_window_layers: int = 28,
-        rope_scaling: dict[str, Any] | None = None,
-        pad_token_id: int = 126081,
-        num_experts: int = 16,
-        num_shared_experts: int = 0,
-        num_experts_per_tok: int = 2,
-        n_group: int = 8,
-        topk_group: int = 4,
-        routed_scaling_factor: float = 2.5,
-        moe_intermediate_size: int | None = None,
-        first_k_dense_replace: int = 0,
-        head_dim: int | None = None,
-        output_router_logits: bool = False,
-        partial_rotary_factor: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        # Upstream keeps 0 as given (the releases state it); the attention divides by it.
-        self.num_key_value_heads = num_key_value_heads
-        self.hidden_act = hidden_act
-        self.use_qkv_bias = use_qkv_bias
-        self.use_qk_norm = use_qk_norm
-        self.use_bias = use_bias
-        self.rms_norm_eps = rms_norm_eps
-        self.norm_head = norm_head
-        self.tie_word_embeddings = tie_word_embeddings
-        self.embedding_dropout = embedding_dropout
-        self.attention_dropout = attention_dropout
-        self.output_dropout = output_dropout
-        self.initializer_range = initializer_range
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.use_cache = use_cache
-        self.use_sliding_window = use_sliding_window
-        self.sliding_window = sliding_window
-        self.max_window_layers = max_window_layers
-        self.head_dim = head_dim or hidden_size // num_attention_heads
-        # In transformers 5 `rope_scaling` is an alias of `rope_parameters`, which the base
-        # class then standardises (with `rope_theta` and `partial_rotary_factor`).
-        self.rope_scaling = rope_scaling
-        self.pad_token_id = pad_token_id
-        self.num_experts = num_experts
-        self.num_shared_experts = num_shared_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_group = n_group
-        self.topk_group = topk_group
-        self.routed_scaling_factor = routed_scaling_factor
-        self.moe_intermediate_size = moe_intermediate_size
-        self.first_k_dense_replace = first_k_dense_replace
-        self.output_router_logits = output_router_logits
-        self.partial_rotary_factor = partial_rotary_factor
+    def __init__(self, **kwargs: Any) -> None:
+        # The base class standardises the rope keys with `partial_rotary_factor` too.
+        set_upstream_keys(self, UPSTREAM_DEFAULTS, kwargs)
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         kwargs.setdefault("architectures", ["LLaDA2MoeModelLM"])
         super().__init__(**kwargs)
