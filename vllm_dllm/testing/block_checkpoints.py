@@ -21,32 +21,31 @@ Deliberate differences (none changes how a loader reads the files):
 Usage: ``python -m vllm_dllm.testing.checkpoints {fast_dllm_v2,sdar} OUT_DIR``.
 """
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 
 from vllm_dllm.testing.chat_templates import CHATML_TEMPLATE
+from vllm_dllm.testing.files import TensorSpec, auto_map, save_random_tensors, write_json
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 ENDOFTEXT, IM_START, IM_END, MASK = 256, 257, 258, 259
 VOCAB_SIZE = 320
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockShape:
-    """Sizes of a tiny block-diffusion checkpoint."""
+    """Sizes of a tiny block-diffusion checkpoint; the defaults are the presets' common ones."""
 
-    hidden_size: int
+    hidden_size: int = 128
     num_heads: int
     num_kv_heads: int
-    head_dim: int
-    num_layers: int
-    intermediate_size: int
+    head_dim: int = 64
+    num_layers: int = 2
+    intermediate_size: int = 256
     block_size: int
     tie_word_embeddings: bool
 
@@ -56,26 +55,10 @@ class BlockShape:
 
 # Fast-dLLM v2 1.5B: GQA 12/2, tied head, bd_size 32. Here 2 q heads over 1 kv head.
 BlockShape.FAST_DLLM_V2 = BlockShape(
-    hidden_size=128,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=64,
-    num_layers=2,
-    intermediate_size=256,
-    block_size=32,
-    tie_word_embeddings=True,
+    num_heads=2, num_kv_heads=1, block_size=32, tie_word_embeddings=True
 )
 # SDAR 1.7B: 16 q / 8 kv heads of 128 on a 2048 hidden (q width != hidden), untied, block 4.
-BlockShape.SDAR = BlockShape(
-    hidden_size=128,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=64,
-    num_layers=2,
-    intermediate_size=256,
-    block_size=4,
-    tie_word_embeddings=False,
-)
+BlockShape.SDAR = BlockShape(num_heads=4, num_kv_heads=2, block_size=4, tie_word_embeddings=False)
 
 _SPECIAL_TOKENS = {ENDOFTEXT: "<|endoftext|>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
 
@@ -85,11 +68,9 @@ def fast_dllm_v2_config_dict(shape: BlockShape) -> dict[str, Any]:
     return {
         "architectures": ["Fast_dLLM_QwenForCausalLM"],
         "attention_dropout": 0.0,
-        "auto_map": {
-            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
-            "AutoModel": "modeling.Fast_dLLM_QwenModel",
-            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
-        },
+        "auto_map": auto_map(
+            "configuration", "modeling", "Fast_dLLM_Qwen", "Fast_dLLM_QwenForCausalLM"
+        ),
         "bd_size": shape.block_size,
         "bos_token_id": ENDOFTEXT,
         "eos_token_id": IM_END,
@@ -122,11 +103,7 @@ def sdar_config_dict(shape: BlockShape) -> dict[str, Any]:
     """config.json of an SDAR checkpoint: the release's keys, in its order."""
     return {
         "architectures": ["SDARForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_sdar.SDARConfig",
-            "AutoModel": "modeling_sdar.SDARModel",
-            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
-        },
+        "auto_map": auto_map("configuration_sdar", "modeling_sdar", "SDAR", "SDARForCausalLM"),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "attn_implementation": "flex_attention",
@@ -164,31 +141,19 @@ def sdar_config_dict(shape: BlockShape) -> dict[str, Any]:
 
 
 def write_fast_dllm_v2_checkpoint(
-    path: str | Path,
-    shape: BlockShape = BlockShape.FAST_DLLM_V2,
-    *,
-    seed: int = 0,
-    logit_scale: float = 1.0,
-    dtype: torch.dtype = torch.float32,
+    path: str | Path, shape: BlockShape = BlockShape.FAST_DLLM_V2, **options: Any
 ) -> Path:
-    """A random Fast-dLLM v2 checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
+    """A random Fast-dLLM v2 checkpoint; ``options``: see `_write`."""
     config = fast_dllm_v2_config_dict(shape)
-    return _write(Path(path), config, shape, "|<MASK>|", seed, logit_scale, dtype,
-                  qkv_bias=True, qk_norm=False)  # fmt: skip
+    return _write(Path(path), config, shape, "|<MASK>|", qkv_bias=True, qk_norm=False, **options)
 
 
 def write_sdar_checkpoint(
-    path: str | Path,
-    shape: BlockShape = BlockShape.SDAR,
-    *,
-    seed: int = 0,
-    logit_scale: float = 1.0,
-    dtype: torch.dtype = torch.float32,
+    path: str | Path, shape: BlockShape = BlockShape.SDAR, **options: Any
 ) -> Path:
-    """A random SDAR checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
+    """A random SDAR checkpoint; ``options``: see `_write`."""
     config = sdar_config_dict(shape)
-    return _write(Path(path), config, shape, "<|MASK|>", seed, logit_scale, dtype,
-                  qkv_bias=False, qk_norm=True)  # fmt: skip
+    return _write(Path(path), config, shape, "<|MASK|>", qkv_bias=False, qk_norm=True, **options)
 
 
 def _write(
@@ -196,37 +161,45 @@ def _write(
     config: dict[str, Any],
     shape: BlockShape,
     mask_text: str,
-    seed: int,
-    logit_scale: float,
-    dtype: torch.dtype,
     *,
     qkv_bias: bool,
     qk_norm: bool,
+    seed: int = 0,
+    logit_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write the files of one checkpoint, its tensors drawn from ``seed`` and stored as
-    ``dtype`` (which config.json's ``torch_dtype`` then names, as a release's does)."""
+    ``dtype`` (which config.json's ``torch_dtype`` then names, as a release's does);
+    ``logit_scale`` multiplies every logit (peaked model).
+
+    SDAR's per-head q/k norm weights sit near 2, which with q/k drawn 4x larger makes attention
+    sharp enough that positions differ. When the embedding is also the LM head it is drawn
+    2/sqrt(hidden), for logits of O(1) like an untied head's.
+    """
     out.mkdir(parents=True, exist_ok=True)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", {
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", {
         "bos_token_id": ENDOFTEXT,
         "eos_token_id": [IM_END, ENDOFTEXT],
         "pad_token_id": ENDOFTEXT,
         "transformers_version": config["transformers_version"],
     })  # fmt: skip
     _write_tokenizer(out, {**_SPECIAL_TOKENS, MASK: mask_text})
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        name: _draw(size, kind, gen, logit_scale).to(dtype)
-        for name, size, kind in _tensors(shape, qkv_bias=qkv_bias, qk_norm=qk_norm)
-    }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_random_tensors(
+        out / "model.safetensors",
+        _tensors(shape, qkv_bias=qkv_bias, qk_norm=qk_norm),
+        seed=seed,
+        gains={"linear": 1.0, "query_key": 4.0, "lm_head": 1.0, "tied_embedding": 2.0},
+        final_norm_scale=logit_scale,
+        dtype=dtype,
+    )
     return out
 
 
 def _tensors(
     shape: BlockShape, *, qkv_bias: bool, qk_norm: bool
-) -> Iterator[tuple[str, tuple[int, ...], str]]:
+) -> Iterator[TensorSpec]:
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     q, kv = shape.num_heads * d, shape.num_kv_heads * d
     tied = shape.tie_word_embeddings
@@ -255,35 +228,6 @@ def _tensors(
         yield "lm_head.weight", (VOCAB_SIZE, h), "lm_head"
 
 
-def _draw(
-    size: tuple[int, ...], kind: str, gen: torch.Generator, logit_scale: float
-) -> torch.Tensor:
-    """Initialise so that every sublayer matters and logits are far from uniform.
-
-    Unit-variance embeddings (2/sqrt(hidden) when the embedding is also the LM head) and
-    1/sqrt(fan_in) linears give each sublayer an O(1) share of the
-    residual stream; q/k drawn 4x larger (and SDAR's per-head q/k norm weights near 2) make
-    attention sharp enough that positions differ. Norm weights and biases are perturbed away from
-    1 and 0 so a loader that drops one fails the logits comparison. The final norm carries
-    ``logit_scale``: logits are linear in it, for tied and untied heads alike.
-    """
-    noise = torch.randn(size, generator=gen, dtype=torch.float32)
-    if kind == "embedding":
-        return noise
-    if kind == "tied_embedding":  # also the LM head: logits of O(1), like an untied head's
-        return 2.0 * size[1] ** -0.5 * noise
-    if kind == "norm":
-        return 1.0 + 0.1 * noise
-    if kind == "final_norm":
-        return logit_scale * (1.0 + 0.1 * noise)
-    if kind == "qk_norm":
-        return 2.0 + 0.2 * noise
-    if kind == "bias":
-        return 0.2 * noise
-    gain = {"linear": 1.0, "query_key": 4.0, "lm_head": 1.0}[kind]
-    return gain * size[1] ** -0.5 * noise
-
-
 def _write_tokenizer(out: Path, special_tokens: dict[int, str]) -> None:
     """The shared byte-level tokenizer with the family's special tokens and ChatML template."""
     write_tokenizer(
@@ -302,7 +246,3 @@ def _write_tokenizer(out: Path, special_tokens: dict[int, str]) -> None:
         },
         special_map={"eos_token": _SPECIAL_TOKENS[IM_END], "pad_token": _SPECIAL_TOKENS[ENDOFTEXT]},
     )
-
-
-def _write_json(file: Path, content: dict[str, Any]) -> None:
-    file.write_text(json.dumps(content, indent=2) + "\n")

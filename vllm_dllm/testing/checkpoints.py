@@ -20,17 +20,16 @@ float32) by `llada2_checkpoints`.
 """
 
 import argparse
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 from vllm_dllm.testing.chat_templates import DREAM_CHAT_TEMPLATE, LLADA_CHAT_TEMPLATE
+from vllm_dllm.testing.files import TensorSpec, save_random_tensors, write_json
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 # vLLM's CPU attention kernels support only these head sizes.
@@ -220,7 +219,6 @@ def write_llada_checkpoint(
 ) -> Path:
     """Write a random LLaDA checkpoint into ``path``; ``weights``: see `_write`."""
     config = llada_config_dict(ckpt)
-    eos = config["eos_token_id"]
     bos_text, eos_text = "<|startoftext|>", "<|endoftext|>"
     tokenizer_config = {
         "add_bos_token": False,
@@ -234,12 +232,7 @@ def write_llada_checkpoint(
         "pad_token": eos_text,
     }
     special_map = {"bos_token": bos_text, "eos_token": eos_text, "pad_token": eos_text}
-    generation = {
-        "_from_model_config": True,
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-        "transformers_version": "4.46.3",
-    }
+    generation = _generation_config(config, "eos_token_id", "pad_token_id")
     configs = (config, generation, tokenizer_config, special_map)
     return _write(Path(path), ckpt, LLADA_NAMES, configs, **weights)
 
@@ -249,7 +242,6 @@ def write_dream_checkpoint(
 ) -> Path:
     """Write a random Dream checkpoint into ``path``; ``weights``: see `_write`."""
     config = dream_config_dict(ckpt, dtype=weights.get("dtype", torch.float32))
-    eos = config["eos_token_id"]
     # The tokenizer's bos is <|beginoftext|>; config.json's own bos_token_id is <|endoftext|>,
     # as in the release.
     eos_text, bos_text, mask_text = "<|endoftext|>", "<|beginoftext|>", "<|mask|>"
@@ -274,15 +266,19 @@ def write_dream_checkpoint(
         "mask_token": mask_text,
         "pad_token": eos_text,
     }
-    generation = {
-        "_from_model_config": True,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-        "pad_token_id": eos,
-        "transformers_version": "4.46.2",
-    }
+    generation = _generation_config(config, "bos_token_id", "eos_token_id", "pad_token_id")
     configs = (config, generation, tokenizer_config, special_map)
     return _write(Path(path), ckpt, DREAM_NAMES, configs, **weights)
+
+
+def _generation_config(config: dict[str, Any], *token_keys: str) -> dict[str, Any]:
+    """generation_config.json as transformers derives it from config.json, and as the release
+    ships it: ``_from_model_config``, the ``token_keys`` of config.json, its version."""
+    return {
+        "_from_model_config": True,
+        **{key: config[key] for key in token_keys},
+        "transformers_version": config["transformers_version"],
+    }
 
 
 def _write(
@@ -303,8 +299,8 @@ def _write(
     """
     config, generation, tokenizer_config, special_map = configs
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", generation)
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", generation)
     write_tokenizer(
         out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config, special_map=special_map
     )
@@ -317,10 +313,6 @@ def _write(
         dtype=dtype,
     )
     return out
-
-
-# A tensor to draw: (name, shape, kind); kind picks the initialisation in _draw.
-_TensorSpec = tuple[str, tuple[int, ...], str]
 
 
 #: Tensor names of each family: the embedding, one layer's tensors (with `{}` for the layer
@@ -357,7 +349,7 @@ DREAM_NAMES = {
 }
 
 
-def _tensors(shape: TransformerShape, names: Mapping[str, str]) -> Iterator[_TensorSpec]:
+def _tensors(shape: TransformerShape, names: Mapping[str, str]) -> Iterator[TensorSpec]:
     h, i, v, kv = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.kv_size
     yield names["embed"] + ".weight", (v, h), "embedding"
     for n in range(shape.num_layers):
@@ -377,30 +369,6 @@ def _tensors(shape: TransformerShape, names: Mapping[str, str]) -> Iterator[_Ten
     yield names["lm_head"] + ".weight", (v, h), "lm_head"
 
 
-def _draw(
-    size: tuple[int, ...], kind: str, gen: torch.Generator, lm_head_scale: float
-) -> torch.Tensor:
-    """Initialise so that every sublayer matters and logits are far from uniform.
-
-    The usual std-0.02 init leaves the residual stream dominated by the token embedding, so
-    all MASK positions would get near-identical logits (ties everywhere, position-independent
-    argmax). Unit-variance embeddings and 1/sqrt(fan_in) linears give each sublayer an O(1)
-    contribution; q and k are drawn 4x larger so attention is sharp and, through RoPE,
-    differs from position to position (measured: many more distinct argmaxes over a masked
-    block than with plain 1/sqrt(fan_in)). Norm weights and biases are perturbed away from
-    1 and 0 so that a loader which drops them fails the logits comparison.
-    """
-    noise = torch.randn(size, generator=gen, dtype=torch.float32)
-    if kind == "embedding":
-        return noise
-    if kind == "norm":
-        return 1.0 + 0.1 * noise
-    if kind == "bias":
-        return 0.2 * noise
-    gain = {"linear": 1.0, "query_key": 4.0, "lm_head": lm_head_scale}[kind]
-    return gain * size[1] ** -0.5 * noise
-
-
 def write_weights(
     file: Path,
     shape: TransformerShape,
@@ -410,17 +378,13 @@ def write_weights(
     lm_head_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> None:
-    """A random safetensors file with the tensors of ``shape`` under the family's ``names``."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        name: _draw(size, kind, gen, lm_head_scale).to(dtype)
-        for name, size, kind in _tensors(shape, names)
-    }
-    save_file(tensors, str(file), metadata={"format": "pt"})
+    """A random safetensors file with the tensors of ``shape`` under the family's ``names``.
 
-
-def _write_json(file: Path, content: dict[str, Any]) -> None:
-    file.write_text(json.dumps(content, indent=2) + "\n")
+    q and k are drawn 4x larger: through RoPE attention then differs from position to position
+    (measured: many more distinct argmaxes over a masked block than with plain 1/sqrt(fan_in)).
+    """
+    gains = {"linear": 1.0, "query_key": 4.0, "lm_head": lm_head_scale}
+    save_random_tensors(file, _tensors(shape, names), seed=seed, gains=gains, dtype=dtype)
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

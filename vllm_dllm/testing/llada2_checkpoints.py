@@ -32,15 +32,12 @@ Deliberate differences (none changes how a loader reads the files):
 Usage: ``python -m vllm_dllm.testing.checkpoints llada2 OUT_DIR [--lm-head-scale S]``.
 """
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
+from vllm_dllm.testing.files import TensorSpec, auto_map, save_random_tensors, write_json
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 STARTOFTEXT, ENDOFTEXT, MASK, ROLE_END = 256, 257, 258, 259
@@ -99,11 +96,9 @@ def llada2_config_dict(shape: MoeShape) -> dict[str, Any]:
     return {
         "architectures": ["LLaDA2MoeModelLM"],
         "attention_dropout": 0.0,
-        "auto_map": {
-            "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
-            "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
-            "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
-        },
+        "auto_map": auto_map(
+            "configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2Moe", "LLaDA2MoeModelLM"
+        ),
         "embedding_dropout": 0.0,
         "eos_token_id": ENDOFTEXT,
         "first_k_dense_replace": shape.first_k_dense_replace,
@@ -155,7 +150,7 @@ def write_llada2_checkpoint(
     """A random LLaDA 2.x checkpoint; ``logit_scale`` multiplies every logit (peaked model)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(llada2_config_dict(shape), indent=2) + "\n")
+    write_json(out / "config.json", llada2_config_dict(shape))
     write_tokenizer(
         out,
         VOCAB_SIZE,
@@ -176,13 +171,17 @@ def write_llada2_checkpoint(
             "pad_token": SPECIAL_TOKENS[ENDOFTEXT],
         },
     )
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _draw(size, kind, gen, logit_scale) for name, size, kind in _tensors(shape)}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # The fused q/k/v matrix is drawn 4x larger, as the block-diffusion checkpoints' q and k.
+    # The router is too, so sigmoid scores spread over (0, 1) and tokens pick different experts.
+    gains = {"linear": 1.0, "query_key_value": 4.0, "router": 4.0}
+    save_random_tensors(
+        out / "model.safetensors", _tensors(shape), seed=seed, gains=gains,
+        final_norm_scale=logit_scale,
+    )  # fmt: skip
     return out
 
 
-def _tensors(shape: MoeShape) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def _tensors(shape: MoeShape) -> Iterator[TensorSpec]:
     h, d = shape.hidden_size, shape.head_dim
     qkv = (shape.num_heads + 2 * shape.num_kv_heads) * d
     yield "model.word_embeddings.weight", (VOCAB_SIZE, h), "embedding"
@@ -207,36 +206,7 @@ def _tensors(shape: MoeShape) -> Iterator[tuple[str, tuple[int, ...], str]]:
     yield "lm_head.weight", (VOCAB_SIZE, h), "linear"
 
 
-def _mlp(prefix: str, hidden: int, width: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def _mlp(prefix: str, hidden: int, width: int) -> Iterator[TensorSpec]:
     yield prefix + "gate_proj.weight", (width, hidden), "linear"
     yield prefix + "up_proj.weight", (width, hidden), "linear"
     yield prefix + "down_proj.weight", (hidden, width), "linear"
-
-
-def _draw(
-    size: tuple[int, ...], kind: str, gen: torch.Generator, logit_scale: float
-) -> torch.Tensor:
-    """Initialise so that every sublayer and every routing decision matters.
-
-    As the block-diffusion checkpoints: unit-variance embeddings and 1/sqrt(fan_in) linears
-    give each sublayer an O(1) share of the residual stream; the fused q/k/v matrix is drawn
-    4x larger (q/k norm weights near 2) so attention is sharp enough that positions differ.
-    The router is drawn 4x larger too, so sigmoid scores spread over (0, 1) and tokens pick
-    different experts; the expert bias is of the same order as those scores, so dropping it
-    changes some choices. Norm weights are perturbed away from 1 so a loader that drops one
-    fails the logits comparison. The final norm carries ``logit_scale``: logits are linear in
-    it.
-    """
-    noise = torch.randn(size, generator=gen, dtype=torch.float32)
-    if kind == "embedding":
-        return noise
-    if kind == "norm":
-        return 1.0 + 0.1 * noise
-    if kind == "final_norm":
-        return logit_scale * (1.0 + 0.1 * noise)
-    if kind == "qk_norm":
-        return 2.0 + 0.2 * noise
-    if kind == "expert_bias":
-        return 0.3 * noise
-    gain = {"linear": 1.0, "query_key_value": 4.0, "router": 4.0}[kind]
-    return gain * size[1] ** -0.5 * noise

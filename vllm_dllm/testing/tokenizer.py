@@ -5,12 +5,13 @@ tokens at their ids, every other id a plain ``<|reserved_token_N|>`` so that any
 decodes to text.
 """
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from vllm_dllm.testing.files import write_json
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -51,17 +52,13 @@ def write_tokenizer(
                         "single_word": False, "special": True}
         for token_id, text in sorted(special_tokens.items())
     }
-    _dump(out / "tokenizer_config.json", {
+    write_json(out / "tokenizer_config.json", {
         "added_tokens_decoder": added,
         **tokenizer_config,
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
     token_entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _dump(out / "special_tokens_map.json", {
+    write_json(out / "special_tokens_map.json", {
         key: value if isinstance(value, list) else {"content": value, **token_entry}
         for key, value in special_map.items()
     })
-
-
-def _dump(file: Path, content: dict[str, Any]) -> None:
-    file.write_text(json.dumps(content, indent=2) + "\n")
