@@ -17,6 +17,7 @@ from transformers.utils import cached_file
 from vllm.config import VllmConfig
 
 from vllm_dllm.model_executor.models.bidirectional_transformer import DiffusionLM
+from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 
 def resolve_mask_token_id(
@@ -60,12 +61,19 @@ def resolve_mask_token_id(
 class BlockDiffusionLM(DiffusionLM):
     """Base of the Fast-dLLM v2 and SDAR model classes.
 
-    Subclasses name their tokenizer's MASK token and the release's fallback id; the body,
-    loader and TP are `DiffusionLM`'s.
+    Subclasses name their tokenizer's MASK token and the release's fallback id, and whether
+    q/k/v carry biases and a per-head norm; the body, loader and TP are `DiffusionLM`'s.
     """
 
     mask_token: ClassVar[str]
     release_mask_token_id: ClassVar[int]
+    qkv_bias: ClassVar[bool]
+    qk_norm: ClassVar[bool] = False
+
+    @classmethod
+    def shape_from_config(cls, config: PretrainedConfig) -> TransformerShape:
+        cls.check_config(config)
+        return TransformerShape.from_config(config, qkv_bias=cls.qkv_bias, qk_norm=cls.qk_norm)
 
     @classmethod
     def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:

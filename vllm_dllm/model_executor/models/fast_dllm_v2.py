@@ -9,18 +9,11 @@ j - 1, so `logits_shift = 1`. Attention is block-causal over blocks of `config.b
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-
 from vllm_dllm.model_executor.models.block_diffusion import BlockDiffusionLM
-from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 
 class Fast_dLLM_QwenForCausalLM(BlockDiffusionLM):
     logits_shift = 1
     mask_token = "|<MASK>|"
     release_mask_token_id = 151665
-
-    @staticmethod
-    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
-        BlockDiffusionLM.check_config(config)
-        return TransformerShape.from_config(config, qkv_bias=True)
+    qkv_bias = True

@@ -11,17 +11,18 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from vllm_dllm.model_executor.models.block_diffusion import BlockDiffusionLM
-from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 
 class SDARForCausalLM(BlockDiffusionLM):
     logits_shift = 0
     mask_token = "<|MASK|>"
     release_mask_token_id = 151669
+    qkv_bias = False
+    qk_norm = True
 
     @staticmethod
-    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
+    def check_config(config: PretrainedConfig) -> None:
+        """As every block-diffusion family, and no q/k/v biases (the body gives SDAR none)."""
         BlockDiffusionLM.check_config(config)
         if config.attention_bias:
             raise ValueError("SDAR checkpoints with attention_bias=true are not supported")
-        return TransformerShape.from_config(config, qkv_bias=False, qk_norm=True)
