@@ -83,37 +83,49 @@ SDAR_DEFAULT_BLOCK = 4
 FAST_DLLM_V2_DEFAULT_BLOCK = 32
 
 
+def _block_diffusion(
+    name: str,
+    loop: Loop,
+    block_length: int,
+    *,
+    overridable: bool,
+    params: set[str],
+    remasking: tuple[str, ...],
+    caches: tuple[str, ...] = (),
+) -> Family:
+    """A block-diffusion family: every such loop takes a block length and a threshold (0.95
+    unless the request says), besides its own `params`; no cache unless the request asks."""
+    return Family(
+        name=name,
+        loop=loop,
+        block_length=block_length,
+        block_length_overridable=overridable,
+        params=frozenset({"dllm_block_length", "dllm_threshold", *params}),
+        default_cache="none",
+        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+        remasking=remasking,
+        caches=caches,
+    )
+
+
 def fast_dllm_v2(block_length: int) -> Family:
     """Fast-dLLM v2: its modeling code builds the attention mask from the config's `bd_size`,
     so the block is fixed; the sub-block cache (`dllm_cache: dual`) is its approximation."""
-    return Family(
-        name="Fast-dLLM v2",
-        loop=Loop.FAST_DLLM_V2,
-        block_length=block_length,
-        block_length_overridable=False,
-        params=frozenset({"dllm_block_length", "dllm_cache", "dllm_threshold",
-                          "dllm_sub_block_length"}),  # fmt: skip
-        default_cache="none",
-        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
-        remasking=("low_confidence",),
-        caches=("none", "dual"),
-    )
+    return _block_diffusion(
+        "Fast-dLLM v2", Loop.FAST_DLLM_V2, block_length, overridable=False,
+        params={"dllm_cache", "dllm_sub_block_length"},
+        remasking=("low_confidence",), caches=("none", "dual"),
+    )  # fmt: skip
 
 
 def sdar(block_length: int) -> Family:
     """SDAR: its generate script takes the block length as an argument; its cache is exact, so
     there is no cache mode to choose."""
-    return Family(
-        name="SDAR",
-        loop=Loop.SDAR,
-        block_length=block_length,
-        block_length_overridable=True,
-        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps",
-                          "dllm_remasking"}),  # fmt: skip
-        default_cache="none",
-        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+    return _block_diffusion(
+        "SDAR", Loop.SDAR, block_length, overridable=True,
+        params={"dllm_steps", "dllm_remasking"},
         remasking=("low_confidence_dynamic", "low_confidence_static"),
-    )
+    )  # fmt: skip
 
 
 #: LLaDA 2.x's block (its generate's default; the config does not say).
@@ -128,17 +140,11 @@ def llada2(block_length: int) -> Family:
     LLaDA 2.1's token editing is the same model with another loop: on per request (or server
     wide) with `dllm_editing_threshold`, as the 2.1 release's generate takes it as an argument
     and its checkpoint files do not say."""
-    return Family(
-        name="LLaDA 2",
-        loop=Loop.LLADA2,
-        block_length=block_length,
-        block_length_overridable=True,
-        params=frozenset({"dllm_block_length", "dllm_threshold", "dllm_steps",
-                          "dllm_editing_threshold", "dllm_max_post_steps"}),  # fmt: skip
-        default_cache="none",
-        default_threshold=BLOCK_DIFFUSION_THRESHOLD,
+    return _block_diffusion(
+        "LLaDA 2", Loop.LLADA2, block_length, overridable=True,
+        params={"dllm_steps", "dllm_editing_threshold", "dllm_max_post_steps"},
         remasking=("low_confidence_dynamic",),
-    )
+    )  # fmt: skip
 
 
 def family_of(hf_config: Any) -> Family:
