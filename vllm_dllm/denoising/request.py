@@ -404,9 +404,8 @@ class Llada2State(SdarState):
         return True
 
     def targets(self) -> Targets:
-        targets = super().targets()
         if not self._editing or self.phase is _Phase.PREFILL:
-            return targets
+            return super().targets()
         lo = max(self.prompt_len - self.block_start, 0)
         block = self.params.block_length
         return Targets(self.block_start, block, lo, block, block - lo, SelectionRule.DYNAMIC,
