@@ -217,62 +217,39 @@ FUSED_PROJECTIONS = WeightsMapper(
 )
 
 
-class DiffusionLM(nn.Module):
-    """Base of the vLLM model classes: body, LM head and a strict weight loader.
+class DiffusionLMBase(nn.Module):
+    """What every family's model class shares with the denoiser and vLLM's loader.
 
-    Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
-    `shape_from_config` (which config options the family supports, whether q/k/v carry
-    biases or a per-head norm) and set `logits_shift`: the model's contract with the sampler
-    about which hidden state predicts a canvas position. 0: position j is predicted from hidden
-    state j (LLaDA, SDAR). 1: from hidden state j - 1 (Dream's and Fast-dLLM v2's shifted
-    logits). `mask_token_id` is the config's; a family whose config may lack it overrides
-    `mask_token_id_from`.
-
-    A tied LM head (`tie_word_embeddings`) shares the embedding's parameter, as vLLM's Qwen2
-    does; `named_parameters()` then lists it once, as `model.embed_tokens.weight`, so the
-    strict loader expects no `lm_head.weight`, which tied releases do not ship.
+    The body `self.model` (called with ids and positions), an LM head set up by `init_lm_head`,
+    `compute_logits` through it, `logits_shift` (see `DiffusionLM`) and a strict loader:
+    a stray or missing checkpoint tensor fails, named. Subclasses set `hf_to_vllm_mapper` and
+    override `checkpoint_names_of` where a parameter stands for tensors the mapper cannot name.
     """
 
     logits_shift: int = 0
-    hf_to_vllm_mapper: ClassVar[WeightsMapper] = FUSED_PROJECTIONS
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
+    hf_to_vllm_mapper: ClassVar[WeightsMapper]
+    model: nn.Module
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.shape = self.shape_from_config(config)
-        self.mask_token_id: int = self.mask_token_id_from(vllm_config)
+    def init_lm_head(
+        self,
+        vllm_config: VllmConfig,
+        prefix: str,
+        vocab_size: int,
+        hidden_size: int,
+        tied_embedding: VocabParallelEmbedding | None = None,
+    ) -> None:
+        """The LM head (sharing `tied_embedding`'s parameter if given) and logits processor,
+        then the refusal of a quantization that quantizes nothing; after the body is built."""
         quant_config = vllm_config.quant_config
-        self.model = DiffusionTransformer(
-            vllm_config=vllm_config, shape=self.shape, prefix=_join(prefix, "model")
-        )
         self.lm_head = ParallelLMHead(
-            self.shape.vocab_size,
-            self.shape.hidden_size,
-            quant_config=quant_config,
-            prefix=_join(prefix, "lm_head"),
+            vocab_size, hidden_size, quant_config=quant_config, prefix=_join(prefix, "lm_head")
         )
-        if self.shape.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(self.shape.vocab_size)
+        if tied_embedding is not None:
+            self.lm_head = self.lm_head.tie_weights(tied_embedding)
+        self.logits_processor = LogitsProcessor(vocab_size)
         if quant_config is not None:
             method = vllm_config.model_config.quantization or quant_config.get_name()
             require_quantized_linears(self, method)
-
-    @staticmethod
-    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
-        raise NotImplementedError
-
-    @classmethod
-    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
-        return int(vllm_config.model_config.hf_config.mask_token_id)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -297,8 +274,60 @@ class DiffusionLM(nn.Module):
         return {
             name
             for param, _ in self.named_parameters()
-            for name in checkpoint_names(self.hf_to_vllm_mapper, param)
+            for name in self.checkpoint_names_of(param)
         }
+
+    def checkpoint_names_of(self, param: str) -> list[str]:
+        """The checkpoint tensors that load the parameter `param`."""
+        return checkpoint_names(self.hf_to_vllm_mapper, param)
+
+
+class DiffusionLM(DiffusionLMBase):
+    """Base of the vLLM model classes: body, LM head and a strict weight loader.
+
+    Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
+    `shape_from_config` (which config options the family supports, whether q/k/v carry
+    biases or a per-head norm) and set `logits_shift`: the model's contract with the sampler
+    about which hidden state predicts a canvas position. 0: position j is predicted from hidden
+    state j (LLaDA, SDAR). 1: from hidden state j - 1 (Dream's and Fast-dLLM v2's shifted
+    logits). `mask_token_id` is the config's; a family whose config may lack it overrides
+    `mask_token_id_from`.
+
+    A tied LM head (`tie_word_embeddings`) shares the embedding's parameter, as vLLM's Qwen2
+    does; `named_parameters()` then lists it once, as `model.embed_tokens.weight`, so the
+    strict loader expects no `lm_head.weight`, which tied releases do not ship.
+    """
+
+    hf_to_vllm_mapper: ClassVar[WeightsMapper] = FUSED_PROJECTIONS
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.shape = self.shape_from_config(config)
+        self.mask_token_id: int = self.mask_token_id_from(vllm_config)
+        self.model = DiffusionTransformer(
+            vllm_config=vllm_config, shape=self.shape, prefix=_join(prefix, "model")
+        )
+        tied = self.model.embed_tokens if self.shape.tie_word_embeddings else None
+        self.init_lm_head(
+            vllm_config, prefix, self.shape.vocab_size, self.shape.hidden_size, tied
+        )
+
+    @staticmethod
+    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
+        raise NotImplementedError
+
+    @classmethod
+    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
+        return int(vllm_config.model_config.hf_config.mask_token_id)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
 
 def load_checked(

@@ -23,7 +23,6 @@ onto ``FusedMoE`` is explained on :class:`LLaDA2SparseMoe`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -35,11 +34,9 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
     VocabParallelEmbedding,
 )
 from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
@@ -47,10 +44,8 @@ from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm_dllm.engine.compat import fused_moe
 from vllm_dllm.model_executor.layers.bidirectional_attention import BidirectionalAttention
 from vllm_dllm.model_executor.models.bidirectional_transformer import (
+    DiffusionLMBase,
     DiffusionMLP,
-    checkpoint_names,
-    load_checked,
-    require_quantized_linears,
 )
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
 
@@ -292,11 +287,10 @@ class LLaDA2MoeModel(nn.Module):
         return hidden_states
 
 
-class LLaDA2MoeModelLM(nn.Module):
+class LLaDA2MoeModelLM(DiffusionLMBase):
     """LLaDA 2.x: body, untied LM head, strict loader; the same contract with the denoiser as
     the other families (`mask_token_id`, `logits_shift`, `compute_logits`)."""
 
-    logits_shift: int = 0
     #: Dense and shared-expert gate/up projections -> their fused vLLM parameters. The routed
     #: experts' names go unchanged to FusedMoE's own loader (`mlp.experts`), which stacks them.
     hf_to_vllm_mapper: ClassVar[WeightsMapper] = WeightsMapper(
@@ -326,56 +320,22 @@ class LLaDA2MoeModelLM(nn.Module):
             mask_token=None,
             release_default=RELEASE_MASK_TOKEN_ID,
         )
-        quant_config = vllm_config.quant_config
         self.model = LLaDA2MoeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size,
-            config.hidden_size,
-            quant_config=quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        if quant_config is not None:
-            method = model_config.quantization or quant_config.get_name()
-            require_quantized_linears(self, method)
+        self.init_lm_head(vllm_config, prefix, config.vocab_size, config.hidden_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.word_embeddings(input_ids)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        intermediate_tensors: object = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Strict: a stray or missing checkpoint tensor fails, named (`load_checked`)."""
-        return load_checked(
-            self, weights, self.expected_checkpoint_names(), self.hf_to_vllm_mapper
-        )
-
-    def expected_checkpoint_names(self) -> set[str]:
-        """Every tensor name a complete checkpoint holds: our parameters, mapped back.
-
-        A stacked expert parameter (``mlp.experts.routed_experts.w13_weight``, ``w2_weight``)
+    def checkpoint_names_of(self, param: str) -> list[str]:
+        """A stacked expert parameter (``mlp.experts.routed_experts.w13_weight``, ``w2_weight``)
         stands for one tensor per expert and projection: ``mlp.experts.{e}.gate_proj.weight``
         and ``up_proj`` for ``w13``, ``down_proj`` for ``w2``. Every rank expects all
         ``num_experts``: with expert parallelism a rank keeps only its own, yet reads the same
         files.
         """
-        names: set[str] = set()
-        for param, _ in self.named_parameters():
-            if ".routed_experts." in param:
-                names.update(_expert_checkpoint_names(param, self.config.num_experts))
-            else:
-                names.update(checkpoint_names(self.hf_to_vllm_mapper, param))
-        return names
+        if ".routed_experts." in param:
+            return _expert_checkpoint_names(param, self.config.num_experts)
+        return super().checkpoint_names_of(param)
 
 
 def _expert_checkpoint_names(param: str, num_experts: int) -> list[str]:
