@@ -166,14 +166,27 @@ class DiffusionDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return pre_norm_layer(self, self.self_attn, positions, hidden_states, residual)
+
+
+def pre_norm_layer(
+    layer: nn.Module,
+    attention: nn.Module,
+    positions: torch.Tensor,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm decoder layer: `layer`'s `input_layernorm`, `attention`,
+    `post_attention_layernorm` and `mlp`. The residual is carried un-added to the next layer,
+    whose norm adds it (vLLM's fused add + RMSNorm); the first layer has none yet."""
+    if residual is None:
+        residual = hidden_states
+        hidden_states = layer.input_layernorm(hidden_states)
+    else:
+        hidden_states, residual = layer.input_layernorm(hidden_states, residual)
+    hidden_states = attention(positions, hidden_states)
+    hidden_states, residual = layer.post_attention_layernorm(hidden_states, residual)
+    return layer.mlp(hidden_states), residual
 
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
@@ -197,12 +210,19 @@ class DiffusionTransformer(nn.Module):
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_layers(self.embed_tokens(input_ids), positions, self.layers, self.norm)
+
+
+def run_layers(
+    hidden_states: torch.Tensor, positions: torch.Tensor, layers: nn.ModuleList, norm: RMSNorm
+) -> torch.Tensor:
+    """The embedded tokens through the decoder layers, then the final norm, which adds the
+    last layer's residual."""
+    residual = None
+    for layer in layers:
+        hidden_states, residual = layer(positions, hidden_states, residual)
+    hidden_states, _ = norm(hidden_states, residual)
+    return hidden_states
 
 
 #: Checkpoint q/k/v and gate/up projections -> the fused vLLM parameters and their shards.

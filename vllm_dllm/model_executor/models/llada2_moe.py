@@ -46,6 +46,8 @@ from vllm_dllm.model_executor.layers.bidirectional_attention import Bidirectiona
 from vllm_dllm.model_executor.models.bidirectional_transformer import (
     DiffusionLMBase,
     DiffusionMLP,
+    pre_norm_layer,
+    run_layers,
 )
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
 
@@ -249,14 +251,7 @@ class LLaDA2DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.attention(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        return pre_norm_layer(self, self.attention, positions, hidden_states, residual)
 
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
@@ -279,12 +274,7 @@ class LLaDA2MoeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.word_embeddings(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_layers(self.word_embeddings(input_ids), positions, self.layers, self.norm)
 
 
 class LLaDA2MoeModelLM(DiffusionLMBase):
