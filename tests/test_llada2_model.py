@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.worker_probes import model_contract
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
-from vllm_dllm.model_executor.models.llada2_moe import RELEASE_MASK_TOKEN_ID
+from vllm_dllm.model_executor.models.llada2_moe import LLaDA2MoeModelLM
 from vllm_dllm.testing.llada2_checkpoints import MASK
 
 PROMPT = list(b"Hello, world")  # 12 tokens
@@ -110,7 +110,8 @@ def test_mask_id_order(llada2_tiny_dir, tmp_path):
     no_mask = SimpleNamespace(mask_token_id=None)
 
     def resolve(config, directory):
-        return resolve_mask_token_id(config, str(directory), None, None, RELEASE_MASK_TOKEN_ID)
+        fallback = LLaDA2MoeModelLM.release_mask_token_id
+        return resolve_mask_token_id(config, str(directory), None, None, fallback)
 
     assert resolve(SimpleNamespace(mask_token_id=5), llada2_tiny_dir) == 5
     assert resolve(no_mask, llada2_tiny_dir) == MASK
@@ -118,7 +119,7 @@ def test_mask_id_order(llada2_tiny_dir, tmp_path):
     tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del tokenizer_config["mask_token"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    assert resolve(no_mask, tmp_path) == RELEASE_MASK_TOKEN_ID
+    assert resolve(no_mask, tmp_path) == LLaDA2MoeModelLM.release_mask_token_id
 
 
 # ---- logits through the engine --------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from vllm_dllm.testing.chat_templates import CHATML_TEMPLATE
-from vllm_dllm.testing.files import TensorSpec, auto_map, save_random_tensors, write_json
+from vllm_dllm.testing.files import TensorSpec, release_config, save_random_tensors, write_json
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 ENDOFTEXT, IM_START, IM_END, MASK = 256, 257, 258, 259
@@ -64,80 +64,56 @@ _SPECIAL_TOKENS = {ENDOFTEXT: "<|endoftext|>", IM_START: "<|im_start|>", IM_END:
 
 
 def fast_dllm_v2_config_dict(shape: BlockShape) -> dict[str, Any]:
-    """config.json of a Fast-dLLM v2 checkpoint: the release's keys, in its order."""
-    return {
-        "architectures": ["Fast_dLLM_QwenForCausalLM"],
-        "attention_dropout": 0.0,
-        "auto_map": auto_map(
-            "configuration", "modeling", "Fast_dLLM_Qwen", "Fast_dLLM_QwenForCausalLM"
-        ),
-        "bd_size": shape.block_size,
-        "bos_token_id": ENDOFTEXT,
-        "eos_token_id": IM_END,
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.intermediate_size,
-        "layer_types": ["full_attention"] * shape.num_layers,
-        "max_position_embeddings": 32768,
-        "max_window_layers": shape.num_layers,
-        "model_type": "Fast_dLLM_Qwen",
-        "num_attention_heads": shape.num_heads,
-        "num_hidden_layers": shape.num_layers,
-        "num_key_value_heads": shape.num_kv_heads,
-        "pad_token_id": IM_END,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "sliding_window": None,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "torch_dtype": "float32",
-        "transformers_version": "4.53.1",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": VOCAB_SIZE,
-    }
+    """config.json of a Fast-dLLM v2 checkpoint: the release's keys."""
+    return release_config(
+        shape,
+        VOCAB_SIZE,
+        ("configuration", "modeling", "Fast_dLLM_Qwen", "Fast_dLLM_QwenForCausalLM"),
+        {
+            "bd_size": shape.block_size,
+            "bos_token_id": ENDOFTEXT,
+            "eos_token_id": IM_END,
+            "layer_types": ["full_attention"] * shape.num_layers,
+            "model_type": "Fast_dLLM_Qwen",
+            "pad_token_id": IM_END,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "tie_word_embeddings": shape.tie_word_embeddings,
+            "torch_dtype": "float32",
+            "transformers_version": "4.53.1",
+            "use_cache": True,
+        },
+    )
 
 
 def sdar_config_dict(shape: BlockShape) -> dict[str, Any]:
-    """config.json of an SDAR checkpoint: the release's keys, in its order."""
-    return {
-        "architectures": ["SDARForCausalLM"],
-        "auto_map": auto_map("configuration_sdar", "modeling_sdar", "SDAR", "SDARForCausalLM"),
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "attn_implementation": "flex_attention",
-        "bos_token_id": ENDOFTEXT,
-        "eos_token_id": ENDOFTEXT,
-        "block_size": shape.block_size,
-        "mask_token_id": MASK,
-        "ep_size": 1,
-        "fuse_cross_entropy": True,
-        "head_dim": shape.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.intermediate_size,
-        "max_position_embeddings": 32768,
-        "max_window_layers": shape.num_layers,
-        "micro_forward": False,
-        "model_type": "sdar",
-        "num_attention_heads": shape.num_heads,
-        "num_hidden_layers": shape.num_layers,
-        "num_key_value_heads": shape.num_kv_heads,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000,
-        "skip_checkpoint": False,
-        "sliding_window": None,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "torch_dtype": "float32",
-        "transformers_version": "4.52.4",
-        "use_cache": False,
-        "use_deepep": False,
-        "use_sliding_window": False,
-        "vocab_size": VOCAB_SIZE,
-    }
+    """config.json of an SDAR checkpoint: the release's keys."""
+    return release_config(
+        shape,
+        VOCAB_SIZE,
+        ("configuration_sdar", "modeling_sdar", "SDAR", "SDARForCausalLM"),
+        {
+            "attention_bias": False,
+            "attn_implementation": "flex_attention",
+            "bos_token_id": ENDOFTEXT,
+            "eos_token_id": ENDOFTEXT,
+            "block_size": shape.block_size,
+            "mask_token_id": MASK,
+            "ep_size": 1,
+            "fuse_cross_entropy": True,
+            "head_dim": shape.head_dim,
+            "micro_forward": False,
+            "model_type": "sdar",
+            "rope_theta": 1000000,
+            "skip_checkpoint": False,
+            "sliding_window": None,
+            "tie_word_embeddings": shape.tie_word_embeddings,
+            "torch_dtype": "float32",
+            "transformers_version": "4.52.4",
+            "use_cache": False,
+            "use_deepep": False,
+        },
+    )
 
 
 def write_fast_dllm_v2_checkpoint(

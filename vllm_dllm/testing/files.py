@@ -26,15 +26,41 @@ def write_json(file: Path, content: dict[str, Any]) -> None:
     file.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def auto_map(configuration: str, modeling: str, prefix: str, lm_class: str) -> dict[str, str]:
-    """config.json's ``auto_map`` to a release's own code, as the block-diffusion and LLaDA 2.x
-    releases write it: ``{prefix}Config`` in ``configuration``, ``{prefix}Model`` and the LM
-    class in ``modeling``."""
-    return {
-        "AutoConfig": f"{configuration}.{prefix}Config",
-        "AutoModel": f"{modeling}.{prefix}Model",
-        "AutoModelForCausalLM": f"{modeling}.{lm_class}",
+def release_config(
+    shape: Any, vocab_size: int, code: tuple[str, str, str, str], family_keys: dict[str, Any]
+) -> dict[str, Any]:
+    """config.json of a Qwen-style release (Fast-dLLM v2, SDAR, LLaDA 2.x): the keys they share,
+    sized by ``shape`` (``hidden_size``, ``intermediate_size``, ``num_heads``, ``num_kv_heads``,
+    ``num_layers``), and the family's own; keys sorted, as ``save_pretrained`` writes them.
+
+    ``code`` = (configuration module, modeling module, class prefix, LM class): the release's
+    own code, named by ``architectures`` and by ``auto_map`` (``{prefix}Config`` in the
+    configuration module, ``{prefix}Model`` and the LM class in the modeling module).
+    """
+    configuration, modeling, prefix, lm_class = code
+    shared = {
+        "architectures": [lm_class],
+        "attention_dropout": 0.0,
+        "auto_map": {
+            "AutoConfig": f"{configuration}.{prefix}Config",
+            "AutoModel": f"{modeling}.{prefix}Model",
+            "AutoModelForCausalLM": f"{modeling}.{lm_class}",
+        },
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": 32768,
+        "max_window_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_hidden_layers": shape.num_layers,
+        "num_key_value_heads": shape.num_kv_heads,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
     }
+    return dict(sorted({**shared, **family_keys}.items()))
 
 
 def draw(

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_dllm.testing.files import TensorSpec, auto_map, save_random_tensors, write_json
+from vllm_dllm.testing.files import TensorSpec, release_config, save_random_tensors, write_json
 from vllm_dllm.testing.tokenizer import write_tokenizer
 
 STARTOFTEXT, ENDOFTEXT, MASK, ROLE_END = 256, 257, 258, 259
@@ -92,56 +92,43 @@ class MoeShape:
 
 
 def llada2_config_dict(shape: MoeShape) -> dict[str, Any]:
-    """config.json of a LLaDA 2.x checkpoint: the release's keys, sorted as it saves them."""
-    return {
-        "architectures": ["LLaDA2MoeModelLM"],
-        "attention_dropout": 0.0,
-        "auto_map": auto_map(
-            "configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2Moe", "LLaDA2MoeModelLM"
-        ),
-        "embedding_dropout": 0.0,
-        "eos_token_id": ENDOFTEXT,
-        "first_k_dense_replace": shape.first_k_dense_replace,
-        "head_dim": shape.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.intermediate_size,
-        "max_position_embeddings": 32768,
-        "max_window_layers": shape.num_layers,
-        "model_type": "llada2_moe",
-        "moe_intermediate_size": shape.moe_intermediate_size,
-        "moe_router_enable_expert_bias": True,
-        "n_group": shape.n_group,
-        "norm_head": False,
-        "norm_topk_prob": True,
-        "num_attention_heads": shape.num_heads,
-        "num_experts": shape.num_experts,
-        "num_experts_per_tok": shape.num_experts_per_tok,
-        "num_hidden_layers": shape.num_layers,
-        "num_key_value_heads": shape.num_kv_heads,
-        "num_shared_experts": shape.num_shared_experts,
-        "output_dropout": 0.0,
-        "output_router_logits": False,
-        "pad_token_id": ENDOFTEXT,
-        "partial_rotary_factor": shape.partial_rotary_factor,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 600000,
-        "routed_scaling_factor": shape.routed_scaling_factor,
-        "router_dtype": "fp32",
-        "score_function": "sigmoid",
-        "tie_word_embeddings": False,
-        "topk_group": shape.topk_group,
-        "torch_dtype": "float32",
-        "transformers_version": "4.52.3",
-        "use_bias": False,
-        "use_cache": True,
-        "use_qk_norm": True,
-        "use_qkv_bias": False,
-        "use_sliding_window": False,
-        "vocab_size": VOCAB_SIZE,
-    }
+    """config.json of a LLaDA 2.x checkpoint: the release's keys."""
+    return release_config(
+        shape,
+        VOCAB_SIZE,
+        ("configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2Moe", "LLaDA2MoeModelLM"),
+        {
+            "embedding_dropout": 0.0,
+            "eos_token_id": ENDOFTEXT,
+            "first_k_dense_replace": shape.first_k_dense_replace,
+            "head_dim": shape.head_dim,
+            "model_type": "llada2_moe",
+            "moe_intermediate_size": shape.moe_intermediate_size,
+            "moe_router_enable_expert_bias": True,
+            "n_group": shape.n_group,
+            "norm_head": False,
+            "norm_topk_prob": True,
+            "num_experts": shape.num_experts,
+            "num_experts_per_tok": shape.num_experts_per_tok,
+            "num_shared_experts": shape.num_shared_experts,
+            "output_dropout": 0.0,
+            "output_router_logits": False,
+            "pad_token_id": ENDOFTEXT,
+            "partial_rotary_factor": shape.partial_rotary_factor,
+            "rope_theta": 600000,
+            "routed_scaling_factor": shape.routed_scaling_factor,
+            "router_dtype": "fp32",
+            "score_function": "sigmoid",
+            "tie_word_embeddings": False,
+            "topk_group": shape.topk_group,
+            "torch_dtype": "float32",
+            "transformers_version": "4.52.3",
+            "use_bias": False,
+            "use_cache": True,
+            "use_qk_norm": True,
+            "use_qkv_bias": False,
+        },
+    )
 
 
 def write_llada2_checkpoint(

@@ -1,16 +1,19 @@
 """The Llama-style non-causal transformer body that every family of this package shares.
 
-LLaDA, Dream, Fast-dLLM v2 and SDAR are pre-norm transformers with RoPE (rotate-half), SwiGLU
-MLPs and RMSNorm; they differ in tensor names, q/k/v biases, grouped KV heads, Qwen3's per-head
-q/k norm and free head size (SDAR), a tied LM head (Fast-dLLM v2 1.5B) and how logits map to
-positions. This module holds the common body with tensor-parallel layers; the family modules
-only map their checkpoints onto it. Which keys a query sees (all of the canvas, or block-causal)
-is the attention metadata's business, not the model's.
+LLaDA, Dream, Fast-dLLM v2, SDAR and LLaDA 2.x are pre-norm transformers with RoPE
+(rotate-half), SwiGLU MLPs and RMSNorm; they differ in tensor names, q/k/v and output biases,
+grouped KV heads, Qwen3's per-head q/k norm and free head size (SDAR, LLaDA 2.x), partial RoPE
+(LLaDA 2.x), a tied LM head (Fast-dLLM v2 1.5B), the MLP of each layer (LLaDA 2.x's mixture of
+experts) and how logits map to positions. This module holds the common body with
+tensor-parallel layers; the family modules map their checkpoints onto it and supply what only
+they have. Which keys a query sees (all of the canvas, or block-causal) is the attention
+metadata's business, not the model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -74,15 +77,21 @@ class DiffusionAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             shape.q_size,
             shape.hidden_size,
-            bias=False,
+            bias=shape.o_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
+        rope_parameters: dict[str, object] = {
+            "rope_type": "default",
+            "rope_theta": shape.rope_theta,
+        }
+        if shape.partial_rotary_factor != 1.0:
+            rope_parameters["partial_rotary_factor"] = shape.partial_rotary_factor
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=shape.max_position,
             is_neox_style=True,
-            rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+            rope_parameters=rope_parameters,
         )
         self.attn = BidirectionalAttention(
             self.num_heads,
@@ -93,7 +102,7 @@ class DiffusionAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
         )
-        # Qwen3 (SDAR): one RMSNorm over each head of q and of k, applied before RoPE.
+        # Qwen3 (SDAR), LLaDA 2.x: one RMSNorm over each head of q and of k, applied before RoPE.
         self.qk_norm = shape.qk_norm
         if shape.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=shape.rms_norm_eps)
@@ -150,43 +159,35 @@ class DiffusionMLP(nn.Module):
         return x
 
 
+#: Builds layer `index`'s MLP under the parameter prefix given.
+MLPFactory = Callable[[int, str], nn.Module]
+
+
 class DiffusionDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, shape: TransformerShape, prefix: str) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, shape: TransformerShape, mlp: nn.Module, prefix: str
+    ) -> None:
         super().__init__()
-        quant_config = vllm_config.quant_config
         self.self_attn = DiffusionAttention(
-            shape, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn"
+            shape, vllm_config.cache_config, vllm_config.quant_config, prefix=f"{prefix}.self_attn"
         )
-        self.mlp = DiffusionMLP(
-            shape.hidden_size, shape.intermediate_size, quant_config, prefix=f"{prefix}.mlp"
-        )
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return pre_norm_layer(self, self.self_attn, positions, hidden_states, residual)
-
-
-def pre_norm_layer(
-    layer: nn.Module,
-    attention: nn.Module,
-    positions: torch.Tensor,
-    hidden_states: torch.Tensor,
-    residual: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm decoder layer: `layer`'s `input_layernorm`, `attention`,
-    `post_attention_layernorm` and `mlp`. The residual is carried un-added to the next layer,
-    whose norm adds it (vLLM's fused add + RMSNorm); the first layer has none yet."""
-    if residual is None:
-        residual = hidden_states
-        hidden_states = layer.input_layernorm(hidden_states)
-    else:
-        hidden_states, residual = layer.input_layernorm(hidden_states, residual)
-    hidden_states = attention(positions, hidden_states)
-    hidden_states, residual = layer.post_attention_layernorm(hidden_states, residual)
-    return layer.mlp(hidden_states), residual
+        """The residual is carried un-added to the next layer, whose norm adds it (vLLM's
+        fused add + RMSNorm); the first layer has none yet."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
@@ -194,7 +195,12 @@ class DiffusionTransformer(nn.Module):
     """The body, compiled by vLLM like its own models (and CUDA-graphed piecewise on GPUs)."""
 
     def __init__(
-        self, *, vllm_config: VllmConfig, shape: TransformerShape, prefix: str = ""
+        self,
+        *,
+        vllm_config: VllmConfig,
+        shape: TransformerShape,
+        make_mlp: MLPFactory,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(
@@ -204,25 +210,23 @@ class DiffusionTransformer(nn.Module):
             prefix=f"{prefix}.embed_tokens",
         )
         self.layers = nn.ModuleList(
-            DiffusionDecoderLayer(vllm_config, shape, prefix=f"{prefix}.layers.{i}")
+            DiffusionDecoderLayer(
+                vllm_config,
+                shape,
+                make_mlp(i, f"{prefix}.layers.{i}.mlp"),
+                prefix=f"{prefix}.layers.{i}",
+            )
             for i in range(shape.num_layers)
         )
         self.norm = RMSNorm(shape.hidden_size, eps=shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return run_layers(self.embed_tokens(input_ids), positions, self.layers, self.norm)
-
-
-def run_layers(
-    hidden_states: torch.Tensor, positions: torch.Tensor, layers: nn.ModuleList, norm: RMSNorm
-) -> torch.Tensor:
-    """The embedded tokens through the decoder layers, then the final norm, which adds the
-    last layer's residual."""
-    residual = None
-    for layer in layers:
-        hidden_states, residual = layer(positions, hidden_states, residual)
-    hidden_states, _ = norm(hidden_states, residual)
-    return hidden_states
+        hidden_states = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
 
 
 #: Checkpoint q/k/v and gate/up projections -> the fused vLLM parameters and their shards.
@@ -237,39 +241,77 @@ FUSED_PROJECTIONS = WeightsMapper(
 )
 
 
-class DiffusionLMBase(nn.Module):
-    """What every family's model class shares with the denoiser and vLLM's loader.
+class DiffusionLM(nn.Module):
+    """Base of the vLLM model classes: body, LM head and a strict weight loader.
 
-    The body `self.model` (called with ids and positions), an LM head set up by `init_lm_head`,
-    `compute_logits` through it, `logits_shift` (see `DiffusionLM`) and a strict loader:
-    a stray or missing checkpoint tensor fails, named. Subclasses set `hf_to_vllm_mapper` and
-    override `checkpoint_names_of` where a parameter stands for tensors the mapper cannot name.
+    Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
+    `shape_from_config` (which config options the family supports, whether q/k/v carry
+    biases or a per-head norm) and set `logits_shift`: the model's contract with the sampler
+    about which hidden state predicts a canvas position. 0: position j is predicted from hidden
+    state j (LLaDA, SDAR, LLaDA 2.x). 1: from hidden state j - 1 (Dream's and Fast-dLLM v2's
+    shifted logits). `mask_token_id` is the config's; a family whose config may lack it
+    overrides `mask_token_id_from`. A family whose layers are not all the dense SwiGLU MLP
+    overrides `make_mlp`; one whose parameters stand for checkpoint tensors the mapper cannot
+    name overrides `checkpoint_names_of`.
+
+    A tied LM head (`tie_word_embeddings`) shares the embedding's parameter, as vLLM's Qwen2
+    does; `named_parameters()` then lists it once, as `model.embed_tokens.weight`, so the
+    strict loader expects no `lm_head.weight`, which tied releases do not ship. A quantization
+    that quantizes none of the linear layers is refused at start-up.
     """
 
     logits_shift: int = 0
-    hf_to_vllm_mapper: ClassVar[WeightsMapper]
-    model: nn.Module
+    hf_to_vllm_mapper: ClassVar[WeightsMapper] = FUSED_PROJECTIONS
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
-    def init_lm_head(
-        self,
-        vllm_config: VllmConfig,
-        prefix: str,
-        vocab_size: int,
-        hidden_size: int,
-        tied_embedding: VocabParallelEmbedding | None = None,
-    ) -> None:
-        """The LM head (sharing `tied_embedding`'s parameter if given) and logits processor,
-        then the refusal of a quantization that quantizes nothing; after the body is built."""
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.shape = self.shape_from_config(config)
+        self.mask_token_id: int = self.mask_token_id_from(vllm_config)
         quant_config = vllm_config.quant_config
-        self.lm_head = ParallelLMHead(
-            vocab_size, hidden_size, quant_config=quant_config, prefix=_join(prefix, "lm_head")
+        self.model = DiffusionTransformer(
+            vllm_config=vllm_config,
+            shape=self.shape,
+            make_mlp=partial(self.make_mlp, vllm_config),
+            prefix=_join(prefix, "model"),
         )
-        if tied_embedding is not None:
-            self.lm_head = self.lm_head.tie_weights(tied_embedding)
-        self.logits_processor = LogitsProcessor(vocab_size)
+        self.lm_head = ParallelLMHead(
+            self.shape.vocab_size,
+            self.shape.hidden_size,
+            quant_config=quant_config,
+            prefix=_join(prefix, "lm_head"),
+        )
+        if self.shape.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(self.shape.vocab_size)
         if quant_config is not None:
             method = vllm_config.model_config.quantization or quant_config.get_name()
             require_quantized_linears(self, method)
+
+    @staticmethod
+    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
+        raise NotImplementedError
+
+    @classmethod
+    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
+        return int(vllm_config.model_config.hf_config.mask_token_id)
+
+    def make_mlp(self, vllm_config: VllmConfig, index: int, prefix: str) -> nn.Module:
+        """Layer `index`'s MLP: the dense SwiGLU."""
+        return DiffusionMLP(
+            self.shape.hidden_size,
+            self.shape.intermediate_size,
+            vllm_config.quant_config,
+            prefix=prefix,
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -300,54 +342,6 @@ class DiffusionLMBase(nn.Module):
     def checkpoint_names_of(self, param: str) -> list[str]:
         """The checkpoint tensors that load the parameter `param`."""
         return checkpoint_names(self.hf_to_vllm_mapper, param)
-
-
-class DiffusionLM(DiffusionLMBase):
-    """Base of the vLLM model classes: body, LM head and a strict weight loader.
-
-    Subclasses set `hf_to_vllm_mapper` (checkpoint tensor names -> ours), define
-    `shape_from_config` (which config options the family supports, whether q/k/v carry
-    biases or a per-head norm) and set `logits_shift`: the model's contract with the sampler
-    about which hidden state predicts a canvas position. 0: position j is predicted from hidden
-    state j (LLaDA, SDAR). 1: from hidden state j - 1 (Dream's and Fast-dLLM v2's shifted
-    logits). `mask_token_id` is the config's; a family whose config may lack it overrides
-    `mask_token_id_from`.
-
-    A tied LM head (`tie_word_embeddings`) shares the embedding's parameter, as vLLM's Qwen2
-    does; `named_parameters()` then lists it once, as `model.embed_tokens.weight`, so the
-    strict loader expects no `lm_head.weight`, which tied releases do not ship.
-    """
-
-    hf_to_vllm_mapper: ClassVar[WeightsMapper] = FUSED_PROJECTIONS
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.shape = self.shape_from_config(config)
-        self.mask_token_id: int = self.mask_token_id_from(vllm_config)
-        self.model = DiffusionTransformer(
-            vllm_config=vllm_config, shape=self.shape, prefix=_join(prefix, "model")
-        )
-        tied = self.model.embed_tokens if self.shape.tie_word_embeddings else None
-        self.init_lm_head(
-            vllm_config, prefix, self.shape.vocab_size, self.shape.hidden_size, tied
-        )
-
-    @staticmethod
-    def shape_from_config(config: PretrainedConfig) -> TransformerShape:
-        raise NotImplementedError
-
-    @classmethod
-    def mask_token_id_from(cls, vllm_config: VllmConfig) -> int:
-        return int(vllm_config.model_config.hf_config.mask_token_id)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
 
 
 def load_checked(

@@ -1,7 +1,7 @@
-"""What the block-diffusion families (Fast-dLLM v2, SDAR) share on top of the body.
+"""What the block-diffusion families (Fast-dLLM v2, SDAR, LLaDA 2.x) share on top of the body.
 
-Both are Qwen bodies whose released configs may not name their MASK token: Fast-dLLM v2's never
-does, SDAR's 1.7B does and its larger releases do not. Their generation code then falls back to
+Their released configs may not name their MASK token: Fast-dLLM v2's and LLaDA 2.x's never do,
+SDAR's 1.7B does and its larger releases do not. Their generation code then falls back to
 a constant that is the id of the mask token in the released tokenizer. The model classes resolve
 the id once, here, in the order the oracle (`tests/reference/block_model.py`) does, so the engine
 masks and refuses to propose the very token the checkpoint was trained with.
@@ -59,13 +59,14 @@ def resolve_mask_token_id(
 
 
 class BlockDiffusionLM(DiffusionLM):
-    """Base of the Fast-dLLM v2 and SDAR model classes.
+    """Base of the Fast-dLLM v2, SDAR and LLaDA 2.x model classes.
 
-    Subclasses name their tokenizer's MASK token and the release's fallback id, and whether
-    q/k/v carry biases and a per-head norm; the body, loader and TP are `DiffusionLM`'s.
+    Subclasses name their tokenizer's MASK token (None: the one the tokenizer config calls its
+    `mask_token`) and the release's fallback id, and whether q/k/v carry biases and a per-head
+    norm; the body, loader and TP are `DiffusionLM`'s.
     """
 
-    mask_token: ClassVar[str]
+    mask_token: ClassVar[str | None]
     release_mask_token_id: ClassVar[int]
     qkv_bias: ClassVar[bool]
     qk_norm: ClassVar[bool] = False

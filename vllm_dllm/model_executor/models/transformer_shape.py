@@ -20,8 +20,10 @@ class TransformerShape:
     ratio, embedding size; every family's RoPE theta), so the model and vLLM's KV-cache sizing
     can never disagree.
 
-    `qkv_bias` and `qk_norm` (an RMSNorm over each head of q and k before RoPE, Qwen3 style)
-    are properties of the family, not of a config key, so the model class passes them.
+    `qkv_bias`, `o_bias` and `qk_norm` (an RMSNorm over each head of q and k before RoPE,
+    Qwen3 style) are properties of the family, not of one config key every family shares, so
+    the model class passes them. RoPE rotates the first `head_dim * partial_rotary_factor` dims
+    of each head (rotate-half) and passes the rest through (LLaDA 2.x rotates half of each head).
     `explicit_head_dim` is the config's `head_dim` where it has one (Qwen3 bodies, whose heads
     need not split the hidden size); `None` means `hidden_size / num_heads`.
     """
@@ -39,9 +41,19 @@ class TransformerShape:
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     explicit_head_dim: int | None = None
+    o_bias: bool = False
+    partial_rotary_factor: float = 1.0
 
     @classmethod
-    def from_config(cls, config: Any, *, qkv_bias: bool, qk_norm: bool = False) -> TransformerShape:
+    def from_config(
+        cls,
+        config: Any,
+        *,
+        qkv_bias: bool,
+        qk_norm: bool = False,
+        o_bias: bool = False,
+        partial_rotary_factor: float = 1.0,
+    ) -> TransformerShape:
         return cls(
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
@@ -54,6 +66,8 @@ class TransformerShape:
             max_position=config.max_position_embeddings,
             qkv_bias=qkv_bias,
             qk_norm=qk_norm,
+            o_bias=o_bias,
+            partial_rotary_factor=partial_rotary_factor,
             tie_word_embeddings=bool(config.tie_word_embeddings),
             explicit_head_dim=getattr(config, "head_dim", None),
         )
