@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -100,47 +99,28 @@ PROFILES = ("full", "quick", "smoke")
 # ---- checkpoints and problems ----------------------------------------------------------------
 
 
-def _written(path: Path, stamp: dict, write: Callable[[], object]) -> Path:
-    """``path``, rewritten by ``write`` only when its stamp (kind, shape, seed) changed."""
-    file = path / "bench_stamp.json"
-    if not (file.exists() and json.loads(file.read_text()) == stamp):
-        shutil.rmtree(path, ignore_errors=True)
-        write()
-        file.write_text(json.dumps(stamp, indent=2) + "\n")
-    return path
-
-
-def write_llada(path: Path, ckpt: tc.TinyCheckpoint, seed: int) -> Path:
-    """A random LLaDA checkpoint (fp32)."""
-    stamp = {"shape": asdict(ckpt.shape), "seed": seed, "kind": "llada"}
-    return _written(path, stamp, lambda: tc.write_llada_checkpoint(path, ckpt, seed=seed))
-
-
 def write_llama_like(path: Path, ckpt: tc.TinyCheckpoint, seed: int, tokenizer_from: Path) -> Path:
     """A random HF Llama checkpoint with ``ckpt``'s sizes, for vLLM's ``LlamaForCausalLM``.
 
     The tokenizer files are copied from ``tokenizer_from`` (a LLaDA checkpoint of the same
     vocabulary), so both models read the same prompt ids.
     """
+    from transformers import LlamaConfig
 
-    def write() -> None:
-        from transformers import LlamaConfig
-
-        sh, eos = ckpt.shape, ckpt.token_ids["<|endoftext|>"]
-        LlamaConfig(vocab_size=sh.vocab_size, hidden_size=sh.hidden_size,
-                    intermediate_size=sh.intermediate_size, num_hidden_layers=sh.num_layers,
-                    num_attention_heads=sh.num_heads, num_key_value_heads=sh.num_kv_heads,
-                    max_position_embeddings=sh.max_position, rms_norm_eps=sh.rms_norm_eps,
-                    rope_theta=sh.rope_theta, bos_token_id=ckpt.token_ids["<|startoftext|>"],
-                    eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
-                    torch_dtype="float32").save_pretrained(path)
-        # Llama's tensor names are Dream's (Qwen2's), without the q/k/v biases.
-        tc.write_weights(path / "model.safetensors", replace(sh, qkv_bias=False),
-                         tc.DREAM_NAMES, seed=seed)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(tokenizer_from / name, path / name)
-
-    return _written(path, {"shape": asdict(ckpt.shape), "seed": seed, "kind": "llama"}, write)
+    sh, eos = ckpt.shape, ckpt.token_ids["<|endoftext|>"]
+    LlamaConfig(vocab_size=sh.vocab_size, hidden_size=sh.hidden_size,
+                intermediate_size=sh.intermediate_size, num_hidden_layers=sh.num_layers,
+                num_attention_heads=sh.num_heads, num_key_value_heads=sh.num_kv_heads,
+                max_position_embeddings=sh.max_position, rms_norm_eps=sh.rms_norm_eps,
+                rope_theta=sh.rope_theta, bos_token_id=ckpt.token_ids["<|startoftext|>"],
+                eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+                torch_dtype="float32").save_pretrained(path)
+    # Llama's tensor names are Dream's (Qwen2's), without the q/k/v biases.
+    tc.write_weights(path / "model.safetensors", replace(sh, qkv_bias=False),
+                     tc.DREAM_NAMES, seed=seed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_from / name, path / name)
+    return path
 
 
 def model_info(path: Path, ckpt: tc.TinyCheckpoint, seed: int) -> dict[str, Any]:
@@ -205,11 +185,15 @@ def engine(model: Path, max_model_len: int, max_num_seqs: int, batched: int,
 
 
 def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
-    """The jobs of a run and what the report needs to know about their models."""
-    tiny = write_llada(ckpt_dir / "llada-tiny", TINY_MODEL, SEEDS["tiny"])
+    """The jobs of a run and what the report needs to know about their models.
+
+    Every run writes its checkpoints afresh: even the step model's 0.6 GB take about 4 s here,
+    next to minutes of engine start-up.
+    """
+    tiny = tc.write_llada_checkpoint(ckpt_dir / "llada-tiny", TINY_MODEL, seed=SEEDS["tiny"])
     bench_model = TINY_MODEL if s.single_engine else BENCH_MODEL
-    bench = tiny if s.single_engine else write_llada(ckpt_dir / "llada-bench", BENCH_MODEL,
-                                                     SEEDS["bench"])
+    bench = tiny if s.single_engine else tc.write_llada_checkpoint(
+        ckpt_dir / "llada-bench", BENCH_MODEL, seed=SEEDS["bench"])
     info: dict[str, Any] = {"skipped": {},
                             "bench_model": model_info(bench, bench_model, SEEDS["bench"]),
                             "tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
@@ -308,7 +292,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     if not s.run_step:
         info["skipped"]["step"] = "off in this profile (`--step` runs it)"
         return jobs, info
-    step = write_llada(ckpt_dir / "llada-step", STEP_MODEL, SEEDS["step"])
+    step = tc.write_llada_checkpoint(ckpt_dir / "llada-step", STEP_MODEL, seed=SEEDS["step"])
     info["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
     step_len = _round_up(s.step_prompt + s.step_gen, 512)
     for label, eager in (("eager", True), ("compiled", False)):
