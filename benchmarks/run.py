@@ -2,21 +2,16 @@
 
     python benchmarks/run.py [--quick] [--out benchmarks/out]
 
-Sections (benchmarks/README.md has the sizes and how each is measured): 1. cache modes on a
-random LLaDA; 2. parallel-decoding rules on the trained models/llada-arith; 3. batching; 4. vLLM's
-own LlamaForCausalLM of the same sizes against our dual cache; 5. the engine's overhead per
-denoising step; 6. ms per denoising step, eager and compiled, on a random LLaDA with the real
-vocabulary. Every engine runs in its own process (``python -m benchmarks.engine_job``), one at a
-time, fp32, ``--threads`` OpenMP threads (default 1). The checkpoints are written here with fixed
-seeds (no downloads): random LLaDAs in the released layout, and a random Hugging Face Llama of
-the cache model's sizes and tokenizer, which vLLM serves with its own ``LlamaForCausalLM``.
+benchmarks/README.md lists the six sections, their sizes and how each is measured. Every engine
+runs in its own process (``python -m benchmarks.engine_job``), one at a time. The checkpoints are
+written here with fixed seeds (no downloads): random LLaDAs in the released layout, and a random
+Hugging Face Llama of the cache model's sizes and tokenizer for vLLM's own ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -32,13 +27,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import report  # noqa: E402
 from vllm_dllm.testing import checkpoints as tc  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The cache benchmark's model: hidden 256, 4 layers, 4 heads, MLP 704, 3.4 M parameters. One
 #: full fp32 forward over the 768-token canvas costs ~200 ms on one core of our CPUs, tens of
 #: times the engine's per-step overhead (~6 ms, the overhead section's
@@ -59,6 +54,8 @@ BLOCK = 32
 TRAINED_BLOCK = 8
 PARALLEL_RULES = (("one token/step", "steps"), ("threshold 0.9", "threshold"),
                   ("factor 1.0", "factor"))
+#: A job still running after this many seconds is killed and recorded as failed.
+JOB_TIMEOUT_S = 1800
 
 
 #: The sizes of a run by profile: (full, --quick, the smoke test's).
@@ -146,11 +143,9 @@ def heldout_problems(n: int) -> dict[str, Any]:
     seed) and ``example_ids`` (completion style ``[BOS] prompt``), so the benchmark scores
     exactly the set that the training script and examples/eval_llada_arith.py score.
     """
-    spec = importlib.util.spec_from_file_location(
-        "_bench_train_tiny_llada", REPO_ROOT / "examples" / "train_tiny_llada.py")
-    assert spec is not None and spec.loader is not None
-    m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
-    spec.loader.exec_module(m)
+    sys.path.insert(0, str(REPO_ROOT / "examples"))  # as examples/eval_llada_arith.py imports it
+    import train_tiny_llada as m
+
     cfg = m.TrainConfig()
     problems = m.heldout_set(n, m.EVAL_SEED, cfg)
     return {"prompts": [m.example_ids(ex, cfg.gen_len)[0] for ex in problems],
@@ -218,7 +213,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     jobs = [{"name": "cache", "cases": cases, "engine": engine(
         bench, longest, max(64, *s.ar_batches), max(widest, longest, 2048))}]
 
-    trained = s.trained_model_dir or REPO_ROOT / "models" / "llada-arith"
+    trained = Path(s.trained_model_dir or REPO_ROOT / "models" / "llada-arith")
     found = all((trained / f).exists() for f in ("config.json", "model.safetensors",
                                                  "tokenizer.json"))
     parallel: list[dict] = []
@@ -312,7 +307,7 @@ def _round_up(n: int, m: int) -> int:
 # ---- running -----------------------------------------------------------------------------------
 
 
-def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) -> dict:
+def run_job_process(s: SimpleNamespace, job: dict, out: Path) -> dict:
     """Run one job in a fresh process; its result, or an error record with the log's tail."""
     for sub in ("jobs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -323,8 +318,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_space_gib),
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(s.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                       os.environ.get("PYTHONPATH")])),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if job.get("inproc") else "1"}
     load_before, t0 = _loadavg(), time.perf_counter()
     with log_file.open("w") as log:
@@ -334,7 +328,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         try:
-            rc: int | str = proc.wait(timeout=timeout)
+            rc: int | str = proc.wait(timeout=JOB_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             rc = "timeout"
         finally:
@@ -344,7 +338,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
               "loadavg": {"before": load_before, "after": _loadavg()}}
     if rc == 0 and result_file.exists():
         return {**json.loads(result_file.read_text()), **record}
-    return {"job": job["name"], "error": f"exit status {rc}", "cases": [], "profile": None,
+    return {"job": job["name"], "error": f"exit status {rc}",
             "log_tail": log_file.read_text(errors="replace").splitlines()[-40:], **record}
 
 
@@ -389,13 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--none-measured-max", type=int,
                    help="longest generation whose `none` is measured one token per step")
     p.add_argument("--prefix-max-gen", type=int, help="longest generation run with prefix")
-    p.add_argument("--trained-model", dest="trained_model_dir", type=lambda x: Path(x).resolve(),
+    p.add_argument("--trained-model", dest="trained_model_dir", type=os.path.abspath,
                    help="default models/llada-arith")
     p.add_argument("--step", dest="run_step", action="store_const", const=True,
                    help="run the step benchmark in --quick too")
     p.add_argument("--only", nargs="+", help="run only these jobs (cache, trained, ar, "
                    "overhead, overhead-mp, step-eager, step-compiled)")
-    p.add_argument("--job-timeout", type=float, default=1800)
     args = p.parse_args(argv)
 
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -409,15 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for job in (j for j in jobs if not args.only or j["name"] in args.only):
         print(f"[bench] job {job['name']}: {len(job['cases'])} cases", flush=True)
-        results.append(run_job_process(s, job, out, args.job_timeout))
+        results.append(run_job_process(s, job, out))
         print(f"[bench] job {job['name']}: {results[-1].get('error') or 'ok'} in "
               f"{results[-1]['process_wall_s']:.0f} s", flush=True)
     env.update(loadavg_end=_loadavg(), total_wall_s=round(time.perf_counter() - t0, 1),
                command="python benchmarks/run.py " + " ".join(
                    sys.argv[1:] if argv is None else argv))
-    settings = {**vars(s), "run_ar": not s.single_engine,
-                "trained_model_dir": s.trained_model_dir and str(s.trained_model_dir)}
-    doc = report.assemble(settings, env, info, results)
+    doc = report.assemble({**vars(s), "run_ar": not s.single_engine}, env, info, results)
     report.write_all(doc, out)
     print(report.step_table(doc["step"]))
     print(f"[bench] wrote {out / 'results.json'}, results.md, results.png in "
