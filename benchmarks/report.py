@@ -40,13 +40,14 @@ def _pick(case: dict, spec: str, **values: Any) -> dict[str, Any]:
 
 
 def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict[str, Any]:
-    """One document with every section's rows, the targets and the run's provenance."""
+    """One document with every section's rows, the targets and the run's provenance.
+
+    ``info`` is what run.py knows beyond the jobs: ``models``, ``skipped`` and ``problems``.
+    """
     cases = {c["name"]: c for r in results for c in r.get("cases", [])}
     profile = next((r["profile"] for r in results if r.get("profile")), None)
     doc: dict[str, Any] = {
-        "settings": settings, "environment": env,
-        "models": {k: v for k, v in info.items() if k.endswith("_model")},
-        "skipped": dict(info.get("skipped", {})),
+        "settings": settings, "environment": env, **info,
         # A job's record without its cases and profile: the sections below hold them.
         "jobs": [{k: v for k, v in r.items() if k not in ("cases", "profile")} for r in results],
         "cache": _cache_section(settings, cases), "parallel": _parallel_section(cases),
@@ -62,8 +63,6 @@ def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict
     doc["ar"] = _ar_section(settings, cases)
     doc["overhead"] = _overhead_section(cases, profile, doc["cache"])
     doc["step"] = _step_section(cases)
-    if "problems" in info:
-        doc["problems"] = info["problems"]
     doc["targets"] = _targets(doc)
     doc["raw_cases"] = cases
     return doc
@@ -237,7 +236,7 @@ def markdown(doc: dict) -> str:
          "concurrent=concurrency|requests=requests|tokens/s=tokens_per_s|"
          "requests/s=requests_per_s|scaling vs 1=scaling_vs_1:x|"
          "tokens/forward=tokens_per_forward|accuracy=accuracy|wall s=wall_s",
-         doc["batching"], None),
+         doc["batching"], skipped.get("batching", "no cases ran")),
         ("4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)",
          f"Prompt {s['prompt_len']}, ignore_eos, random weights on both sides; ours: dual cache, "
          "one token per step (random weights are never confident).",

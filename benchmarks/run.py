@@ -180,18 +180,19 @@ def engine(model: Path, max_model_len: int, max_num_seqs: int, batched: int,
 
 
 def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
-    """The jobs of a run and what the report needs to know about their models.
+    """The jobs of a run, and what the report records beyond them (models, problems, skips).
 
     Every run writes its checkpoints afresh: even the step model's 0.6 GB take about 4 s here,
     next to minutes of engine start-up.
     """
     tiny = tc.write_llada_checkpoint(ckpt_dir / "llada-tiny", TINY_MODEL, seed=SEEDS["tiny"])
-    bench_model = TINY_MODEL if s.single_engine else BENCH_MODEL
-    bench = tiny if s.single_engine else tc.write_llada_checkpoint(
-        ckpt_dir / "llada-bench", BENCH_MODEL, seed=SEEDS["bench"])
-    info: dict[str, Any] = {"skipped": {},
-                            "bench_model": model_info(bench, bench_model, SEEDS["bench"]),
-                            "tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
+    models = {"tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
+    bench, models["bench_model"] = tiny, models["tiny_model"]
+    if not s.single_engine:  # the smoke test runs its cache cases on the tiny model
+        bench = tc.write_llada_checkpoint(ckpt_dir / "llada-bench", BENCH_MODEL,
+                                          seed=SEEDS["bench"])
+        models["bench_model"] = model_info(bench, BENCH_MODEL, SEEDS["bench"])
+    info: dict[str, Any] = {"models": models, "skipped": {}}
     # Cache modes per generation length, then our side of the AR comparison at batch > 1.
     cases, gen0, prompt = [], s.cache_gens[0], byte_prompts(1, s.prompt_len, 0)
     for gen in s.cache_gens:
@@ -213,66 +214,52 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     jobs = [{"name": "cache", "cases": cases, "engine": engine(
         bench, longest, max(64, *s.ar_batches), max(widest, longest, 2048))}]
 
-    trained = Path(s.trained_model_dir or REPO_ROOT / "models" / "llada-arith")
-    found = all((trained / f).exists() for f in ("config.json", "model.safetensors",
-                                                 "tokenizer.json"))
-    parallel: list[dict] = []
-    if found or s.single_engine:  # the smoke test runs the problems on its tiny model
-        problems = heldout_problems(max(s.parallel_problems, s.batching_problems))
-        info["problems"] = {"gen_len": problems["gen_len"], "eval_seed": problems["eval_seed"],
-                            "tasks": problems["tasks"][: s.parallel_problems]}
-        if found:
-            cfg = json.loads((trained / "config.json").read_text())
-            info["trained_model"] = {"path": str(trained), **{k: cfg.get(k) for k in (
-                "d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}}
-        model = "tiny random (smoke)" if s.single_engine else "trained"
-        gen, n, m = problems["gen_len"], s.parallel_problems, s.batching_problems
-        rule_args = {"steps": {"dllm_steps": _round_up(gen, TRAINED_BLOCK)},
-                     "threshold": {"dllm_threshold": 0.9}, "factor": {"dllm_factor": 1.0}}
-        parallel = [case(f"parallel-{mode}-{rule}", "parallel", problems["prompts"][:n], gen,
-                         {"dllm_cache": mode, **rule_args[rule]},
-                         {"mode": mode, "rule": label, "gen": gen, "problems": n,
-                          "model": model, "block": TRAINED_BLOCK},
-                         rounds=s.rounds, block=TRAINED_BLOCK, concurrency=1,
-                         expected=problems["expected"][:n], end_ids=problems["end_ids"])
-                    for mode in ("dual", "none") for label, rule in PARALLEL_RULES]
-        batch_prompts = problems["prompts"][:m]
-        scored = {"block": TRAINED_BLOCK, "expected": problems["expected"][:m],
-                  "end_ids": problems["end_ids"]}
-    else:
-        info["skipped"]["parallel"] = (
-            f"{s.trained_model_dir or 'models/llada-arith'} not found: the parallel-decoding "
-            "section needs the trained model; batching ran on the random benchmark model "
-            "instead. Train it with `python examples/train_tiny_llada.py --out "
-            "models/llada-arith`, then rerun.")
-        model, gen, scored = "random benchmark", 32, {}
-        batch_prompts = byte_prompts(min(s.batching_problems, 32), 32, 100)
-    batching = [case(f"batching-c{c}", "batching", batch_prompts, gen,
-                     {"dllm_cache": "dual", "dllm_threshold": 0.9},
-                     {"concurrency": c, "gen": gen, "requests": len(batch_prompts),
-                      "model": model}, rounds=s.rounds, concurrency=c, **scored)
-                for c in s.batching]
-    if found and not s.single_engine:
-        jobs.append({"name": "trained", "cases": parallel + batching,
-                     "engine": engine(trained, 512, max(s.batching), 8192)})
-    else:
-        jobs[0]["cases"] += parallel + batching
-
+    # Parallel rules and batching, scored on the trained model's held-out problems.
+    problems = heldout_problems(max(s.parallel_problems, s.batching_problems))
+    n, m, gen = s.parallel_problems, s.batching_problems, problems["gen_len"]
+    info["problems"] = {"gen_len": gen, "eval_seed": problems["eval_seed"],
+                        "tasks": problems["tasks"][:n]}
+    model = "tiny random (smoke)" if s.single_engine else "trained"
+    rule_args = {"steps": {"dllm_steps": _round_up(gen, TRAINED_BLOCK)},
+                 "threshold": {"dllm_threshold": 0.9}, "factor": {"dllm_factor": 1.0}}
+    scored = {"block": TRAINED_BLOCK, "end_ids": problems["end_ids"]}
+    trained_cases = [case(f"parallel-{mode}-{rule}", "parallel", problems["prompts"][:n], gen,
+                          {"dllm_cache": mode, **rule_args[rule]},
+                          {"mode": mode, "rule": label, "gen": gen, "problems": n,
+                           "model": model, "block": TRAINED_BLOCK}, rounds=s.rounds,
+                          concurrency=1, expected=problems["expected"][:n], **scored)
+                     for mode in ("dual", "none") for label, rule in PARALLEL_RULES]
+    trained_cases += [case(f"batching-c{c}", "batching", problems["prompts"][:m], gen,
+                           {"dllm_cache": "dual", "dllm_threshold": 0.9},
+                           {"concurrency": c, "gen": gen, "requests": m, "model": model},
+                           rounds=s.rounds, concurrency=c, expected=problems["expected"][:m],
+                           **scored) for c in s.batching]
     overhead = case("overhead-dual-1tok", "overhead", byte_prompts(1, s.overhead_prompt, 7),
                     s.overhead_gen, {"dllm_cache": "dual", "dllm_steps": s.overhead_gen},
                     {"prompt": s.overhead_prompt, "gen": s.overhead_gen}, rounds=s.rounds)
     profile = dict(overhead, name="overhead-profile")
-    if s.single_engine:
-        info["skipped"]["ar"] = "the smoke profile starts no autoregressive engine"
-        info["skipped"]["step"] = "the smoke profile starts no step engines"
+    if s.single_engine:  # the smoke test: every dLLM case in one engine, no AR or step engines
+        jobs[0]["cases"] += [*trained_cases, overhead]
         jobs[0].update(profile=profile, inproc=True)
-        jobs[0]["cases"].append(overhead)
+        info["skipped"].update(ar="the smoke profile starts no autoregressive engine",
+                               step="the smoke profile starts no step engines")
         return jobs, info
 
+    trained = Path(s.trained_model_dir or REPO_ROOT / "models" / "llada-arith")
+    if (trained / "config.json").exists():
+        cfg = json.loads((trained / "config.json").read_text())
+        models["trained_model"] = {"path": str(trained), **{k: cfg.get(k) for k in (
+            "d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}}
+        jobs.append({"name": "trained", "cases": trained_cases,
+                     "engine": engine(trained, 512, max(s.batching), 8192)})
+    else:
+        info["skipped"]["parallel"] = info["skipped"]["batching"] = (
+            f"{trained} not found: train it with `python examples/train_tiny_llada.py --out "
+            "models/llada-arith`, then rerun.")
     llama = write_llama_like(ckpt_dir / "llama-bench", BENCH_MODEL, SEEDS["llama"],
                              tokenizer_from=bench)
-    info["ar_model"] = {"path": str(llama), "architecture": "LlamaForCausalLM",
-                        "shape": shape_dict(BENCH_MODEL), "seed": SEEDS["llama"]}
+    models["ar_model"] = {"path": str(llama), "architecture": "LlamaForCausalLM",
+                          "shape": shape_dict(BENCH_MODEL), "seed": SEEDS["llama"]}
     ar_cases = [case(f"ar-llama-b{b}", "ar", byte_prompts(b, s.prompt_len, 0), gen0, None,
                      {"batch": b, "gen": gen0, "prompt": s.prompt_len},
                      rounds=s.rounds if b == 1 else 1) for b in s.ar_batches]
@@ -288,7 +275,7 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
         info["skipped"]["step"] = "off in this profile (`--step` runs it)"
         return jobs, info
     step = tc.write_llada_checkpoint(ckpt_dir / "llada-step", STEP_MODEL, seed=SEEDS["step"])
-    info["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
+    models["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
     step_len = _round_up(s.step_prompt + s.step_gen, 512)
     for label, eager in (("eager", True), ("compiled", False)):
         jobs.append({"name": f"step-{label}", "cases": [
