@@ -2,17 +2,12 @@
 
     python -m benchmarks.engine_job JOB.json RESULT.json
 
-A job is one engine (model + options) and the request-level cases run on it (cache mode, rule,
-batch size: per-request parameters, so they share the engine); `benchmarks/run.py` starts one
-such process per job, one at a time, so engines never share memory or CPU. The cases run in
-interleaved rounds (A B C, A B C, ...) after one warm-up request each and report their best and
-median wall time, so a burst of background load hits every case alike. Timing is wall-clock
-around `LLM.generate`; forwards come from each request's own ``kv_transfer_params["dllm"]``.
-A job's ``profile`` case is split by stage from outside the engine: in one process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) vLLM's public ``LLM.apply_model`` reaches the model, and
-forward hooks on it and on its logits processor time the model forward and the LM head; the rest
-of the wall time is the scheduler, inputs, sampler, bookkeeping and front end. A
-``torch.profiler`` pass lists the operators. No engine method is patched.
+A job is one engine and the cases that share it (cache mode, rule and batch size are per-request
+parameters). The cases run in interleaved rounds (A B C, A B C, ...) after one warm-up request
+each, so a burst of background load hits every case alike. Timing is wall-clock around
+`LLM.generate`; forwards come from each request's own ``kv_transfer_params["dllm"]``. A job's
+``profile`` case is split by stage with forward hooks that vLLM's public ``LLM.apply_model``
+attaches (in-process engine only), plus one ``torch.profiler`` pass; no engine method is patched.
 """
 
 from __future__ import annotations
@@ -114,9 +109,8 @@ def summarise(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
     return result
 
 
-def profile_steps(llm, run: Callable[[], dict[str, Any]], repeats: int = 3,
-                  top: int = 25) -> dict[str, Any]:
-    """Split the best of ``repeats`` runs of ``run`` (one pass over a batch-1 case) by stage."""
+def profile_steps(llm, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Split the best of 3 runs of ``run`` (one pass over a batch-1 case) by stage."""
     import torch
 
     spent, entered = {MODEL: 0.0, LM_HEAD: 0.0}, {}
@@ -135,7 +129,7 @@ def profile_steps(llm, run: Callable[[], dict[str, Any]], repeats: int = 3,
 
     llm.apply_model(attach)
     runs = []
-    for _ in range(repeats):
+    for _ in range(3):
         before = dict(spent)
         runs.append((run(), {k: spent[k] - before[k] for k in spent}))
     result, stages = min(runs, key=lambda r: r[0]["wall_s"])
@@ -144,12 +138,11 @@ def profile_steps(llm, run: Callable[[], dict[str, Any]], repeats: int = 3,
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
     return {
-        "steps": steps, "wall_s": round(wall, 4), "ms_per_step": round(1000 * wall / steps, 4),
+        "steps": steps, "ms_per_step": round(1000 * wall / steps, 4),
         "stages_ms_per_step": {k: round(1000 * v / steps, 4) for k, v in stages.items()},
         "stage_share": {k: round(v / wall, 4) for k, v in stages.items()},
-        "forwards": result["forwards"], "output_tokens": result["output_tokens"],
         "torch_profiler_top_ops": prof.key_averages().table(
-            sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48),
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48),
     }
 
 
@@ -171,11 +164,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             print(f"[bench-job] round {r}: {case['name']}: "
                   f"{runs[case['name']][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
     profile = None
-    if profiled := job.get("profile"):
-        run_case_once(llm, profiled)  # warm the profiled path
+    if profiled := job.get("profile"):  # a copy of one of the cases above: its path is warm
         profile = profile_steps(llm, lambda: run_case_once(llm, profiled))
     llm.llm_engine.engine_core.shutdown()
-    return {"job": job["name"], "engine": job["engine"], "startup_s": round(startup, 2),
+    return {"job": job["name"], "startup_s": round(startup, 2),
             "job_wall_s": round(time.perf_counter() - t0, 2),
             "cases": [summarise(c, runs[c["name"]]) for c in cases], "profile": profile}
 

@@ -40,21 +40,20 @@ def _pick(case: dict, spec: str, **values: Any) -> dict[str, Any]:
 
 
 def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict[str, Any]:
-    """One document with every section's rows, the targets and the run's provenance."""
+    """One document with every section's rows, the targets and the run's provenance.
+
+    ``info`` is what run.py knows beyond the jobs: ``models``, ``skipped`` and ``problems``.
+    """
     cases = {c["name"]: c for r in results for c in r.get("cases", [])}
-    group = {g: [c for c in cases.values() if c.get("group") == g]
-             for g in ("parallel", "batching")}
     profile = next((r["profile"] for r in results if r.get("profile")), None)
-    job_keys = ("job", "startup_s", "job_wall_s", "process_wall_s", "loadavg", "error", "log",
-                "log_tail")
     doc: dict[str, Any] = {
-        "settings": settings, "environment": env,
-        "models": {k: v for k, v in info.items() if k.endswith("_model")},
-        "skipped": dict(info.get("skipped", {})),
-        "jobs": [{k: r.get(k) for k in job_keys if k in r} for r in results],
-        "cache": _cache_section(settings, cases), "parallel": _parallel_section(group["parallel"]),
+        "settings": settings, "environment": env, **info,
+        # A job's record without its cases and profile: the sections below hold them.
+        "jobs": [{k: v for k, v in r.items() if k not in ("cases", "profile")} for r in results],
+        "cache": _cache_section(settings, cases), "parallel": _parallel_section(cases),
     }
-    batching = sorted(group["batching"], key=lambda c: c["meta"]["concurrency"])
+    batching = sorted((c for c in cases.values() if c["group"] == "batching"),
+                      key=lambda c: c["meta"]["concurrency"])
     doc["batching"] = [_pick(c, "concurrency=meta.concurrency requests model=meta.model "
                                 "tokens_per_s requests_per_s scaling_vs_1 tokens_per_forward "
                                 "accuracy output_tokens forwards wall_s=best_wall_s",
@@ -64,8 +63,6 @@ def assemble(settings: dict, env: dict, info: dict, results: list[dict]) -> dict
     doc["ar"] = _ar_section(settings, cases)
     doc["overhead"] = _overhead_section(cases, profile, doc["cache"])
     doc["step"] = _step_section(cases)
-    if "problems" in info:
-        doc["problems"] = info["problems"]
     doc["targets"] = _targets(doc)
     doc["raw_cases"] = cases
     return doc
@@ -77,7 +74,7 @@ def _cache_section(settings: dict, cases: dict) -> list[dict]:
     for gen in settings["cache_gens"]:
         base = None
         for c in filter(None, (cases.get(f"cache-g{gen}-{mode}") for mode in MODES)):
-            measured, ms = c["meta"].get("measured", True), 1000 * c["best_wall_s"] / c["forwards"]
+            measured, ms = c["meta"]["measured"], 1000 * c["best_wall_s"] / c["forwards"]
             forwards, wall, tps = c["forwards"], c["best_wall_s"], c["tokens_per_s"]
             if not measured:  # one forward per block ran; one token per step is gen of them
                 forwards, wall = gen, gen * ms / 1000
@@ -94,9 +91,10 @@ def _cache_section(settings: dict, cases: dict) -> list[dict]:
     return rows
 
 
-def _parallel_section(cases: list[dict]) -> list[dict]:
+def _parallel_section(cases: dict) -> list[dict]:
     """Each rule's tokens/s against one token per step, with the same cache and with `none`."""
-    ref = {c["meta"]["mode"]: c["tokens_per_s"] for c in cases
+    parallel = [c for c in cases.values() if c["group"] == "parallel"]
+    ref = {c["meta"]["mode"]: c["tokens_per_s"] for c in parallel
            if c["meta"]["rule"] == "one token/step"}
     return [_pick(c, "mode=meta.mode rule=meta.rule problems=requests tokens_per_s "
                      "tokens_per_forward forwards_per_request output_tokens accuracy "
@@ -105,7 +103,7 @@ def _parallel_section(cases: list[dict]) -> list[dict]:
                   forwards_per_request=_ratio(c["forwards"], c["requests"], 2),
                   speedup_vs_one_per_step=_ratio(c["tokens_per_s"], ref.get(c["meta"]["mode"]), 2),
                   speedup_vs_none_one_per_step=_ratio(c["tokens_per_s"], ref.get("none"), 2))
-            for c in cases]
+            for c in parallel]
 
 
 def _ar_section(settings: dict, cases: dict) -> list[dict]:
@@ -131,8 +129,7 @@ def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict])
         "cpu_per_wall_multiprocess": mp.get("cpu_per_wall"),
     }
     if profile:
-        out["profile"] = {k: profile[k] for k in ("steps", "ms_per_step", "stages_ms_per_step",
-                                                  "stage_share", "torch_profiler_top_ops")}
+        out["profile"] = profile
         stages = profile["stages_ms_per_step"]
         out["biggest_stage"] = max(stages, key=stages.get)
         out["biggest_non_model_stage"] = max((k for k in stages if k != "model forward"),
@@ -147,7 +144,7 @@ def _overhead_section(cases: dict, profile: dict | None, cache_rows: list[dict])
 
 def _step_section(cases: dict) -> dict:
     """ms per denoising step by cache mode and engine; dual/none and compiled/eager ratios."""
-    step = [c for c in cases.values() if c.get("group") == "step"]
+    step = [c for c in cases.values() if c["group"] == "step"]
     ms = {(c["meta"]["mode"], c["meta"]["engine"]): c.get("ms_per_forward") for c in step}
     engines, rows = ("eager", "compiled"), []
     for mode in MODES:
@@ -186,21 +183,17 @@ def _targets(doc: dict) -> list[dict]:
             for label, key, need in TARGETS]
 
 
-# ---- Markdown ------------------------------------------------------------------------------------
-
-
 def _table(columns: str, rows: list[dict]) -> str:
     """A Markdown table of ``rows`` by ``columns``, "header=key|...": a key ending in ":x" is
     written as a ratio ("1.5x"), one ending in ":%" as a percentage."""
-    def fmt(x: Any) -> str:
-        if isinstance(x, bool) or x is None:
-            return {True: "yes", False: "no", None: "-"}[x]
-        return (f"{x:,.2f}" if abs(x) >= 10 else f"{x:.3g}") if isinstance(x, float) else str(x)
-
     def cell(row: dict, key: str) -> str:
         key, _, unit = key.partition(":")
-        value = row.get(key)
-        return f"{value}x" if unit == "x" else f"{100 * value:.1f}%" if unit else fmt(value)
+        x = row.get(key)
+        if isinstance(x, bool) or x is None:
+            return {True: "yes", False: "no", None: "-"}[x]
+        if unit:
+            return f"{x}x" if unit == "x" else f"{100 * x:.1f}%"
+        return (f"{x:,.2f}" if abs(x) >= 10 else f"{x:.3g}") if isinstance(x, float) else str(x)
 
     heads, keys = zip(*(c.split("=") for c in columns.split("|")), strict=True)
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -243,7 +236,7 @@ def markdown(doc: dict) -> str:
          "concurrent=concurrency|requests=requests|tokens/s=tokens_per_s|"
          "requests/s=requests_per_s|scaling vs 1=scaling_vs_1:x|"
          "tokens/forward=tokens_per_forward|accuracy=accuracy|wall s=wall_s",
-         doc["batching"], None),
+         doc["batching"], skipped.get("batching", "no cases ran")),
         ("4. Autoregressive reference (vLLM LlamaForCausalLM, same sizes)",
          f"Prompt {s['prompt_len']}, ignore_eos, random weights on both sides; ours: dual cache, "
          "one token per step (random weights are never confident).",
@@ -263,7 +256,7 @@ def markdown(doc: dict) -> str:
          STEP_COLUMNS, _step_rows(st), skipped.get("step", "no cases ran")),
         ("Jobs", "", "job=job|engine start s=startup_s|job s=process_wall_s|load before=before|"
          "load after=after|error=error",
-         [{**j, **{k: (j.get("loadavg") or {}).get(k, [None])[0] for k in ("before", "after")}}
+         [{**j, "before": j["loadavg"]["before"][0], "after": j["loadavg"]["after"][0]}
           for j in doc["jobs"]], None),
     ]
     md = ["# vllm-dllm benchmark results", "",
@@ -285,15 +278,12 @@ def markdown(doc: dict) -> str:
     return "\n".join([*md, "![results](results.png)"]) + "\n"
 
 
-# ---- PNG -----------------------------------------------------------------------------------------
-
-
 def chart(doc: dict, path: Path) -> None:
-    """Four bar charts (tokens/s): cache, parallel, batching, against AR."""
-    import matplotlib
+    """Four bar charts (tokens/s): cache, parallel, batching, against AR.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare ``Figure``: no pyplot state, so no backend to choose and no window to close.
+    """
+    from matplotlib.figure import Figure
 
     panels = [  # title, bars (label, tokens/s, colour)
         ("1. Cache, one token per step (random LLaDA; * extrapolated)",
@@ -310,8 +300,8 @@ def chart(doc: dict, path: Path) -> None:
           for who, key, color in (("ours", "dllm_tokens_per_s", "C2"),
                                   ("AR", "ar_tokens_per_s", "C4")) if r[key] is not None]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    for ax, (title, bars) in zip(axes.flat, panels, strict=True):
+    fig = Figure(figsize=(14, 9))
+    for ax, (title, bars) in zip(fig.subplots(2, 2).flat, panels, strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("tokens/s")
         if not bars:
@@ -322,7 +312,6 @@ def chart(doc: dict, path: Path) -> None:
         ax.set_xticks(range(len(bars)), labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_all(doc: dict, out: Path) -> None:

@@ -2,21 +2,16 @@
 
     python benchmarks/run.py [--quick] [--out benchmarks/out]
 
-Sections (benchmarks/README.md has the sizes and how each is measured): 1. cache modes on a
-random LLaDA; 2. parallel-decoding rules on the trained models/llada-arith; 3. batching; 4. vLLM's
-own LlamaForCausalLM of the same sizes against our dual cache; 5. the engine's overhead per
-denoising step; 6. ms per denoising step, eager and compiled, on a random LLaDA with the real
-vocabulary. Every engine runs in its own process (``python -m benchmarks.engine_job``), one at a
-time, fp32, ``--threads`` OpenMP threads (default 1). The checkpoints are written here with fixed
-seeds (no downloads): random LLaDAs in the released layout, and a random Hugging Face Llama of
-the cache model's sizes and tokenizer, which vLLM serves with its own ``LlamaForCausalLM``.
+benchmarks/README.md lists the six sections, their sizes and how each is measured. Every engine
+runs in its own process (``python -m benchmarks.engine_job``), one at a time. The checkpoints are
+written here with fixed seeds (no downloads): random LLaDAs in the released layout, and a random
+Hugging Face Llama of the cache model's sizes and tokenizer for vLLM's own ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -26,20 +21,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import report  # noqa: E402
 from vllm_dllm.testing import checkpoints as tc  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The cache benchmark's model: hidden 256, 4 layers, 4 heads, MLP 704, 3.4 M parameters. One
 #: full fp32 forward over the 768-token canvas costs ~200 ms on one core of our CPUs, tens of
 #: times the engine's per-step overhead (~6 ms, the overhead section's
@@ -60,6 +54,8 @@ BLOCK = 32
 TRAINED_BLOCK = 8
 PARALLEL_RULES = (("one token/step", "steps"), ("threshold 0.9", "threshold"),
                   ("factor 1.0", "factor"))
+#: A job still running after this many seconds is killed and recorded as failed.
+JOB_TIMEOUT_S = 1800
 
 
 #: The sizes of a run by profile: (full, --quick, the smoke test's).
@@ -100,47 +96,28 @@ PROFILES = ("full", "quick", "smoke")
 # ---- checkpoints and problems ----------------------------------------------------------------
 
 
-def _written(path: Path, stamp: dict, write: Callable[[], object]) -> Path:
-    """``path``, rewritten by ``write`` only when its stamp (kind, shape, seed) changed."""
-    file = path / "bench_stamp.json"
-    if not (file.exists() and json.loads(file.read_text()) == stamp):
-        shutil.rmtree(path, ignore_errors=True)
-        write()
-        file.write_text(json.dumps(stamp, indent=2) + "\n")
-    return path
-
-
-def write_llada(path: Path, ckpt: tc.TinyCheckpoint, seed: int) -> Path:
-    """A random LLaDA checkpoint (fp32)."""
-    stamp = {"shape": asdict(ckpt.shape), "seed": seed, "kind": "llada"}
-    return _written(path, stamp, lambda: tc.write_llada_checkpoint(path, ckpt, seed=seed))
-
-
 def write_llama_like(path: Path, ckpt: tc.TinyCheckpoint, seed: int, tokenizer_from: Path) -> Path:
     """A random HF Llama checkpoint with ``ckpt``'s sizes, for vLLM's ``LlamaForCausalLM``.
 
     The tokenizer files are copied from ``tokenizer_from`` (a LLaDA checkpoint of the same
     vocabulary), so both models read the same prompt ids.
     """
+    from transformers import LlamaConfig
 
-    def write() -> None:
-        from transformers import LlamaConfig
-
-        sh, eos = ckpt.shape, ckpt.token_ids["<|endoftext|>"]
-        LlamaConfig(vocab_size=sh.vocab_size, hidden_size=sh.hidden_size,
-                    intermediate_size=sh.intermediate_size, num_hidden_layers=sh.num_layers,
-                    num_attention_heads=sh.num_heads, num_key_value_heads=sh.num_kv_heads,
-                    max_position_embeddings=sh.max_position, rms_norm_eps=sh.rms_norm_eps,
-                    rope_theta=sh.rope_theta, bos_token_id=ckpt.token_ids["<|startoftext|>"],
-                    eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
-                    torch_dtype="float32").save_pretrained(path)
-        # Llama's tensor names are Dream's (Qwen2's), without the q/k/v biases.
-        tc.write_weights(path / "model.safetensors", replace(sh, qkv_bias=False),
-                         tc.DREAM_NAMES, seed=seed)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(tokenizer_from / name, path / name)
-
-    return _written(path, {"shape": asdict(ckpt.shape), "seed": seed, "kind": "llama"}, write)
+    sh, eos = ckpt.shape, ckpt.token_ids["<|endoftext|>"]
+    LlamaConfig(vocab_size=sh.vocab_size, hidden_size=sh.hidden_size,
+                intermediate_size=sh.intermediate_size, num_hidden_layers=sh.num_layers,
+                num_attention_heads=sh.num_heads, num_key_value_heads=sh.num_kv_heads,
+                max_position_embeddings=sh.max_position, rms_norm_eps=sh.rms_norm_eps,
+                rope_theta=sh.rope_theta, bos_token_id=ckpt.token_ids["<|startoftext|>"],
+                eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+                torch_dtype="float32").save_pretrained(path)
+    # Llama's tensor names are Dream's (Qwen2's), without the q/k/v biases.
+    tc.write_weights(path / "model.safetensors", replace(sh, qkv_bias=False),
+                     tc.DREAM_NAMES, seed=seed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer_from / name, path / name)
+    return path
 
 
 def model_info(path: Path, ckpt: tc.TinyCheckpoint, seed: int) -> dict[str, Any]:
@@ -166,11 +143,9 @@ def heldout_problems(n: int) -> dict[str, Any]:
     seed) and ``example_ids`` (completion style ``[BOS] prompt``), so the benchmark scores
     exactly the set that the training script and examples/eval_llada_arith.py score.
     """
-    spec = importlib.util.spec_from_file_location(
-        "_bench_train_tiny_llada", REPO_ROOT / "examples" / "train_tiny_llada.py")
-    assert spec is not None and spec.loader is not None
-    m = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
-    spec.loader.exec_module(m)
+    sys.path.insert(0, str(REPO_ROOT / "examples"))  # as examples/eval_llada_arith.py imports it
+    import train_tiny_llada as m
+
     cfg = m.TrainConfig()
     problems = m.heldout_set(n, m.EVAL_SEED, cfg)
     return {"prompts": [m.example_ids(ex, cfg.gen_len)[0] for ex in problems],
@@ -205,14 +180,19 @@ def engine(model: Path, max_model_len: int, max_num_seqs: int, batched: int,
 
 
 def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
-    """The jobs of a run and what the report needs to know about their models."""
-    tiny = write_llada(ckpt_dir / "llada-tiny", TINY_MODEL, SEEDS["tiny"])
-    bench_model = TINY_MODEL if s.single_engine else BENCH_MODEL
-    bench = tiny if s.single_engine else write_llada(ckpt_dir / "llada-bench", BENCH_MODEL,
-                                                     SEEDS["bench"])
-    info: dict[str, Any] = {"skipped": {},
-                            "bench_model": model_info(bench, bench_model, SEEDS["bench"]),
-                            "tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
+    """The jobs of a run, and what the report records beyond them (models, problems, skips).
+
+    Every run writes its checkpoints afresh: even the step model's 0.6 GB take about 4 s here,
+    next to minutes of engine start-up.
+    """
+    tiny = tc.write_llada_checkpoint(ckpt_dir / "llada-tiny", TINY_MODEL, seed=SEEDS["tiny"])
+    models = {"tiny_model": model_info(tiny, TINY_MODEL, SEEDS["tiny"])}
+    bench, models["bench_model"] = tiny, models["tiny_model"]
+    if not s.single_engine:  # the smoke test runs its cache cases on the tiny model
+        bench = tc.write_llada_checkpoint(ckpt_dir / "llada-bench", BENCH_MODEL,
+                                          seed=SEEDS["bench"])
+        models["bench_model"] = model_info(bench, BENCH_MODEL, SEEDS["bench"])
+    info: dict[str, Any] = {"models": models, "skipped": {}}
     # Cache modes per generation length, then our side of the AR comparison at batch > 1.
     cases, gen0, prompt = [], s.cache_gens[0], byte_prompts(1, s.prompt_len, 0)
     for gen in s.cache_gens:
@@ -234,66 +214,52 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     jobs = [{"name": "cache", "cases": cases, "engine": engine(
         bench, longest, max(64, *s.ar_batches), max(widest, longest, 2048))}]
 
-    trained = s.trained_model_dir or REPO_ROOT / "models" / "llada-arith"
-    found = all((trained / f).exists() for f in ("config.json", "model.safetensors",
-                                                 "tokenizer.json"))
-    parallel: list[dict] = []
-    if found or s.single_engine:  # the smoke test runs the problems on its tiny model
-        problems = heldout_problems(max(s.parallel_problems, s.batching_problems))
-        info["problems"] = {"gen_len": problems["gen_len"], "eval_seed": problems["eval_seed"],
-                            "tasks": problems["tasks"][: s.parallel_problems]}
-        if found:
-            cfg = json.loads((trained / "config.json").read_text())
-            info["trained_model"] = {"path": str(trained), **{k: cfg.get(k) for k in (
-                "d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}}
-        model = "tiny random (smoke)" if s.single_engine else "trained"
-        gen, n, m = problems["gen_len"], s.parallel_problems, s.batching_problems
-        rule_args = {"steps": {"dllm_steps": _round_up(gen, TRAINED_BLOCK)},
-                     "threshold": {"dllm_threshold": 0.9}, "factor": {"dllm_factor": 1.0}}
-        parallel = [case(f"parallel-{mode}-{rule}", "parallel", problems["prompts"][:n], gen,
-                         {"dllm_cache": mode, **rule_args[rule]},
-                         {"mode": mode, "rule": label, "gen": gen, "problems": n,
-                          "model": model, "block": TRAINED_BLOCK},
-                         rounds=s.rounds, block=TRAINED_BLOCK, concurrency=1,
-                         expected=problems["expected"][:n], end_ids=problems["end_ids"])
-                    for mode in ("dual", "none") for label, rule in PARALLEL_RULES]
-        batch_prompts = problems["prompts"][:m]
-        scored = {"block": TRAINED_BLOCK, "expected": problems["expected"][:m],
-                  "end_ids": problems["end_ids"]}
-    else:
-        info["skipped"]["parallel"] = (
-            f"{s.trained_model_dir or 'models/llada-arith'} not found: the parallel-decoding "
-            "section needs the trained model; batching ran on the random benchmark model "
-            "instead. Train it with `python examples/train_tiny_llada.py --out "
-            "models/llada-arith`, then rerun.")
-        model, gen, scored = "random benchmark", 32, {}
-        batch_prompts = byte_prompts(min(s.batching_problems, 32), 32, 100)
-    batching = [case(f"batching-c{c}", "batching", batch_prompts, gen,
-                     {"dllm_cache": "dual", "dllm_threshold": 0.9},
-                     {"concurrency": c, "gen": gen, "requests": len(batch_prompts),
-                      "model": model}, rounds=s.rounds, concurrency=c, **scored)
-                for c in s.batching]
-    if found and not s.single_engine:
-        jobs.append({"name": "trained", "cases": parallel + batching,
-                     "engine": engine(trained, 512, max(s.batching), 8192)})
-    else:
-        jobs[0]["cases"] += parallel + batching
-
+    # Parallel rules and batching, scored on the trained model's held-out problems.
+    problems = heldout_problems(max(s.parallel_problems, s.batching_problems))
+    n, m, gen = s.parallel_problems, s.batching_problems, problems["gen_len"]
+    info["problems"] = {"gen_len": gen, "eval_seed": problems["eval_seed"],
+                        "tasks": problems["tasks"][:n]}
+    model = "tiny random (smoke)" if s.single_engine else "trained"
+    rule_args = {"steps": {"dllm_steps": _round_up(gen, TRAINED_BLOCK)},
+                 "threshold": {"dllm_threshold": 0.9}, "factor": {"dllm_factor": 1.0}}
+    scored = {"block": TRAINED_BLOCK, "end_ids": problems["end_ids"]}
+    trained_cases = [case(f"parallel-{mode}-{rule}", "parallel", problems["prompts"][:n], gen,
+                          {"dllm_cache": mode, **rule_args[rule]},
+                          {"mode": mode, "rule": label, "gen": gen, "problems": n,
+                           "model": model, "block": TRAINED_BLOCK}, rounds=s.rounds,
+                          concurrency=1, expected=problems["expected"][:n], **scored)
+                     for mode in ("dual", "none") for label, rule in PARALLEL_RULES]
+    trained_cases += [case(f"batching-c{c}", "batching", problems["prompts"][:m], gen,
+                           {"dllm_cache": "dual", "dllm_threshold": 0.9},
+                           {"concurrency": c, "gen": gen, "requests": m, "model": model},
+                           rounds=s.rounds, concurrency=c, expected=problems["expected"][:m],
+                           **scored) for c in s.batching]
     overhead = case("overhead-dual-1tok", "overhead", byte_prompts(1, s.overhead_prompt, 7),
                     s.overhead_gen, {"dllm_cache": "dual", "dllm_steps": s.overhead_gen},
                     {"prompt": s.overhead_prompt, "gen": s.overhead_gen}, rounds=s.rounds)
     profile = dict(overhead, name="overhead-profile")
-    if s.single_engine:
-        info["skipped"]["ar"] = "the smoke profile starts no autoregressive engine"
-        info["skipped"]["step"] = "the smoke profile starts no step engines"
+    if s.single_engine:  # the smoke test: every dLLM case in one engine, no AR or step engines
+        jobs[0]["cases"] += [*trained_cases, overhead]
         jobs[0].update(profile=profile, inproc=True)
-        jobs[0]["cases"].append(overhead)
+        info["skipped"].update(ar="the smoke profile starts no autoregressive engine",
+                               step="the smoke profile starts no step engines")
         return jobs, info
 
+    trained = Path(s.trained_model_dir or REPO_ROOT / "models" / "llada-arith")
+    if (trained / "config.json").exists():
+        cfg = json.loads((trained / "config.json").read_text())
+        models["trained_model"] = {"path": str(trained), **{k: cfg.get(k) for k in (
+            "d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}}
+        jobs.append({"name": "trained", "cases": trained_cases,
+                     "engine": engine(trained, 512, max(s.batching), 8192)})
+    else:
+        info["skipped"]["parallel"] = info["skipped"]["batching"] = (
+            f"{trained} not found: train it with `python examples/train_tiny_llada.py --out "
+            "models/llada-arith`, then rerun.")
     llama = write_llama_like(ckpt_dir / "llama-bench", BENCH_MODEL, SEEDS["llama"],
                              tokenizer_from=bench)
-    info["ar_model"] = {"path": str(llama), "architecture": "LlamaForCausalLM",
-                        "shape": shape_dict(BENCH_MODEL), "seed": SEEDS["llama"]}
+    models["ar_model"] = {"path": str(llama), "architecture": "LlamaForCausalLM",
+                          "shape": shape_dict(BENCH_MODEL), "seed": SEEDS["llama"]}
     ar_cases = [case(f"ar-llama-b{b}", "ar", byte_prompts(b, s.prompt_len, 0), gen0, None,
                      {"batch": b, "gen": gen0, "prompt": s.prompt_len},
                      rounds=s.rounds if b == 1 else 1) for b in s.ar_batches]
@@ -308,8 +274,8 @@ def build_jobs(s: SimpleNamespace, ckpt_dir: Path) -> tuple[list[dict], dict]:
     if not s.run_step:
         info["skipped"]["step"] = "off in this profile (`--step` runs it)"
         return jobs, info
-    step = write_llada(ckpt_dir / "llada-step", STEP_MODEL, SEEDS["step"])
-    info["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
+    step = tc.write_llada_checkpoint(ckpt_dir / "llada-step", STEP_MODEL, seed=SEEDS["step"])
+    models["step_model"] = model_info(step, STEP_MODEL, SEEDS["step"])
     step_len = _round_up(s.step_prompt + s.step_gen, 512)
     for label, eager in (("eager", True), ("compiled", False)):
         jobs.append({"name": f"step-{label}", "cases": [
@@ -328,7 +294,7 @@ def _round_up(n: int, m: int) -> int:
 # ---- running -----------------------------------------------------------------------------------
 
 
-def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) -> dict:
+def run_job_process(s: SimpleNamespace, job: dict, out: Path) -> dict:
     """Run one job in a fresh process; its result, or an error record with the log's tail."""
     for sub in ("jobs", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -339,8 +305,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(s.kv_space_gib),
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(s.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                       os.environ.get("PYTHONPATH")])),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if job.get("inproc") else "1"}
     load_before, t0 = _loadavg(), time.perf_counter()
     with log_file.open("w") as log:
@@ -350,7 +315,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         try:
-            rc: int | str = proc.wait(timeout=timeout)
+            rc: int | str = proc.wait(timeout=JOB_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             rc = "timeout"
         finally:
@@ -360,7 +325,7 @@ def run_job_process(s: SimpleNamespace, job: dict, out: Path, timeout: float) ->
               "loadavg": {"before": load_before, "after": _loadavg()}}
     if rc == 0 and result_file.exists():
         return {**json.loads(result_file.read_text()), **record}
-    return {"job": job["name"], "error": f"exit status {rc}", "cases": [], "profile": None,
+    return {"job": job["name"], "error": f"exit status {rc}",
             "log_tail": log_file.read_text(errors="replace").splitlines()[-40:], **record}
 
 
@@ -405,13 +370,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--none-measured-max", type=int,
                    help="longest generation whose `none` is measured one token per step")
     p.add_argument("--prefix-max-gen", type=int, help="longest generation run with prefix")
-    p.add_argument("--trained-model", dest="trained_model_dir", type=lambda x: Path(x).resolve(),
+    p.add_argument("--trained-model", dest="trained_model_dir", type=os.path.abspath,
                    help="default models/llada-arith")
     p.add_argument("--step", dest="run_step", action="store_const", const=True,
                    help="run the step benchmark in --quick too")
     p.add_argument("--only", nargs="+", help="run only these jobs (cache, trained, ar, "
                    "overhead, overhead-mp, step-eager, step-compiled)")
-    p.add_argument("--job-timeout", type=float, default=1800)
     args = p.parse_args(argv)
 
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -425,15 +389,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for job in (j for j in jobs if not args.only or j["name"] in args.only):
         print(f"[bench] job {job['name']}: {len(job['cases'])} cases", flush=True)
-        results.append(run_job_process(s, job, out, args.job_timeout))
+        results.append(run_job_process(s, job, out))
         print(f"[bench] job {job['name']}: {results[-1].get('error') or 'ok'} in "
               f"{results[-1]['process_wall_s']:.0f} s", flush=True)
     env.update(loadavg_end=_loadavg(), total_wall_s=round(time.perf_counter() - t0, 1),
                command="python benchmarks/run.py " + " ".join(
                    sys.argv[1:] if argv is None else argv))
-    settings = {**vars(s), "run_ar": not s.single_engine,
-                "trained_model_dir": s.trained_model_dir and str(s.trained_model_dir)}
-    doc = report.assemble(settings, env, info, results)
+    doc = report.assemble({**vars(s), "run_ar": not s.single_engine}, env, info, results)
     report.write_all(doc, out)
     print(report.step_table(doc["step"]))
     print(f"[bench] wrote {out / 'results.json'}, results.md, results.png in "

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from benchmarks import engine_job, report, run
-from benchmarks.run import TINY_MODEL, write_llada, write_llama_like
+from benchmarks.run import TINY_MODEL, write_llama_like
+from vllm_dllm.testing.checkpoints import write_llada_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_llama_reference_checkpoint(tmp_path) -> None:
     from safetensors import safe_open
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-    llada = write_llada(tmp_path / "llada", TINY_MODEL, 0)
+    llada = write_llada_checkpoint(tmp_path / "llada", TINY_MODEL, seed=0)
     llama = write_llama_like(tmp_path / "llama", TINY_MODEL, 1, tokenizer_from=llada)
     config = AutoConfig.from_pretrained(llama)
     assert isinstance(config, LlamaConfig)
