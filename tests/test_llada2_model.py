@@ -125,6 +125,12 @@ def test_mask_id_order(llada2_tiny_dir, tmp_path):
 # ---- logits through the engine --------------------------------------------------------------
 
 
+def test_engine_attends_without_a_window(llada2_engine):
+    """vLLM sizes the KV cache and the attention for the whole context, not the release's
+    switched-off 4096-token window."""
+    assert llada2_engine.llm_engine.vllm_config.model_config.get_sliding_window() is None
+
+
 def test_engine_runs_the_plugin_model(llada2_engine):
     """The worker's model is ours, with the tokenizer's mask id and unshifted logits."""
     (contract,) = llada2_engine.collective_rpc(model_contract)

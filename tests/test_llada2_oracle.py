@@ -87,6 +87,13 @@ def test_checkpoint_reads_back_with_the_config_class(ckpt_dir: Path) -> None:
     assert not config.tie_word_embeddings
 
 
+def test_sliding_window_exists_only_when_switched_on() -> None:
+    """The release keeps `sliding_window: 4096` beside `use_sliding_window: false`; vLLM reads
+    `sliding_window` alone, so the config class clears it unless the flag is on."""
+    assert LLaDA2MoeConfig(sliding_window=4096).sliding_window is None
+    assert LLaDA2MoeConfig(use_sliding_window=True, sliding_window=4096).sliding_window == 4096
+
+
 def test_checkpoint_tensor_names_are_the_released_ones(
     ckpt_dir: Path, model: LLaDA2ReferenceModel
 ) -> None:

@@ -52,5 +52,10 @@ class LLaDA2MoeConfig(PreTrainedConfig):
         # The base class standardises the rope keys with `partial_rotary_factor` too.
         set_upstream_keys(self, UPSTREAM_DEFAULTS, kwargs)
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        # The released config.json keeps `sliding_window: 4096` with the window switched off
+        # (`use_sliding_window: false`). Upstream's modeling code checks the flag; vLLM reads
+        # `sliding_window` alone and would size the KV cache and attend as if windowed.
+        if not self.use_sliding_window:
+            self.sliding_window = None
         kwargs.setdefault("architectures", ["LLaDA2MoeModelLM"])
         super().__init__(**kwargs)
