@@ -6,7 +6,9 @@ an engine, so they take seconds each (mostly vLLM's import).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +123,16 @@ def test_kv_transfer_config_is_refused_at_start_up(llada_tiny_dir):
 def test_diffusion_config_is_refused_at_start_up(llada_tiny_dir):
     with pytest.raises(ValueError, match="diffusion_config: --diffusion-config configures"):
         engine_config(llada_tiny_dir, diffusion_config={"canvas_length": 32})
+
+
+def test_sliding_window_is_refused_at_start_up(dream_tiny_dir, tmp_path):
+    checkpoint = tmp_path / "dream-windowed"
+    shutil.copytree(dream_tiny_dir, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=64)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="sliding_window=64: vllm-dllm runs diffusion models"):
+        engine_config(checkpoint)
 
 
 @pytest.fixture

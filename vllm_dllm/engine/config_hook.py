@@ -91,7 +91,16 @@ def _refuse_unsupported(vllm_config: VllmConfig) -> None:
     - vLLM's `--diffusion-config` configures vLLM's native diffusion path (Model Runner V2, GPU
       only, DiffusionGemma), not this plugin, which runs on the V1 runner with per-request
       `dllm_*` parameters.
+    - A sliding window: vLLM would keep only the window's KV blocks of each request, while
+      every query of a denoising step attends to the whole canvas. The config classes clear a
+      window that the checkpoint switches off (`use_sliding_window: false`).
     """
+    window = vllm_config.model_config.get_sliding_window()
+    if window is not None:
+        raise ValueError(
+            f"sliding_window={window}: vllm-dllm runs diffusion models with full attention over "
+            "the canvas; sliding-window attention (use_sliding_window=true) is not supported."
+        )
     if vllm_config.kv_transfer_config is not None:
         raise ValueError(
             "kv_transfer_config: vllm-dllm does not support KV transfer (disaggregated prefill, "

@@ -93,5 +93,3 @@ class BlockDiffusionLM(DiffusionLM):
         rope_type = config.rope_parameters.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"rope_scaling of type {rope_type!r} is not supported")
-        if config.sliding_window is not None:
-            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")

@@ -39,26 +39,6 @@ from vllm_dllm.model_executor.models.block_diffusion import BlockDiffusionLM
 from vllm_dllm.model_executor.models.transformer_shape import TransformerShape
 
 
-def check_config(config: PretrainedConfig) -> None:
-    """Refuse settings the body would otherwise silently get wrong."""
-    if config.num_key_value_heads <= 0:
-        raise ValueError(
-            f"num_key_value_heads={config.num_key_value_heads}: LLaDA 2.x attention needs at "
-            "least one key/value head"
-        )
-    if config.hidden_act != "silu":
-        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'silu')")
-    if config.tie_word_embeddings:
-        raise ValueError("LLaDA 2.x checkpoints with tie_word_embeddings=true are not supported")
-    if config.norm_head:
-        raise ValueError("LLaDA 2.x checkpoints with norm_head=true are not supported")
-    rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"rope_scaling of type {rope_type!r} is not supported")
-    if config.use_sliding_window:
-        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
-
-
 class LLaDA2SparseMoe(nn.Module):
     """The released MoE block on vLLM's ``FusedMoE`` (routed experts) plus the shared expert.
 
@@ -171,9 +151,27 @@ class LLaDA2MoeModelLM(BlockDiffusionLM):
     mask_token = None
     release_mask_token_id = 156895
 
+    @staticmethod
+    def check_config(config: PretrainedConfig) -> None:
+        """Refuse settings the body would otherwise silently get wrong."""
+        BlockDiffusionLM.check_config(config)
+        if config.num_key_value_heads <= 0:
+            raise ValueError(
+                f"num_key_value_heads={config.num_key_value_heads}: LLaDA 2.x attention needs "
+                "at least one key/value head"
+            )
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only 'silu')")
+        if config.tie_word_embeddings:
+            raise ValueError(
+                "LLaDA 2.x checkpoints with tie_word_embeddings=true are not supported"
+            )
+        if config.norm_head:
+            raise ValueError("LLaDA 2.x checkpoints with norm_head=true are not supported")
+
     @classmethod
     def shape_from_config(cls, config: PretrainedConfig) -> TransformerShape:
-        check_config(config)
+        cls.check_config(config)
         return TransformerShape.from_config(
             config,
             qkv_bias=config.use_qkv_bias,
