@@ -81,7 +81,7 @@ def bare_forward(sh: TransformerShape, dtype: str, context: int, w: int, replays
 
     with torch.inference_mode():
         out = {"eager": timed(forward), "graphed": None}
-        if cuda:  # captured after warm-up on a side stream, as torch documents it
+        if cuda:  # warmed up on a side stream first, so the capture records no lazy set-up
             (side := torch.cuda.Stream()).wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
