@@ -52,6 +52,9 @@ def run_case_once(llm, case: dict[str, Any]) -> dict[str, Any]:
     return {
         "wall_s": wall, "output_tokens": sum(map(len, ids)),
         "forwards": sum(s.get("forwards", 0) for s in stats),
+        # A batch sent in one call runs one forward of every request per engine step, so its
+        # longest request counts the engine steps.
+        "max_forwards": max((s.get("forwards", 0) for s in stats), default=0),
         "early_stops": sum(bool(s.get("early_stop")) for s in stats), "correct": correct,
         # CPU seconds each engine process burned during the pass (user + system).
         "cpu_s": {k: round(cpu_after[k] - cpu_before.get(k, 0.0), 3) for k in cpu_after},
@@ -97,6 +100,7 @@ def summarise(case: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any
         "output_tokens": tokens, "tokens_per_s": round(tokens / best, 3),
         "median_tokens_per_s": round(tokens / median, 3), "forwards": forwards or None,
         "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
+        "max_forwards": first["max_forwards"] or None,
         "early_stops": first["early_stops"], "cpu_s": best_run["cpu_s"],
         "cpu_per_wall": {k: round(v / best, 3) for k, v in best_run["cpu_s"].items()},
         "deterministic": all((r["output_tokens"], r["forwards"]) == (tokens, forwards)
@@ -144,6 +148,42 @@ def profile_steps(llm, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         "torch_profiler_top_ops": prof.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48),
     }
+
+
+def attach_timers(model) -> None:
+    """Forward hooks around the model forward and its LM head (the logits processor that
+    ``compute_logits`` calls) that stamp CUDA events on the running stream (the host clock on
+    CPU). ``LLM.apply_model`` runs it in the worker of a multi-process engine, by reference
+    (an engine process re-pickles what it forwards, so the function must be importable); send
+    it after the warm-up, so that no CUDA-graph capture runs the hooks."""
+    import torch
+
+    model.bench_marks, cuda = {MODEL: [], LM_HEAD: []}, next(model.parameters()).is_cuda
+
+    def stamp():
+        if not cuda:
+            return time.perf_counter()
+        (event := torch.cuda.Event(enable_timing=True)).record()
+        return event
+
+    for stage, module in ((MODEL, model), (LM_HEAD, model.logits_processor)):
+        marks = model.bench_marks[stage]
+        module.register_forward_pre_hook(lambda *_, m=marks: m.append([stamp()]))
+        module.register_forward_hook(lambda *_, m=marks: m[-1].append(stamp()))
+
+
+def take_timings(model) -> dict[str, float]:
+    """Seconds spent in each stage `attach_timers` times since the last call (in the worker,
+    by ``LLM.apply_model``)."""
+    import torch
+
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    out = {stage: sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1000
+                      for a, b in marks) for stage, marks in model.bench_marks.items()}
+    for marks in model.bench_marks.values():
+        marks.clear()
+    return out
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -218,6 +218,24 @@ def write_llada_checkpoint(
     path: str | Path, ckpt: TinyCheckpoint = LLADA_TINY, **weights: Any
 ) -> Path:
     """Write a random LLaDA checkpoint into ``path``; ``weights``: see `_write`."""
+    return _write(Path(path), ckpt, LLADA_NAMES, _llada_configs(ckpt), **weights)
+
+
+def write_llada_config_files(path: str | Path, ckpt: TinyCheckpoint = LLADA_TINY) -> Path:
+    """Every file of a LLaDA checkpoint but its weights (config.json, generation_config.json,
+    the tokenizer files), as `write_llada_checkpoint` writes them.
+
+    vLLM's ``load_format="dummy"`` builds the model from these with random weights in memory:
+    for shapes whose weights are too large to write, such as the released 8B one (16 GB).
+    """
+    out = Path(path)
+    _write_configs(out, ckpt, _llada_configs(ckpt))
+    return out
+
+
+def _llada_configs(ckpt: TinyCheckpoint) -> tuple[dict[str, Any], ...]:
+    """config.json, generation_config.json, tokenizer_config.json and special_tokens_map.json
+    of a LLaDA checkpoint."""
     config = llada_config_dict(ckpt)
     bos_text, eos_text = "<|startoftext|>", "<|endoftext|>"
     tokenizer_config = {
@@ -233,8 +251,7 @@ def write_llada_checkpoint(
     }
     special_map = {"bos_token": bos_text, "eos_token": eos_text, "pad_token": eos_text}
     generation = _generation_config(config, "eos_token_id", "pad_token_id")
-    configs = (config, generation, tokenizer_config, special_map)
-    return _write(Path(path), ckpt, LLADA_NAMES, configs, **weights)
+    return config, generation, tokenizer_config, special_map
 
 
 def write_dream_checkpoint(
@@ -294,16 +311,9 @@ def _write(
     """Write the files of one checkpoint; weights drawn from ``seed``, the LM head scaled by
     ``lm_head_scale`` (larger: more peaked, more confident logits), stored as ``dtype``.
 
-    ``configs``: config.json, generation_config.json, tokenizer_config.json and
-    special_tokens_map.json, in that order.
+    ``configs``: see `_write_configs`.
     """
-    config, generation, tokenizer_config, special_map = configs
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config)
-    write_json(out / "generation_config.json", generation)
-    write_tokenizer(
-        out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config, special_map=special_map
-    )
+    _write_configs(out, ckpt, configs)
     write_weights(
         out / "model.safetensors",
         ckpt.shape,
@@ -313,6 +323,18 @@ def _write(
         dtype=dtype,
     )
     return out
+
+
+def _write_configs(out: Path, ckpt: TinyCheckpoint, configs: tuple[dict[str, Any], ...]) -> None:
+    """Every file but the weights. ``configs``: config.json, generation_config.json,
+    tokenizer_config.json and special_tokens_map.json, in that order."""
+    config, generation, tokenizer_config, special_map = configs
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+    write_json(out / "generation_config.json", generation)
+    write_tokenizer(
+        out, ckpt.shape.vocab_size, ckpt.token_ids, tokenizer_config, special_map=special_map
+    )
 
 
 #: Tensor names of each family: the embedding, one layer's tensors (with `{}` for the layer
