@@ -185,52 +185,28 @@ def engine_pool() -> Iterator[EnginePool]:
     pool.close()
 
 
-@pytest.fixture
-def llada_engine(engine_pool: EnginePool, llada_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA checkpoint."""
-    return engine_pool.engine("llada", llada_tiny_dir)
+def pooled_engine(name: str, checkpoint_fixture: str, **options: object):
+    """A fixture `{name}_engine`: the pool's real vLLM engine `name` (plugin active, fp32) on
+    the checkpoint of `checkpoint_fixture`, started with `tests.engines.start_engine`'s
+    `options`."""
+
+    @pytest.fixture(name=f"{name}_engine")
+    def engine(engine_pool: EnginePool, request: pytest.FixtureRequest):
+        return engine_pool.engine(name, request.getfixturevalue(checkpoint_fixture), **options)
+
+    return engine
 
 
-@pytest.fixture
-def dream_engine(engine_pool: EnginePool, dream_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny Dream checkpoint."""
-    return engine_pool.engine("dream", dream_tiny_dir)
-
-
-@pytest.fixture
-def fast_dllm_v2_engine(engine_pool: EnginePool, fast_dllm_v2_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny Fast-dLLM v2 checkpoint."""
-    return engine_pool.engine("fast_dllm_v2", fast_dllm_v2_tiny_dir)
-
-
-@pytest.fixture
-def sdar_engine(engine_pool: EnginePool, sdar_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny SDAR checkpoint."""
-    return engine_pool.engine("sdar", sdar_tiny_dir)
-
-
-@pytest.fixture
-def llada2_engine(engine_pool: EnginePool, llada2_tiny_dir: Path):
-    """A real vLLM engine (plugin active, fp32) on the tiny LLaDA 2.x checkpoint."""
-    return engine_pool.engine("llada2", llada2_tiny_dir)
-
-
-@pytest.fixture
-def llada_compiled_engine(engine_pool: EnginePool, llada_tiny_dir: Path):
-    """The LLaDA engine with vLLM's compilation on (`enforce_eager=False`): on CPU the model
-    runs through the inductor build, on a GPU through the captured CUDA graphs."""
-    return engine_pool.engine("llada_compiled", llada_tiny_dir, enforce_eager=False)
-
-
-@pytest.fixture
-def dream_compiled_engine(engine_pool: EnginePool, dream_tiny_dir: Path):
-    """The Dream engine with vLLM's compilation on (`enforce_eager=False`)."""
-    return engine_pool.engine("dream_compiled", dream_tiny_dir, enforce_eager=False)
-
-
-@pytest.fixture
-def llada_peaked_engine(engine_pool: EnginePool, llada_peaked_dir: Path):
-    """An engine on the peaked checkpoint with a KV cache of only a few 128-token blocks."""
-    return engine_pool.engine(
-        "llada_peaked", llada_peaked_dir, max_model_len=256, num_gpu_blocks_override=4
-    )
+llada_engine = pooled_engine("llada", "llada_tiny_dir")
+dream_engine = pooled_engine("dream", "dream_tiny_dir")
+fast_dllm_v2_engine = pooled_engine("fast_dllm_v2", "fast_dllm_v2_tiny_dir")
+sdar_engine = pooled_engine("sdar", "sdar_tiny_dir")
+llada2_engine = pooled_engine("llada2", "llada2_tiny_dir")
+# vLLM's compilation on: on CPU the model runs through the inductor build, on a GPU through the
+# captured CUDA graphs.
+llada_compiled_engine = pooled_engine("llada_compiled", "llada_tiny_dir", enforce_eager=False)
+dream_compiled_engine = pooled_engine("dream_compiled", "dream_tiny_dir", enforce_eager=False)
+# The peaked checkpoint with a KV cache of only a few 128-token blocks.
+llada_peaked_engine = pooled_engine(
+    "llada_peaked", "llada_peaked_dir", max_model_len=256, num_gpu_blocks_override=4
+)
