@@ -27,6 +27,27 @@ if TYPE_CHECKING:  # vLLM is imported lazily: a test run that starts no model ne
 PEAKED_LM_HEAD_SCALE = 30.0
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the fp32 comparisons relied on (tests/tolerances.py), so that a run on another CPU
+    shows how close it came: the largest engine-against-oracle difference and the smallest
+    decision margin of an oracle run compared token for token, in rounding bounds."""
+    from tests.tolerances import DECISION_SAFETY, OBSERVED, SAFETY
+
+    forward, where_forward = OBSERVED["forward"]
+    decision, where_decision = OBSERVED["decision"]
+    if where_forward == where_decision == "none":
+        return
+    terminalreporter.write_sep("-", "fp32 rounding: what the comparisons relied on")
+    terminalreporter.write_line(
+        f"largest fp32 forward difference: {forward:.2f} rounding bounds "
+        f"(tolerance {SAFETY}) in {where_forward}"
+    )
+    terminalreporter.write_line(
+        f"smallest decision margin: {decision:.2f} rounding bounds "
+        f"(required {DECISION_SAFETY}) in {where_decision}"
+    )
+
+
 @pytest.fixture(scope="session")
 def llada_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LLaDA TINY checkpoint, seed 0."""

@@ -17,10 +17,12 @@ from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
 from tests.engines import end_token_ids
+from tests.oracle_cache import memoized
 from tests.reference.block_generate import generate_fast_dllm_v2, generate_sdar
 from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_generate import generate_llada2, generate_llada21
 from tests.reference.llada2_model import LLaDA2ReferenceModel
+from tests.tolerances import assert_decisive, assert_forward_close
 
 MAX_TOKENS = 40
 V2_PROMPTS = ([17, 101, 42], list(range(1, 33)), [(7 * i) % 250 + 1 for i in range(45)])
@@ -53,6 +55,7 @@ def sdar(sdar_tiny_dir):
     return BlockReferenceModel(sdar_tiny_dir)
 
 
+@memoized
 def v2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     result = generate_fast_dllm_v2(
         model,
@@ -64,9 +67,11 @@ def v2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs)
         end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
         **kwargs,
     )
+    assert_decisive(result.margins, model)
     return result.tokens, result.num_forwards
 
 
+@memoized
 def llada2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     block = extra.get("dllm_block_length", 32)
     steps = extra.get("dllm_steps")
@@ -83,6 +88,7 @@ def llada2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwa
         fold_finished_block=True,
         **kwargs,
     )
+    assert_decisive(result.margins, model)
     return result.tokens, result.num_forwards
 
 
@@ -90,6 +96,7 @@ def sdar_decoded_blocks(prompt_len: int, block: int, max_tokens: int = MAX_TOKEN
     return -(-(prompt_len + max_tokens) // block) - prompt_len // block
 
 
+@memoized
 def sdar_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     block = extra.get("dllm_block_length", model.spec.block_size)
     steps = extra.get("dllm_steps")
@@ -108,6 +115,7 @@ def sdar_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwarg
         fold_finished_block=True,
         **kwargs,
     )
+    assert_decisive(result.margins, model)
     return result.tokens, result.num_forwards
 
 
@@ -231,6 +239,7 @@ def test_llada2_mixed_batch_in_two_orders(llada2_engine, llada2_tiny_dir):
         assert got == [expected[i] for i in order]
 
 
+@memoized
 def llada21_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     result = generate_llada21(
         model,
@@ -244,6 +253,7 @@ def llada21_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kw
         fold_finished_block=True,
         **kwargs,
     )
+    assert_decisive(result.margins, model)
     return result.tokens, result.num_forwards
 
 
@@ -362,9 +372,7 @@ def test_engine_block_causal_logits_equal_oracle(family, request):
     windows = [(s, s + block, s + block) for s in range(0, len(canvas), block)]
     (per_block,) = llm.collective_rpc("dllm_score", args=(canvas, windows))
     expected = model.forward(torch.tensor(canvas), 0, model.new_cache(), block_size=block)
-    torch.testing.assert_close(
-        torch.cat([torch.tensor(rows) for rows in per_block]), expected, atol=1e-4, rtol=1e-4
-    )
+    assert_forward_close(torch.cat([torch.tensor(rows) for rows in per_block]), expected, model)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from vllm.inputs import TokensPrompt
 from tests.engines import end_token_ids, start_tp2_engine
 from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
+from tests.tolerances import assert_forward_close
 
 MAX_TOKENS = 40
 LONG = [(7 * i) % 250 + 1 for i in range(45)]
@@ -181,6 +182,4 @@ def test_ranks_see_identical_block_causal_logits(family, tp2_engine, request):
     ranks = tp2_engine.collective_rpc("dllm_score", args=(canvas, windows))
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     expected = model.forward(torch.tensor(canvas), 0, block_size=block)
-    torch.testing.assert_close(
-        torch.cat([torch.tensor(rows) for rows in ranks[0]]), expected, atol=1e-4, rtol=1e-4
-    )
+    assert_forward_close(torch.cat([torch.tensor(rows) for rows in ranks[0]]), expected, model)

@@ -33,7 +33,9 @@ def test_kv_pressure_queues_requests_without_corrupting_them(
     cases = [
         (PROMPTS[i % 2] + [i], {"dllm_cache": c, "dllm_block_length": 8, "dllm_threshold": t})
         for i, (c, t) in enumerate(
-            [("dual", 0.9), ("prefix", 0.5), ("none", 0.99), ("dual", 0.3)] * 3
+            # Thresholds away from where this checkpoint's confidences crowd (0.9 to 0.999),
+            # so no decision is within fp32 rounding of flipping (`assert_decisive`).
+            [("dual", 0.6), ("prefix", 0.5), ("none", 0.7), ("dual", 0.3)] * 3
         )
     ]
     assert len(cases) > 2 * num_blocks

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.reference.llada2_model import LLaDA2ReferenceModel
+from tests.tolerances import assert_forward_close
 from tests.worker_probes import model_contract
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
 from vllm_dllm.model_executor.models.llada2_moe import LLaDA2MoeModelLM
@@ -143,7 +144,7 @@ def test_block_causal_logits_equal_oracle(length, block, llada2_engine, oracle):
     canvas = _canvas(length)
     got = _score(llada2_engine, canvas, _block_windows(length, block))
     expected = oracle.forward(torch.tensor(canvas), 0, block_size=block)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_forward_close(got, expected, oracle)
 
 
 def test_full_canvas_logits_equal_oracle(llada2_engine, oracle):
@@ -151,7 +152,7 @@ def test_full_canvas_logits_equal_oracle(llada2_engine, oracle):
     canvas = _canvas(40)
     got = _score(llada2_engine, canvas, [(0, 40)])
     expected = oracle.forward(torch.tensor(canvas), 0, block_size=40)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_forward_close(got, expected, oracle)
 
 
 def test_routing_matters(llada2_tiny_dir, oracle, tmp_path):

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from tests.reference.block_model import BlockKVCache
 from tests.reference.llada2_generate import generate_llada2, generate_llada21
 from tests.reference.llada2_model import LLaDA2ReferenceModel, moe, route
+from tests.tolerances import forward_tolerance
 from vllm_dllm.testing.llada2_checkpoints import (
     ENDOFTEXT,
     MASK,
@@ -55,6 +56,12 @@ def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def model(ckpt_dir: Path) -> LLaDA2ReferenceModel:
     return LLaDA2ReferenceModel(ckpt_dir)
+
+
+@pytest.fixture(scope="module")
+def model64(ckpt_dir: Path) -> LLaDA2ReferenceModel:
+    """The oracle in float64, for claims that two computations agree up to rounding."""
+    return LLaDA2ReferenceModel(ckpt_dir, torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -137,27 +144,28 @@ def test_tokenizer_and_chat_template(ckpt_dir: Path) -> None:
 
 
 def _independent_logits(directory: Path, ids: Tensor, block: int) -> Tensor:
-    """A full-mask forward written apart from the oracle, on the release's recipe.
+    """A full-mask forward written apart from the oracle, on the release's recipe, in float64.
 
     The mask is built as the release's generate() builds it (block lower-triangular ones,
     repeated, ``log`` -> 0 / -inf, added to the scores by SDPA); routing sorts in Python and
     every expert runs on every token, its output weighted by a dense token x expert matrix.
     """
     config = json.loads((directory / "config.json").read_text())
-    t = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
+    t = {k: v.double() for k, v in load_file(directory / "model.safetensors").items()}
     n, heads, kv_heads = len(ids), config["num_attention_heads"], config["num_key_value_heads"]
     dim, eps = config["head_dim"], config["rms_norm_eps"]
     blocks = -(-n // block)
     mask = (
-        torch.tril(torch.ones(blocks, blocks))
+        torch.tril(torch.ones(blocks, blocks, dtype=torch.float64))
         .repeat_interleave(block, 0)
         .repeat_interleave(block, 1)[:n, :n]
         .log()
     )
     rot = int(dim * config["partial_rotary_factor"])
     inv_freq = 1.0 / config["rope_theta"] ** (torch.arange(0, rot, 2).float() / rot)
-    freqs = torch.outer(torch.arange(n).float(), inv_freq)
-    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    freqs = torch.outer(torch.arange(n).float(), inv_freq)  # in fp32, as the release computes it
+    angles = torch.cat([freqs, freqs], -1)
+    cos, sin = angles.cos().double(), angles.sin().double()
 
     def norm(x: Tensor, weight: Tensor) -> Tensor:
         return weight * (x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt())
@@ -224,23 +232,30 @@ def _moe_by_expert_loop(x: Tensor, t: dict[str, Tensor], p: str, config: dict) -
 
 
 def test_forward_matches_independent_full_mask_reference(
-    ckpt_dir: Path, model: LLaDA2ReferenceModel
+    ckpt_dir: Path, model64: LLaDA2ReferenceModel
 ) -> None:
+    """Both in float64: equal up to rounding, whatever the CPU."""
     ids = torch.randint(0, 256, (75,), generator=torch.Generator().manual_seed(1))
     expected = _independent_logits(ckpt_dir, ids, BLOCK)
-    torch.testing.assert_close(model.forward(ids, 0), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model64.forward(ids, 0), expected, **forward_tolerance(expected, model64)
+    )
 
 
 def test_moe_matches_the_expert_loop_and_every_routing_rule_matters(
-    ckpt_dir: Path, model: LLaDA2ReferenceModel
+    ckpt_dir: Path, model64: LLaDA2ReferenceModel
 ) -> None:
+    """In float64: the two MoE computations agree up to rounding, whatever the CPU."""
+    model = model64
     config = json.loads((ckpt_dir / "config.json").read_text())
-    t = load_file(ckpt_dir / "model.safetensors")
+    t = {k: v.double() for k, v in load_file(ckpt_dir / "model.safetensors").items()}
     x = torch.randn(200, config["hidden_size"], generator=torch.Generator().manual_seed(2))
+    x = x.double()
     for i in (1, 2):
         w, p = model.layers[i], f"model.layers.{i}."
         expected = _moe_by_expert_loop(x, t, p, config) + _mlp(x, t, p + "mlp.shared_experts.")
-        torch.testing.assert_close(moe(x, w, model.spec), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(moe(x, w, model.spec), expected,
+                                   **forward_tolerance(expected, model))
         experts, weights = route(x, w, model.spec)
         torch.testing.assert_close(_dense_routing(x, t, p, config).gather(1, experts), weights)
         # Grouping binds (topk_group 1 of 2 groups of 2: both experts from one group) ...
@@ -260,16 +275,19 @@ def test_later_blocks_never_change_earlier_logits(model: LLaDA2ReferenceModel) -
     assert not torch.allclose(model.forward(changed, 0)[32:40], model.forward(ids, 0)[32:40])
 
 
-def test_cached_steps_equal_full_block_causal_forward(model: LLaDA2ReferenceModel) -> None:
+def test_cached_steps_equal_full_block_causal_forward(model64: LLaDA2ReferenceModel) -> None:
+    """Exact up to rounding: compared in float64."""
+    model = model64
     ids = torch.randint(0, 256, (96,), generator=torch.Generator().manual_seed(4))
     full = model.forward(ids, 0)
+    tolerance = forward_tolerance(full, model)
     cache = model.new_cache()
     model.forward(ids[:32], 0, cache, write_until=32)
-    torch.testing.assert_close(model.forward(ids[32:64], 32, cache), full[32:64], atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.forward(ids[32:64], 32, cache), full[32:64], **tolerance)
     # A finished block written by folding it into the next block's first step.
     folded = model.forward(ids[32:96], 32, cache, write_until=64)
-    torch.testing.assert_close(folded[32:], full[64:], atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.forward(ids[64:96], 64, cache), full[64:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(folded[32:], full[64:], **tolerance)
+    torch.testing.assert_close(model.forward(ids[64:96], 64, cache), full[64:], **tolerance)
     with pytest.raises(ValueError, match="skip positions"):
         model.forward(ids[0:32], 0, cache)
 

@@ -26,6 +26,7 @@ from vllm.inputs import TokensPrompt
 
 from tests.engines import end_token_ids, start_tp2_engine
 from tests.reference import ReferenceModel
+from tests.tolerances import assert_forward_close
 
 MAX_TOKENS = 32
 PROMPTS = ([17, 101, 42], [5, 9, 200, 13, 77, 64, 33, 120, 2, 250, 31])
@@ -140,5 +141,5 @@ def test_ranks_see_identical_logits(family, tp2_engine, request):
     assert ranks[0] == ranks[1]
     full, cached = (torch.tensor(x) for x in ranks[0])
     expected = oracle.forward(torch.tensor(canvas), torch.arange(length))
-    torch.testing.assert_close(full, expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cached, full[start : start + 8], atol=2e-5, rtol=2e-5)
+    assert_forward_close(full, expected, oracle)
+    assert_forward_close(cached, full[start : start + 8], oracle)

@@ -25,6 +25,7 @@ from transformers import (
 
 from tests.reference import ReferenceModel, generate
 from tests.reference.generate import Rule, _select
+from tests.tolerances import forward_tolerance
 from vllm_dllm.testing.checkpoints import DREAM_TINY, LLADA_TINY
 from vllm_dllm.transformers_utils.configs import DreamConfig, LLaDAConfig
 
@@ -62,6 +63,13 @@ def peaked(llada_peaked_dir: Path) -> ReferenceModel:
 @pytest.fixture(params=["llada", "dream"])
 def model(request: pytest.FixtureRequest) -> ReferenceModel:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=["llada", "dream"])
+def model64(request: pytest.FixtureRequest) -> ReferenceModel:
+    """The oracle in float64, for claims that two computations agree up to rounding: fp32
+    rounding differs between CPUs, float64 rounding is far below anything the claims compare."""
+    return ReferenceModel(request.getfixturevalue(f"{request.param}_tiny_dir"), torch.float64)
 
 
 def _canvas(model: ReferenceModel) -> torch.Tensor:
@@ -114,6 +122,8 @@ def _transformers_twin(model: ReferenceModel, checkpoint: Path) -> PreTrainedMod
 def test_reference_forward_matches_transformers_run_bidirectionally(
     request: pytest.FixtureRequest, family: str
 ) -> None:
+    """In fp32 (transformers' RMSNorm and RoPE compute in fp32 whatever the model's dtype):
+    equal up to fp32 rounding in another order."""
     model = request.getfixturevalue(family)
     twin = _transformers_twin(model, request.getfixturevalue(f"{family}_tiny_dir"))
     x = _canvas(model)
@@ -121,26 +131,29 @@ def test_reference_forward_matches_transformers_run_bidirectionally(
     with torch.no_grad():
         expected = twin(input_ids=x[None], attention_mask=everything_visible).logits[0]
     torch.testing.assert_close(model.forward(x, torch.arange(len(x))), expected,
-                               atol=1e-4, rtol=1e-4)
+                               **forward_tolerance(expected, model))
 
 
-def test_cached_logits_equal_full_forward_when_tokens_unchanged(model: ReferenceModel) -> None:
+def test_cached_logits_equal_full_forward_when_tokens_unchanged(model64: ReferenceModel) -> None:
+    model = model64
     x = _canvas(model)
     length, start = len(x), len(PROMPT) + BLOCK // 2
     end = start + BLOCK // 2
     positions = torch.arange(length)
     full = model.forward(x, positions)
+    tolerance = forward_tolerance(full, model)
     cache = model.new_cache(length)
     torch.testing.assert_close(model.forward(x, positions, cache, write_cache=True), full,
-                               atol=1e-5, rtol=0)
+                               **tolerance)
     prefix = model.forward(x[start:], positions[start:], cache)
-    torch.testing.assert_close(prefix, full[start:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(prefix, full[start:], **tolerance)
     dual = model.forward(x[start:end], positions[start:end], cache, write_cache=True)
-    torch.testing.assert_close(dual, full[start:end], atol=1e-5, rtol=0)
+    torch.testing.assert_close(dual, full[start:end], **tolerance)
 
 
-def test_cached_step_reads_stale_keys_outside_window(model: ReferenceModel) -> None:
+def test_cached_step_reads_stale_keys_outside_window(model64: ReferenceModel) -> None:
     """Positions outside the window come from the cache, not from the current tokens."""
+    model = model64
     x = _canvas(model)
     length, start, end = len(x), len(PROMPT), len(PROMPT) + BLOCK
     positions = torch.arange(length)
@@ -148,14 +161,15 @@ def test_cached_step_reads_stale_keys_outside_window(model: ReferenceModel) -> N
     before = model.forward(x, positions, cache, write_cache=True)
     x[3] = (x[3] + 1) % 256  # a prompt token changes; the cache is not refreshed
     stale = model.forward(x[start:end], positions[start:end], cache, write_cache=True)
-    torch.testing.assert_close(stale, before[start:end], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stale, before[start:end], **forward_tolerance(before, model))
     assert not torch.allclose(model.forward(x, positions)[start:end], stale, atol=1e-3)
 
 
 @pytest.mark.parametrize("cache_mode", ["prefix", "dual"])
-def test_window_ignores_cached_values_at_its_own_positions(model: ReferenceModel,
+def test_window_ignores_cached_values_at_its_own_positions(model64: ReferenceModel,
                                                            cache_mode: str) -> None:
     """A cached step uses fresh K/V for every window position, whatever the cache holds."""
+    model = model64
     x = _canvas(model)
     length, start = len(x), len(PROMPT)
     end = length if cache_mode == "prefix" else start + BLOCK
@@ -166,10 +180,11 @@ def test_window_ignores_cached_values_at_its_own_positions(model: ReferenceModel
         keys[start:end], values[start:end] = torch.randn(2, end - start, *keys.shape[1:])
     window = model.forward(x[start:end], positions[start:end], cache,
                            write_cache=cache_mode == "dual")
-    torch.testing.assert_close(window, full[start:end], atol=1e-5, rtol=0)
+    torch.testing.assert_close(window, full[start:end], **forward_tolerance(full, model))
 
 
-def test_dual_step_writes_window_and_prefix_step_does_not(model: ReferenceModel) -> None:
+def test_dual_step_writes_window_and_prefix_step_does_not(model64: ReferenceModel) -> None:
+    model = model64
     x = _canvas(model)
     length, start, end = len(x), len(PROMPT), len(PROMPT) + BLOCK
     positions = torch.arange(length)
@@ -184,7 +199,7 @@ def test_dual_step_writes_window_and_prefix_step_does_not(model: ReferenceModel)
     model.forward(x, positions, fresh, write_cache=True)
     # Layer-0 keys depend only on token and position: the window now holds the new ones.
     torch.testing.assert_close(cache.keys[0][start:end], fresh.keys[0][start:end],
-                               atol=1e-5, rtol=0)
+                               **forward_tolerance(fresh.keys[0], model))
     torch.testing.assert_close(cache.keys[0][end:], old_keys[end:], atol=0, rtol=0)
 
 

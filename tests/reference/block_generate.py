@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tests.reference.block_model import BlockKV, BlockReferenceModel
+from tests.reference.margins import Margins, top2_gaps
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 # Default threshold of both loops: Fast-dLLM v2's batch_sample default, and the value of SDAR's
@@ -47,11 +48,13 @@ SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static")
 
 @dataclass
 class BlockResult:
-    """Output tokens (final, cut at the first end token), forwards used, final canvas."""
+    """Output tokens (final, cut at the first end token), forwards used, final canvas, and how
+    far the run's closest decision was from flipping."""
 
     tokens: list[int]
     num_forwards: int
     canvas: Tensor
+    margins: Margins
 
 
 class _Request:
@@ -79,6 +82,7 @@ class _Request:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.cache = model.new_cache()
         self.num_forwards = 0
+        self.margins = Margins()
 
     def forward(self, start: int, end: int, **kwargs: object) -> Tensor | tuple[Tensor, BlockKV]:
         """Logits of canvas window ``[start, end)`` (see BlockReferenceModel.forward); counts."""
@@ -96,24 +100,28 @@ class _Request:
         """Positions in ``[start, end)`` still holding MASK."""
         return start + torch.nonzero(self.canvas[start:end] == self.mask).flatten()
 
-    def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Proposed tokens and confidences for rows of logits at canvas ``positions`` (MASK
-        never proposed). Sampling without top-k / top-p filtering draws the engine's
-        counter-based noise (see the module docstring)."""
+    def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Proposed tokens, confidences and proposal margins (`top2_gaps`) for rows of logits
+        at canvas ``positions`` (MASK never proposed). Sampling without top-k / top-p
+        filtering draws the engine's counter-based noise (see the module docstring)."""
         logits = logits.float().clone()
         logits[:, self.mask] = float("-inf")
+        self.margins.observe(logits)
         if self.temperature == 0:
             x0 = logits.argmax(dim=-1)
-            return x0, logits.softmax(dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+            confidence = logits.softmax(dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+            return x0, confidence, top2_gaps(logits)
         if self.top_k == 0 and self.top_p == 1.0:
             return self._sample_counter_based(logits, positions)
         probs = _filtered_probs(logits / self.temperature, self.top_k, self.top_p)
         uniform = torch.rand(probs.shape, generator=self.generator)
         gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
-        x0 = (probs.log() + gumbel).argmax(dim=-1)
-        return x0, probs.gather(-1, x0[:, None]).squeeze(-1)
+        scores = probs.log() + gumbel
+        x0 = scores.argmax(dim=-1)
+        return x0, probs.gather(-1, x0[:, None]).squeeze(-1), top2_gaps(scores) * self.temperature
 
-    def _sample_counter_based(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def _sample_counter_based(self, logits: Tensor, positions: Tensor
+                              ) -> tuple[Tensor, Tensor, Tensor]:
         """``argmax(logits + T * G)``, ``G`` the Gumbel noise keyed by (seed, step, position):
         a sample of ``softmax(logits / T)``; confidence its probability there, as released."""
         step = self.num_forwards - 1  # the forward whose logits these are, counted from 0
@@ -121,15 +129,32 @@ class _Request:
             torch.full_like(positions, self.seed), torch.full_like(positions, step),
             positions.to(torch.int64), GUMBEL_STREAM,
         )  # fmt: skip
-        x0 = gumbel(keys, logits.shape[-1]).mul_(self.temperature).add_(logits).argmax(dim=-1)
+        scores = gumbel(keys, logits.shape[-1]).mul_(self.temperature).add_(logits)
+        x0 = scores.argmax(dim=-1)
         scaled = logits / self.temperature
         chosen = scaled.gather(-1, x0[:, None]).squeeze(-1)
-        return x0, torch.exp(chosen - torch.logsumexp(scaled, dim=-1))
+        return x0, torch.exp(chosen - torch.logsumexp(scaled, dim=-1)), top2_gaps(scores)
+
+    def commit(self, positions: Tensor, x0: Tensor, gaps: Tensor) -> None:
+        """Write proposals into the canvas, recording their margins."""
+        self.margins.proposals(gaps)
+        self.canvas[positions] = x0
+
+    def decided_by_threshold(self, confidence: Tensor, threshold: float) -> None:
+        """Record the margins of confidences compared with ``threshold``."""
+        self.margins.against(confidence, threshold, self.temperature)
+
+    def decided_by_ranking(self, confidence: Tensor, count: int) -> None:
+        """Record the margin of the ranking that picked the ``count`` most confident."""
+        ranked = torch.sort(confidence, descending=True, stable=True).values
+        self.margins.ranking(ranked, count, self.temperature)
 
     def greedy_token(self, logits_row: Tensor) -> int:
         """Argmax of one row, MASK excluded (Fast-dLLM v2's prefill / finished-block token)."""
         row = logits_row.float().clone()
         row[self.mask] = float("-inf")
+        self.margins.observe(row)
+        self.margins.proposals(top2_gaps(row[None]))
         return int(row.argmax())
 
     def final_prefix(self) -> list[int]:
@@ -149,7 +174,8 @@ class _Request:
             if token in self.end_token_ids:
                 tokens = tokens[: index + 1]
                 break
-        return BlockResult(tokens[: self.max_new_tokens], self.num_forwards, self.canvas)
+        return BlockResult(tokens[: self.max_new_tokens], self.num_forwards, self.canvas,
+                           self.margins)
 
 
 def _filtered_probs(scaled: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -259,10 +285,13 @@ def _decode_fast_dllm_v2_block(request: _Request, start: int, end: int, small_bl
                 rows = _shift(logits)[sub_start - start:sub_end - start]
             else:
                 rows = _shift(request.forward(sub_start, sub_end, block_kv=block_kv))
-            x0, confidence = request.propose(rows[candidates - sub_start], candidates)
+            x0, confidence, gaps = request.propose(rows[candidates - sub_start], candidates)
             chosen = torch.unique(torch.cat([
                 _top(confidence, 1), torch.nonzero(confidence > threshold).flatten()]))
-            request.canvas[candidates[chosen]] = x0[chosen]
+            request.decided_by_threshold(confidence, threshold)
+            if confidence.max() <= threshold:
+                request.decided_by_ranking(confidence, 1)
+            request.commit(candidates[chosen], x0[chosen], gaps[chosen])
             if request.finished():
                 return True
     return False
@@ -340,14 +369,17 @@ def generate_sdar(
                 unwritten = None
             else:
                 logits = request.forward(start, end)
-            x0, confidence = request.propose(logits[candidates - start], candidates)
+            x0, confidence, gaps = request.propose(logits[candidates - start], candidates)
             quota = min(quotas[step], len(candidates))
             above = torch.nonzero(confidence > threshold).flatten()
+            if remasking == "low_confidence_dynamic":
+                request.decided_by_threshold(confidence, threshold)
             if remasking == "low_confidence_dynamic" and len(above) >= quota:
                 chosen = above
             else:
                 chosen = _top(confidence, quota)
-            request.canvas[candidates[chosen]] = x0[chosen]
+                request.decided_by_ranking(confidence, quota)
+            request.commit(candidates[chosen], x0[chosen], gaps[chosen])
             if request.finished():
                 return request.result()
             step += 1

@@ -147,8 +147,8 @@ class BlockKVCache:
     Append-only: under block-causal attention a finished block's K/V are final.
     """
 
-    def __init__(self, spec: BlockModelSpec) -> None:
-        empty = torch.zeros(0, spec.num_kv_heads, spec.head_dim)
+    def __init__(self, spec: BlockModelSpec, dtype: torch.dtype = torch.float32) -> None:
+        empty = torch.zeros(0, spec.num_kv_heads, spec.head_dim, dtype=dtype)
         self.keys = [empty for _ in range(spec.num_layers)]
         self.values = [empty for _ in range(spec.num_layers)]
 
@@ -171,12 +171,14 @@ class BlockKV:
 
 
 class BlockReferenceModel:
-    """A Fast-dLLM v2 or SDAR checkpoint loaded for the dense reference forward (fp32, CPU)."""
+    """A Fast-dLLM v2 or SDAR checkpoint loaded for the dense reference forward (CPU; fp32 as
+    the engine runs, or float64 where a test claims two computations agree up to rounding)."""
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         directory = Path(checkpoint_dir)
         self.spec = spec = BlockModelSpec.from_dir(directory)
-        tensors = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
+        self.dtype = dtype
+        tensors = {k: v.to(dtype) for k, v in load_file(directory / "model.safetensors").items()}
         self.embed = tensors["model.embed_tokens.weight"]
         self.final_norm = tensors["model.norm.weight"]
         # A tied release ships no lm_head.weight; the embedding is the LM head.
@@ -189,7 +191,7 @@ class BlockReferenceModel:
         ]
 
     def new_cache(self) -> BlockKVCache:
-        return BlockKVCache(self.spec)
+        return BlockKVCache(self.spec, self.dtype)
 
     @torch.no_grad()
     def forward(
@@ -203,7 +205,7 @@ class BlockReferenceModel:
         block_kv: BlockKV | None = None,
         capture_block: bool = False,
     ) -> Tensor | tuple[Tensor, BlockKV]:
-        """Logits ``[T, vocab]`` (unshifted, fp32) of the window ``ids`` at ``start, start+1, ...``.
+        """Logits ``[T, vocab]`` (unshifted, model dtype) of window ``ids`` at ``start, ...``.
 
         Keys: the cache's ``[0, cache.length)`` (which must end where the window, or
         ``block_kv``, starts), then the window (or ``block_kv`` with the window written in).
@@ -219,7 +221,7 @@ class BlockReferenceModel:
                              f"fresh keys start at {fresh_start}")
         positions = torch.arange(start, start + len(ids))
         h = self.embed[ids]
-        cos, sin = _rope_tables(positions, spec.head_dim, spec.rope_theta)
+        cos, sin = _rope_tables(positions, spec.head_dim, spec.rope_theta, self.dtype)
         captured_keys, captured_values = [], []
         for index, w in enumerate(self.layers):
             x = _rms_norm(h, w["attn_norm"], spec.rms_norm_eps)

@@ -26,11 +26,12 @@ and its number of model forwards. Decisions the algorithm leaves open, fixed her
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from tests.reference.margins import Margins, top2_gaps
 from tests.reference.model import KVCache, ReferenceModel
 
 CACHE_MODES = ("none", "prefix", "dual")
@@ -39,11 +40,13 @@ REMASKING = ("low_confidence", "random")
 
 @dataclass
 class Result:
-    """Output tokens (final, cut at the first end token), forwards used, final canvas."""
+    """Output tokens (final, cut at the first end token), forwards used, final canvas, and how
+    far the run's closest decision was from flipping."""
 
     tokens: list[int]
     num_forwards: int
     canvas: Tensor
+    margins: Margins
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ def generate(
         start = len(prompt_ids) + block * block_length
         if decode_block(decoder, start, start + block_length, cache):
             break
-    return Result(decoder.output(), decoder.num_forwards, decoder.canvas)
+    return Result(decoder.output(), decoder.num_forwards, decoder.canvas, decoder.margins)
 
 
 def _make_rule(threshold: float | None, factor: float | None, steps: int | None,
@@ -130,6 +133,7 @@ class _Decoder:
     max_tokens: int
     generator: torch.Generator
     num_forwards: int = 0
+    margins: Margins = field(default_factory=Margins)
 
     def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
         """Logits of window ``[start, end)`` of the canvas; counts the forward."""
@@ -150,26 +154,30 @@ class _Decoder:
         Returns True when the request is finished.
         """
         candidates = self.masked(start, end)
-        x0, confidence = self.propose(logits[candidates - window_start])
-        chosen = _select(confidence, self.rule, step, masked_at_start)
+        x0, confidence, gaps = self.propose(logits[candidates - window_start])
+        margins = self.margins if self.remasking == "low_confidence" else Margins()
+        chosen = _select(confidence, self.rule, step, masked_at_start, margins)
         assert len(chosen) > 0, "every step commits at least one token, so every block ends"
+        self.margins.proposals(gaps[chosen])
         self.canvas[candidates[chosen]] = x0[chosen]
         return self.finished()
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Proposed tokens and their confidences for rows of logits (MASK never proposed)."""
+    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Proposed tokens, their confidences and their proposal margins (`top2_gaps`) for
+        rows of logits (MASK never proposed)."""
         logits = logits.float().clone()
         logits[:, self.model.spec.mask_token_id] = float("-inf")
+        self.margins.observe(logits)
         scores = logits
         if self.temperature > 0:
             uniform = torch.rand(logits.shape, generator=self.generator)
             gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
             scores = logits + self.temperature * gumbel
-        x0 = scores.argmax(dim=-1)
+        x0, gaps = scores.argmax(dim=-1), top2_gaps(scores)
         if self.remasking == "random":
-            return x0, torch.rand(x0.shape, generator=self.generator)
+            return x0, torch.rand(x0.shape, generator=self.generator), gaps
         chosen_logit = logits.gather(-1, x0[:, None]).squeeze(-1)
-        return x0, torch.exp(chosen_logit - torch.logsumexp(logits, dim=-1))
+        return x0, torch.exp(chosen_logit - torch.logsumexp(logits, dim=-1)), gaps
 
     def final_prefix(self) -> Tensor:
         """``x[P:f]``: the committed tokens before the first MASK at or after ``P``."""
@@ -223,7 +231,8 @@ def _decode_dream_block(decoder: _Decoder, start: int, end: int, mode: str) -> b
     length = len(decoder.canvas)
     cache = None if mode == "none" else decoder.model.new_cache(length)
     logits = _shift(decoder.forward(0, length, cache, write=True))
-    x0, _ = decoder.propose(logits[start:start + 1])
+    x0, _, gaps = decoder.propose(logits[start:start + 1])
+    decoder.margins.proposals(gaps)
     decoder.canvas[start] = x0[0]
     if decoder.finished():
         return True
@@ -249,19 +258,29 @@ def _shift(logits: Tensor) -> Tensor:
     return torch.cat([logits[:1], logits[:-1]], dim=0)
 
 
-def _select(confidence: Tensor, rule: Rule, step: int, masked_at_start: int) -> Tensor:
-    """Indices (into the candidates, which are in position order) to commit this step."""
+def _select(confidence: Tensor, rule: Rule, step: int, masked_at_start: int,
+            margins: Margins | None = None) -> Tensor:
+    """Indices (into the candidates, which are in position order) to commit this step; the
+    comparisons that decided them go into ``margins``."""
+    margins = Margins() if margins is None else margins
     # Stable descending sort: equal confidences keep position order, lower position first.
     order = torch.sort(confidence, descending=True, stable=True).indices
+    ranked = confidence[order]
     if rule.threshold is not None:
+        margins.against(confidence, rule.threshold)
+        if ranked[0] < rule.threshold:  # nothing above: the ranking picks the one committed
+            margins.ranking(ranked, 1)
         above = torch.nonzero(confidence >= rule.threshold).flatten()
         return torch.unique(torch.cat([order[:1], above]))
     if rule.factor is not None:
-        ranked = confidence[order]
         count = 1
         while count < len(ranked) and ranked[count] >= 1 - rule.factor / (count + 2):
             count += 1
+        compared = torch.arange(1, min(count + 1, len(ranked)))
+        margins.against(ranked[compared], 1 - rule.factor / (compared + 2.0), what="factor bound")
+        margins.ranking(ranked, count)
         return order[:count]
     per_step, extra = divmod(masked_at_start, rule.steps_per_block)
-    quota = per_step + (1 if step < extra else 0)
-    return order[: min(quota, len(order))]
+    quota = min(per_step + (1 if step < extra else 0), len(order))
+    margins.ranking(ranked, quota)
+    return order[:quota]

@@ -89,11 +89,16 @@ def generate_llada2(
         logits, step = first_logits, 0
         while True:
             candidates = request.masked(start, end)
-            x0, confidence = request.propose(logits[candidates - start], candidates)
+            x0, confidence, gaps = request.propose(logits[candidates - start], candidates)
             above = torch.nonzero(confidence > threshold).flatten()
             quota = min(quotas[step], len(candidates))
-            chosen = above if len(above) >= quota else _top(confidence, quota)
-            request.canvas[candidates[chosen]] = x0[chosen]
+            request.decided_by_threshold(confidence, threshold)
+            if len(above) >= quota:
+                chosen = above
+            else:
+                chosen = _top(confidence, quota)
+                request.decided_by_ranking(confidence, quota)
+            request.commit(candidates[chosen], x0[chosen], gaps[chosen])
             if request.finished():
                 return True
             if not len(request.masked(start, end)):
@@ -150,19 +155,25 @@ def generate_llada21(
         logits, post_steps = first_logits, 0
         while True:
             masked = request.canvas[rows] == request.mask
-            x0, confidence = request.propose(logits[rows - start], rows)
+            x0, confidence, gaps = request.propose(logits[rows - start], rows)
             commit = torch.zeros_like(masked)
             if masked.any():
                 candidates = torch.nonzero(masked).flatten()
                 above = candidates[confidence[candidates] > threshold]
                 quota = min(num_to_transfer, len(candidates))
+                request.decided_by_threshold(confidence[candidates], threshold)
+                if len(above) < quota:
+                    request.decided_by_ranking(confidence[candidates], quota)
                 commit[
                     above
                     if len(above) >= quota
                     else candidates[_top(confidence[candidates], quota)]
                 ] = True
+            # An edit needs a confident proposal that differs from the token: both decide.
+            request.decided_by_threshold(confidence[~masked], editing_threshold)
+            request.margins.proposals(gaps[~masked & (confidence > editing_threshold)])
             edit = ~masked & (x0 != request.canvas[rows]) & (confidence > editing_threshold)
-            request.canvas[rows[commit | edit]] = x0[commit | edit]
+            request.commit(rows[commit | edit], x0[commit | edit], gaps[commit | edit])
             if not masked.any():
                 post_steps += 1
                 if not edit.any():

@@ -106,19 +106,21 @@ def _tokenizer_mask_id(directory: Path) -> int:
 
 
 class LLaDA2ReferenceModel:
-    """A LLaDA 2.x checkpoint loaded for the dense reference forward (fp32, CPU)."""
+    """A LLaDA 2.x checkpoint loaded for the dense reference forward (CPU; fp32 as the engine
+    runs, or float64 where a test claims two computations agree up to rounding)."""
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         directory = Path(checkpoint_dir)
         self.spec = spec = LLaDA2Spec.from_dir(directory)
-        tensors = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
+        self.dtype = dtype
+        tensors = {k: v.to(dtype) for k, v in load_file(directory / "model.safetensors").items()}
         self.embed = tensors["model.word_embeddings.weight"]
         self.final_norm = tensors["model.norm.weight"]
         self.lm_head = tensors["lm_head.weight"]
         self.layers = [_layer(tensors, i, spec) for i in range(spec.num_layers)]
 
     def new_cache(self) -> BlockKVCache:
-        return BlockKVCache(self.spec)  # reads num_layers, num_kv_heads, head_dim
+        return BlockKVCache(self.spec, self.dtype)  # reads num_layers, num_kv_heads, head_dim
 
     @torch.no_grad()
     def forward(
@@ -130,7 +132,7 @@ class LLaDA2ReferenceModel:
         block_size: int | None = None,
         write_until: int | None = None,
     ) -> Tensor:
-        """Logits ``[T, vocab]`` (fp32) of the window ``ids`` at ``start, start+1, ...``.
+        """Logits ``[T, vocab]`` (model dtype) of the window ``ids`` at ``start, start+1, ...``.
 
         Keys: the cache's ``[0, cache.length)`` (which must end where the window starts), then
         the window. ``write_until`` appends the window's rows before that position to the cache.
@@ -143,7 +145,7 @@ class LLaDA2ReferenceModel:
                 f"keys would skip positions: cache ends at {cached}, the window starts at {start}"
             )
         positions = torch.arange(start, start + len(ids))
-        cos, sin = _rope_tables(positions, spec.rotary_dim, spec.rope_theta)
+        cos, sin = _rope_tables(positions, spec.rotary_dim, spec.rope_theta, self.dtype)
         h = self.embed[ids]
         fresh_keys, fresh_values = [], []
         for index, w in enumerate(self.layers):

@@ -109,22 +109,24 @@ _LAYER_NAMES = {
 class KVCache:
     """Per-layer K and V of every canvas position: ``[L, num_kv_heads, head_dim]`` each."""
 
-    def __init__(self, spec: ModelSpec, length: int) -> None:
+    def __init__(self, spec: ModelSpec, length: int, dtype: torch.dtype = torch.float32) -> None:
         size = (length, spec.num_kv_heads, spec.head_dim)
-        self.keys = [torch.zeros(size) for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(size) for _ in range(spec.num_layers)]
+        self.keys = [torch.zeros(size, dtype=dtype) for _ in range(spec.num_layers)]
+        self.values = [torch.zeros(size, dtype=dtype) for _ in range(spec.num_layers)]
 
     def __len__(self) -> int:
         return self.keys[0].shape[0]
 
 
 class ReferenceModel:
-    """A checkpoint directory loaded for the dense reference forward (fp32, CPU)."""
+    """A checkpoint directory loaded for the dense reference forward (CPU; fp32 as the engine
+    runs, or float64 where a test claims two computations agree up to rounding)."""
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         directory = Path(checkpoint_dir)
         self.spec = ModelSpec.from_config(json.loads((directory / "config.json").read_text()))
-        tensors = {k: v.float() for k, v in load_file(directory / "model.safetensors").items()}
+        self.dtype = dtype
+        tensors = {k: v.to(dtype) for k, v in load_file(directory / "model.safetensors").items()}
         embed, final_norm, lm_head = _GLOBAL_NAMES[self.spec.family]
         self.embed, self.final_norm = tensors[embed], tensors[final_norm]
         self.lm_head = tensors[lm_head]
@@ -136,7 +138,7 @@ class ReferenceModel:
 
     def new_cache(self, length: int) -> KVCache:
         """An empty cache for a canvas of ``length`` positions."""
-        return KVCache(self.spec, length)
+        return KVCache(self.spec, length, self.dtype)
 
     @torch.no_grad()
     def forward(
@@ -147,7 +149,7 @@ class ReferenceModel:
         *,
         write_cache: bool = False,
     ) -> Tensor:
-        """Logits ``[T, vocab]`` (unshifted, fp32) for the window ``ids`` at ``positions``.
+        """Logits ``[T, vocab]`` (unshifted, model dtype) for the window ``ids`` at ``positions``.
 
         Without a cache the window attends to itself only (pass the whole canvas). With a cache
         the window attends to all cached positions, its own replaced by the fresh K/V;
@@ -155,7 +157,7 @@ class ReferenceModel:
         """
         spec = self.spec
         h = self.embed[ids]
-        cos, sin = _rope_tables(positions, spec.head_dim, spec.rope_theta)
+        cos, sin = _rope_tables(positions, spec.head_dim, spec.rope_theta, self.dtype)
         for index, w in enumerate(self.layers):
             x = _rms_norm(h, w["attn_norm"], spec.rms_norm_eps)
             q = _linear(x, w["q"], w.get("q_bias")).view(-1, spec.num_heads, spec.head_dim)
@@ -183,12 +185,14 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin ``[T, 1, head_dim]`` of rotate-half RoPE (both halves share the frequencies)."""
+def _rope_tables(positions: Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[T, 1, head_dim]`` of rotate-half RoPE (both halves share the frequencies),
+    computed in fp32 as the releases (and vLLM) compute them, then cast to ``dtype``."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)[:, None, :]
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

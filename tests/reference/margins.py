@@ -1,0 +1,80 @@
+"""How far each decision of an oracle run was from flipping: the checked premise of every
+token-for-token comparison with the engine.
+
+The engine (vLLM's kernels) and the oracle (dense torch) compute the same fp32 logits in
+different orders, so their logits differ by rounding, by an amount that depends on the CPU's
+vector width and math library. Equal tokens on one CPU then mean equal tokens on every CPU only
+if no decision the oracle took was within that rounding of its tipping point. A run therefore
+records, in **logit units**, the smallest distance of any decision from flipping:
+
+- a committed proposal: the gap between the winning score (logit, plus the scaled noise when
+  sampling) and the runner-up's;
+- a confidence compared with a threshold or a factor-rule bound: ``|log c - log t|``;
+- confidences ranked against each other where the ranking decides what is committed (the
+  quota's cut, the always-committed top one): ``log c_a - log c_b``.
+
+A confidence is ``exp((l_x0 - logsumexp(l)) / T)`` (``T = 1`` without sampling), so an error of
+``d`` in every logit moves ``log c`` by at most ``2d / T``; log distances are multiplied by
+``T / 2`` to be in the same units as a logit gap. A decision cannot flip while the engine's
+logits are within half the margin of the oracle's (``tests/tolerances.py`` says how close they
+are, and asserts that the margin of every compared run exceeds that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Margins:
+    """The smallest decision margin of one oracle run, in logit units, and where it was."""
+
+    smallest: float = math.inf
+    where: str = "no decision"
+    scale: float = 0.0  # the largest finite logit magnitude the decisions were taken on
+
+    def observe(self, logits: Tensor) -> None:
+        """Logits a decision is about to be taken on (their magnitude sets the rounding)."""
+        finite = logits[torch.isfinite(logits)]
+        if finite.numel():
+            self.scale = max(self.scale, float(finite.abs().max()))
+
+    def _record(self, value: float, what: str) -> None:
+        if value < self.smallest:
+            self.smallest, self.where = value, what
+
+    def proposals(self, gaps: Tensor) -> None:
+        """`top2_gaps` of the rows whose proposal was committed."""
+        if gaps.numel():
+            self._record(float(gaps.min()), "proposal top-2 gap")
+
+    def against(self, confidence: Tensor, bound: float | Tensor, temperature: float = 1.0,
+                what: str = "threshold") -> None:
+        """Confidences compared with a bound (a threshold, the factor rule's ``1 - f/(i+1)``);
+        bounds outside ``(0, 1]`` decide nothing that rounding could change."""
+        bound = torch.as_tensor(bound, dtype=torch.float64).expand(confidence.shape)
+        live = (bound > 0) & (bound <= 1)
+        if live.any():
+            gap = (confidence.double()[live].log() - bound[live].log()).abs().min()
+            self._record(float(gap) * _scale(temperature), f"confidence vs {what}")
+
+    def ranking(self, ranked: Tensor, cut: int, temperature: float = 1.0) -> None:
+        """Confidences sorted descending, of which the first ``cut`` are committed: the gap at
+        the cut decides which ones."""
+        if 0 < cut < len(ranked):
+            gap = ranked[cut - 1].double().log() - ranked[cut].double().log()
+            self._record(float(gap) * _scale(temperature), "confidence ranking at the cut")
+
+
+def top2_gaps(scores: Tensor) -> Tensor:
+    """Per row, the winning proposal score minus the runner-up's (MASK's score is ``-inf``)."""
+    top2 = scores.topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def _scale(temperature: float) -> float:
+    return (temperature if temperature > 0 else 1.0) / 2
