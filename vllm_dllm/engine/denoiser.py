@@ -13,7 +13,8 @@ capturing CUDA graphs; a step then is:
    calls it (compiled; on a GPU, replaying the piecewise CUDA graph captured for the padded
    token count);
 3. logits only for the positions that may be committed, chunk by chunk with the proposal
-   (`sampling.propose_rows`), then each request's rule and the commits, on the device;
+   (`sampling.propose_rows`; chunks as large as the memory vLLM profiled for its own sampler
+   allows), then each request's rule and the commits, on the device;
 4. one device-to-host transfer of the commits, from which the host advances every request and
    reports the tokens that became final.
 
@@ -54,7 +55,7 @@ from vllm_dllm.denoising.step import (
 from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.families import family_of
-from vllm_dllm.sampling import propose_rows, rows_per_chunk
+from vllm_dllm.sampling import propose_rows, rows_per_chunk, sampler_profile_bytes
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -86,7 +87,13 @@ class Denoiser:
         self._pin = pin
         self._packed = torch.empty(packed_size(num_slots, num_slots), dtype=torch.int32,
                                    pin_memory=pin)  # fmt: skip
-        self.max_rows = rows_per_chunk(runner.model_config.get_vocab_size())
+        self.vocab_size = runner.model_config.get_vocab_size()
+        self.logits_itemsize = runner.model_config.head_dtype.itemsize
+        # What vLLM's start-up profile left free for its sampler: the budget of the step's
+        # proposal chunks (one GEMM for the whole step where its rows fit).
+        self.scratch_bytes = sampler_profile_bytes(
+            min(runner.max_num_reqs, runner.max_num_tokens), self.vocab_size, self.logits_itemsize
+        )
         self.states: dict[str, RequestState] = {}
         self.slots: dict[str, int] = {}
 
@@ -170,7 +177,9 @@ class Denoiser:
             self.mask_token_id,
             temperature,
             noise_keys,
-            self.max_rows,
+            rows_per_chunk(
+                self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None
+            ),
             # Block-diffusion releases compare the tempered probability to their thresholds.
             tempered_confidence=self.family.block_causal,
         )
