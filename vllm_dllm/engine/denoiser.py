@@ -81,8 +81,8 @@ class Denoiser:
         # One slot more than running requests can use: `score()` borrows it.
         num_slots = runner.vllm_config.scheduler_config.max_num_seqs + 1
         self.canvases = Canvases(
-            num_slots, max_len, -(-max_len // self.kv_block_size), self.mask_token_id,
-            self.device, pin,
+            num_slots, max_len, runner.kv_cache_config.num_blocks, self.kv_block_size,
+            self.mask_token_id, self.device, pin,
         )  # fmt: skip
         self._pin = pin
         self._packed = torch.empty(packed_size(num_slots, num_slots), dtype=torch.int32,
@@ -149,6 +149,7 @@ class Denoiser:
     def step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in scheduler_output.finished_req_ids:
             self._remove_request(req_id)
+        self.canvases.begin_step()
         for new in scheduler_output.scheduled_new_reqs:
             self._add_request(new)
         req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -212,7 +213,7 @@ class Denoiser:
         for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
             final_end = state.advance(committed[i], int(first_masked[i]))
             start, stop = state.newly_final(final_end)
-            sampled.append(state.emit(self.canvases.host[slots[i], start:stop].tolist(), final_end))
+            sampled.append(state.emit(self.canvases.read(slots[i], start, stop), final_end))
             if state.done:
                 finished[req_id] = (state.blocks_done, state.early_stop)
             else:
@@ -230,9 +231,7 @@ class Denoiser:
         mode, descriptor = self._dispatch(shape.num_tokens)
         input_ids = self.runner.input_ids.gpu[: descriptor.num_tokens]
         positions = self.runner.positions[: descriptor.num_tokens]
-        slot_mapping = window_inputs(
-            self.canvases, meta, shape, input_ids, positions, self.kv_block_size
-        )
+        slot_mapping = window_inputs(self.canvases, meta, shape, input_ids, positions)
         common = CommonAttentionMetadata(
             query_start_loc=meta.query_start,
             query_start_loc_cpu=torch.from_numpy(shape.query_start.copy()),
@@ -297,6 +296,7 @@ class Denoiser:
         length = len(token_ids)
         num_kv_blocks = -(-length // self.kv_block_size)
         total = self.runner.kv_cache_config.num_blocks
+        self.canvases.begin_step()
         slot = self.canvases.add(token_ids, length, list(range(total - num_kv_blocks, total)))
         try:
             results = []
