@@ -144,6 +144,11 @@ def test_legacy_ray_executor_is_refused_at_start_up(llada_tiny_dir, monkeypatch)
     with pytest.raises(ValueError, match="VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0: vLLM's older Ray"):
         engine_config(llada_tiny_dir, distributed_executor_backend="ray")
     engine_config(llada_tiny_dir)  # the variable alone (no Ray executor) is harmless
+    monkeypatch.delenv("VLLM_USE_RAY_V2_EXECUTOR_BACKEND")
+    from vllm.v1.executor.ray_executor import RayDistributedExecutor
+
+    with pytest.raises(ValueError, match="distributed_executor_backend=RayDistributedExecutor"):
+        engine_config(llada_tiny_dir, distributed_executor_backend=RayDistributedExecutor)
 
 
 

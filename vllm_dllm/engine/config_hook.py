@@ -147,15 +147,21 @@ def _refuse_legacy_ray_executor(vllm_config: VllmConfig) -> None:
     from vllm import envs
 
     backend = vllm_config.parallel_config.distributed_executor_backend
-    legacy = (backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND) or (
-        isinstance(backend, type)
-        and any(cls.__name__ == "RayDistributedExecutor" for cls in backend.__mro__)
+    why = (
+        "vLLM's older Ray executor calls the model runner directly and would skip vllm-dllm's "
+        "denoising step"
     )
-    if legacy:
+    if backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
         raise ValueError(
-            f"{RAY_V2_ENV}=0: vLLM's older Ray executor calls the model runner directly and "
-            "would skip vllm-dllm's denoising step; unset it (or set it to 1) to use vLLM's "
-            "default Ray executor (RayExecutorV2) with diffusion models."
+            f"{RAY_V2_ENV}=0: {why}; unset it (or set it to 1) to use vLLM's default Ray "
+            "executor (RayExecutorV2) with diffusion models."
+        )
+    if isinstance(backend, type) and any(
+        cls.__name__ == "RayDistributedExecutor" for cls in backend.__mro__
+    ):
+        raise ValueError(
+            f"distributed_executor_backend={backend.__name__}: {why}; use "
+            'distributed_executor_backend="ray" (RayExecutorV2) with diffusion models.'
         )
 
 
