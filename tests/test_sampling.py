@@ -327,15 +327,17 @@ def test_no_float64_vocab_tensor_and_bounded_scratch() -> None:
 
 
 def test_chunk_budget_is_what_vllm_profiled_for_its_sampler() -> None:
-    """The budget is vLLM's profiled sampler logits (bf16 plus their float32 copy; float32 once).
-    Greedy rows, which need no noise scratch, get larger chunks than sampled rows; with a budget
-    that holds every row, the step is one GEMM."""
+    """The budget is what vLLM's profiled sampler held per logit (bf16 logits, their float32
+    copy, probabilities and noise: 14 bytes; float32: 12). Greedy rows, which need no noise
+    scratch, get larger chunks than sampled ones: a bf16 greedy step fits as many rows as vLLM's
+    sampler had requests, and a step whose rows fit the budget is one GEMM."""
     vocab = 126464
-    assert sampler_profile_bytes(256, vocab, 2) == 256 * vocab * 6
-    assert sampler_profile_bytes(256, vocab, 4) == 256 * vocab * 4
-    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, False) == 256 * 6 // 14
-    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, True) == 256 * 6 // 26
-    assert rows_per_chunk(vocab, 2048 * vocab * 14, 2, False) == 64 * 32
+    assert sampler_profile_bytes(256, vocab, 2) == 256 * vocab * 14
+    assert sampler_profile_bytes(256, vocab, 4) == 256 * vocab * 12
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, False) == 256
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, True) == 256 * 14 // 26
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 4), 4, False) == 192
+    assert rows_per_chunk(vocab, sampler_profile_bytes(2048, vocab, 2), 2, False) == 64 * 32
     for itemsize in (2, 4):
         for sampling in (False, True):
             budget = sampler_profile_bytes(32, vocab, itemsize)

@@ -34,13 +34,15 @@ def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> i
     """Vocabulary-sized memory that vLLM's start-up profile held for its own sampler, at least.
 
     The model runner's profile run ends with a dummy sampler run over `rows` requests (its
-    largest batch): the logits `[rows, vocab]` in the LM head's dtype and, unless that is
-    already float32, the sampler's float32 copy of them, live together. The KV cache was sized
+    largest batch), once more with a seeded generator, which takes the sampler's plain-torch
+    random-sampling path: while it draws, the logits `[rows, vocab]` in the LM head's dtype, the
+    sampler's float32 copy of them (the same tensor when already float32), their float32
+    probabilities and the float32 exponential noise are alive together. The KV cache was sized
     to leave that memory free, so a denoising step may use as much for its proposal chunks.
-    (vLLM's top-k / top-p temporaries come on top; they are not counted, as a margin.)
+    (Top-k / top-p temporaries come on top; they are not counted, as a margin.)
     """
     copy = 0 if logits_itemsize == 4 else 4
-    return rows * vocab_size * (logits_itemsize + copy)
+    return rows * vocab_size * (logits_itemsize + copy + 8)
 
 
 def rows_per_chunk(
