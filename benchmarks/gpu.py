@@ -35,9 +35,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import engine_job, report, run  # noqa: E402
 from benchmarks.bare_forward import bare_forward  # noqa: E402
+from vllm_dllm.testing import block_checkpoints as bc  # noqa: E402
 from vllm_dllm.testing import checkpoints as tc  # noqa: E402
+from vllm_dllm.testing import llada2_checkpoints as lc  # noqa: E402
 
-SECTIONS = ("cache", "batching", "overhead", "floor")
+SECTIONS = ("cache", "batching", "overhead", "floor", "prefill")
 BATCHES = (1, 8, 32, 64)
 BLOCK = 32
 #: Per shape: best-of rounds of the batch-1 cases (batching runs once, after a warm-up, to fit
@@ -48,6 +50,23 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"ckpt": tc.LLADA_TINY, "dtype": "float32", "prompt": 32, "gen": 32, "rounds": 1,
              "replays": 20},
 }
+#: The block-diffusion prefill row: per shape, the prompt length and the models, with the tiny
+#: checkpoints' 320-token vocabulary (a prefill barely touches the LM head). SDAR 8B has
+#: Qwen3-8B's shape, at block 4; the LLaDA 2.x model is an MoE of LLaDA 2.0 mini's size class
+#: (hidden 2048, 20 layers, 256 experts, 8 per token), at block 32, and needs vLLM's fused-MoE
+#: kernels.
+PREFILL: dict[str, dict[str, Any]] = {
+    "8b": {"prompt": 2048, "models": {
+        "sdar": (bc.BlockShape(hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                               num_layers=36, intermediate_size=12288, block_size=4,
+                               tie_word_embeddings=False), 4),
+        "llada2": (lc.MoeShape(hidden_size=2048, num_heads=16, num_kv_heads=4, head_dim=128,
+                               num_layers=20, intermediate_size=5120, moe_intermediate_size=512,
+                               num_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4),
+                   32)}},
+    "tiny": {"prompt": 256, "models": {"sdar": (bc.BlockShape.SDAR, 4),
+                                       "llada2": (lc.MoeShape(), 32)}},
+}
 REST = "rest (scheduler, IPC, inputs, sampler)"
 #: Each section's table (report._table's columns; the first names the chart's bars) and the
 #: charted value with its unit.
@@ -56,7 +75,10 @@ TABLES = {"cache": ("cache=cache|ms/step=ms_per_step|tokens/s=tokens_per_s|vs no
           "batching": ("batch=batch|tokens/s=tokens_per_s|ms/step=ms_per_step|vs batch 1="
                        "vs_batch_1:x|engine steps=steps|wall s=wall_s", "tokens_per_s", "tokens/s"),
           "overhead": ("stage=stage|ms/step=ms|share=share:%", "ms", "ms per step"),
-          "floor": ("forward=forward|ms=ms", "ms", "ms")}
+          "floor": ("forward=forward|ms=ms", "ms", "ms"),
+          "prefill": ("model=model|block=block|prompt=prompt|windows=windows|prefill ms="
+                      "prefill_ms|ms/window=ms_per_window|wall s=wall_s|1-block wall s="
+                      "short_wall_s|forwards=forwards", "prefill_ms", "ms per prefill")}
 ratio = functools.partial(report._ratio, nd=2)
 
 
@@ -123,6 +145,65 @@ def floor(x: SimpleNamespace) -> tuple[str, list[dict]]:
         {"forward": "engine dual step, batch 1", "ms": dual}]
 
 
+def prefill_model(family: str, shape: Any, directory: str, cuda: bool) -> str:
+    """The family's checkpoint files. On a GPU the weights are vLLM's dummy ones: only the
+    config is the shape's (the tiny checkpoint's tokenizer stays)."""
+    write, config = {"sdar": (bc.write_sdar_checkpoint, bc.sdar_config_dict),
+                     "llada2": (lc.write_llada2_checkpoint, lc.llada2_config_dict)}[family]
+    path = write(Path(directory) / family) if cuda else write(Path(directory) / family, shape)
+    if cuda:
+        (path / "model.safetensors").unlink()
+        (path / "config.json").write_text(json.dumps(dict(config(shape),
+                                                          torch_dtype="bfloat16"), indent=2))
+    return str(path)
+
+
+def prefill(x: SimpleNamespace) -> tuple[str, list[dict]]:
+    """A prompt of whole blocks is prefilled in one forward with one attention sequence per
+    block (block-causal: each sees its own block and the ones before). Per family: a request
+    with the long prompt and one request with a one-block prompt, both generating one block one
+    token per step (threshold 1 commits the quota of one); the prefill is the difference."""
+    from vllm import LLM
+
+    spec, rows = PREFILL[x.shape], []
+    for family, (shape, block) in spec["models"].items():
+        with tempfile.TemporaryDirectory() as directory:
+            model = prefill_model(family, shape, directory, x.cuda)
+            options = {"max_model_len": spec["prompt"] + 2 * block, "max_num_seqs": 8,
+                       "max_num_batched_tokens": spec["prompt"] + 2 * block, "seed": 0,
+                       "dtype": x.s["dtype"], "gpu_memory_utilization": 0.85,
+                       "enforce_eager": not x.cuda,
+                       **({"load_format": "dummy"} if x.cuda else {})}
+            try:
+                llm = LLM(model=model, **options)
+            except Exception as e:
+                traceback.print_exc()
+                rows.append({"model": f"{family}: engine failed: {e!r}"[:120], "block": block,
+                             "prompt": spec["prompt"], "windows": spec["prompt"] // block,
+                             "prefill_ms": None, "ms_per_window": None, "wall_s": None,
+                             "short_wall_s": None, "forwards": None})
+                continue
+            try:
+                extra = {"dllm_threshold": 1.0}
+                long, short = (measure(llm, run.case(f"{family}-p{n}", "prefill",
+                                                     run.byte_prompts(1, n, 0), block, extra, {},
+                                                     block=block), x.s["rounds"])
+                               for n in (spec["prompt"], block))
+            finally:
+                llm.llm_engine.engine_core.shutdown()
+                del llm
+                gc.collect()
+        ms = 1000 * (long["best_wall_s"] - short["best_wall_s"])
+        rows.append({"model": family, "block": block, "prompt": spec["prompt"],
+                     "windows": spec["prompt"] // block, "prefill_ms": round(ms, 3),
+                     "ms_per_window": round(ms / (spec["prompt"] // block), 4),
+                     "wall_s": long["best_wall_s"], "short_wall_s": short["best_wall_s"],
+                     "forwards": long["forwards"]})
+    return (f"One request, prompt {spec['prompt']} (whole blocks, one attention sequence each) "
+            f"against a one-block prompt, each generating one block one token per step, best of "
+            f"{x.s['rounds']}; prefill ms: the difference of the two walls; max_num_seqs 8."), rows
+
+
 def provenance(commit: str | None, argv: list[str], cuda: bool) -> dict[str, Any]:
     """Versions, device, driver, commit (the GPU machine's copy of the tree may lack .git). The
     device's name comes from nvidia-smi until the engine is gone: torch.cuda would initialise
@@ -161,8 +242,11 @@ def write(doc: dict, out: Path) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return print("[gpu] matplotlib is not installed: no results.png", flush=True)
-    fig = Figure(figsize=(14, 8))
-    for i, (ax, name) in enumerate(zip(fig.subplots(2, 2).flat, SECTIONS, strict=True)):
+    fig = Figure(figsize=(20, 8))
+    axes = list(fig.subplots(2, 3).flat)
+    for spare in axes[len(SECTIONS) :]:
+        spare.set_visible(False)
+    for i, (ax, name) in enumerate(zip(axes[: len(SECTIONS)], SECTIONS, strict=True)):
         columns, value, unit = TABLES[name]
         label = columns.split("|")[0].split("=")[1]
         rows = [r for r in doc["sections"].get(name, {}).get("rows", []) if r[value] is not None]
@@ -180,7 +264,7 @@ def run_section(x: SimpleNamespace, fn, out: Path) -> None:
     runs: one GPU loan must not lose the floor to a failed engine section."""
     t0 = time.perf_counter()
     try:
-        if fn is not floor and isinstance(x.llm, str):
+        if fn not in (floor, prefill) and isinstance(x.llm, str):
             raise RuntimeError(f"no engine: {x.llm}")
         text, rows = fn(x)
     except Exception as e:
@@ -220,10 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"provenance": provenance(args.commit, argv, cuda), "sections": {}, "settings": {
         "shape": args.shape, "model": run.shape_dict(s["ckpt"]), "batches": BATCHES, "block": BLOCK,
         "engine": options, **{k: v for k, v in s.items() if k != "ckpt"}}}
-    x = SimpleNamespace(llm="not started", s=s, cuda=cuda, doc=doc, canvas=canvas)
+    x = SimpleNamespace(llm="not started", s=s, cuda=cuda, doc=doc, canvas=canvas,
+                        shape=args.shape)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as model_dir:
-        if set(args.sections) - {"floor"}:
+        if set(args.sections) - {"floor", "prefill"}:
             from vllm import LLM
 
             t0 = time.perf_counter()
@@ -246,6 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
         doc["provenance"]["device"] = torch.cuda.get_device_name()
     if "floor" in args.sections:
         run_section(x, floor, args.out)
+    if "prefill" in args.sections:
+        run_section(x, prefill, args.out)
     print(f"[gpu] wrote results.json, results.md, results.png in {args.out}", flush=True)
     return doc
 

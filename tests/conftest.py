@@ -222,6 +222,8 @@ llada_engine = pooled_engine("llada", "llada_tiny_dir")
 dream_engine = pooled_engine("dream", "dream_tiny_dir")
 fast_dllm_v2_engine = pooled_engine("fast_dllm_v2", "fast_dllm_v2_tiny_dir")
 sdar_engine = pooled_engine("sdar", "sdar_tiny_dir")
+# Fewer running requests than the attention sequences of one long prompt's block prefill.
+sdar_few_seqs_engine = pooled_engine("sdar_few_seqs", "sdar_tiny_dir", max_num_seqs=8)
 llada2_engine = pooled_engine("llada2", "llada2_tiny_dir")
 # vLLM's compilation on: on CPU the model runs through the inductor build, on a GPU through the
 # captured CUDA graphs.

@@ -72,6 +72,8 @@ class CanvasRecorder:
     """Worker extension (test only): a digest of every in-flight canvas after every step."""
 
     def dllm_test_record_canvases(self) -> None:
+        import torch
+
         log: dict[str, list[int]] = {}
         self._dllm_test_canvas_log = log
         plugin_step = type(self).execute_model  # the plugin worker's denoising step
@@ -80,7 +82,9 @@ class CanvasRecorder:
             output = plugin_step(self, scheduler_output)
             canvases = self.denoiser.canvases
             for req_id, state in self.denoiser.states.items():
-                canvas = canvases.tokens[self.denoiser.slots[req_id], : state.canvas_len]
+                positions = torch.arange(state.canvas_len, device=canvases.tokens.device)
+                slot = self.denoiser.slots[req_id]
+                canvas = canvases.tokens[canvases.index(slot, positions)]
                 log.setdefault(req_id, []).append(zlib.crc32(canvas.cpu().numpy().tobytes()))
             return output
 

@@ -399,3 +399,16 @@ def test_parameters_that_do_not_apply_are_rejected(family, extra, name, request)
     with pytest.raises((ValueError, VLLMValidationError), match=name):
         engine_run(llm, [[17, 101, 42]], [params(extra)])
     assert engine_run(llm, [[17, 101, 42]], [params({})])[0][0]  # still serving
+
+
+def test_sdar_long_prompt_prefills_more_windows_than_running_requests(
+    sdar_few_seqs_engine, sdar_tiny_dir, sdar
+):
+    """A 300-token prompt at block 4 prefills 75 block windows in one forward, and two such
+    prompts 150 windows, with `max_num_seqs` 8: attention sequences per forward are bounded by
+    the scheduled tokens, not by the running requests."""
+    prompts = [[(7 * i) % 250 + 1 for i in range(300)], [(11 * i) % 250 + 1 for i in range(301)]]
+    extra = {"dllm_threshold": 0.5}
+    expected = [sdar_oracle(sdar, sdar_tiny_dir, p, extra) for p in prompts]
+    assert engine_run(sdar_few_seqs_engine, prompts[:1], [params(extra)]) == expected[:1]
+    assert engine_run(sdar_few_seqs_engine, prompts, [params(extra)] * 2) == expected

@@ -135,6 +135,71 @@ def test_sliding_window_is_refused_at_start_up(dream_tiny_dir, tmp_path):
         engine_config(checkpoint)
 
 
+
+def test_legacy_ray_executor_is_refused_at_start_up(llada_tiny_dir, monkeypatch):
+    """vLLM's older Ray executor calls the model runner directly, skipping the plugin's step."""
+    config = engine_config(llada_tiny_dir, distributed_executor_backend="ray")
+    assert config.parallel_config.distributed_executor_backend == "ray"  # the default executor
+    monkeypatch.setenv("VLLM_USE_RAY_V2_EXECUTOR_BACKEND", "0")
+    with pytest.raises(ValueError, match="VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0: vLLM's older Ray"):
+        engine_config(llada_tiny_dir, distributed_executor_backend="ray")
+    engine_config(llada_tiny_dir)  # the variable alone (no Ray executor) is harmless
+    monkeypatch.delenv("VLLM_USE_RAY_V2_EXECUTOR_BACKEND")
+    from vllm.v1.executor.ray_executor import RayDistributedExecutor
+
+    with pytest.raises(ValueError, match="distributed_executor_backend=RayDistributedExecutor"):
+        engine_config(llada_tiny_dir, distributed_executor_backend=RayDistributedExecutor)
+
+
+
+def test_flex_attention_is_refused_for_block_diffusion(sdar_tiny_dir):
+    """Its buffers hold `max_num_seqs` sequences; a block-diffusion prefill has one per block."""
+    with pytest.raises(ValueError, match="attention backend FLEX_ATTENTION: its metadata holds"):
+        engine_config(sdar_tiny_dir, attention_backend="FLEX_ATTENTION")
+
+def test_cuda_graph_modes_for_diffusion_models():
+    """Only the mixed-batch part of a mode applies, and full graphs become piecewise ones."""
+    from vllm.config import CUDAGraphMode as M
+
+    from vllm_dllm.engine.config_hook import diffusion_cudagraph_mode
+
+    assert {mode: diffusion_cudagraph_mode(mode) for mode in M} == {
+        M.NONE: M.NONE,
+        M.PIECEWISE: M.PIECEWISE,
+        M.FULL: M.PIECEWISE,
+        M.FULL_DECODE_ONLY: M.NONE,
+        M.FULL_AND_PIECEWISE: M.PIECEWISE,
+    }
+
+
+@pytest.mark.parametrize(
+    ("requested", "level", "expected", "warned"),
+    [
+        (None, 2, "PIECEWISE", False),  # vLLM's -O2 default would be FULL_AND_PIECEWISE
+        (None, 0, None, False),  # -O0: vLLM's default, no graphs
+        ("FULL_AND_PIECEWISE", 2, "PIECEWISE", True),
+        ("PIECEWISE", 2, "PIECEWISE", False),
+    ],
+)
+def test_config_hook_sets_the_cuda_graph_mode(
+    sdar_tiny_dir, caplog, requested, level, expected, warned
+):
+    """The hook runs before vLLM fills in its optimization level's default mode (the CPU
+    platform then turns graphs off, so the hook is applied to the mode as vLLM hands it over);
+    a mode the user chose is replaced with a warning that names it."""
+    from vllm.config import CUDAGraphMode
+
+    from vllm_dllm.engine.config_hook import _use_piecewise_cuda_graphs
+
+    config = engine_config(sdar_tiny_dir)
+    config.compilation_config.cudagraph_mode = requested and CUDAGraphMode[requested]
+    config.optimization_level = level
+    with caplog.at_level("WARNING", logger="vllm_dllm"):
+        _use_piecewise_cuda_graphs(config)
+    mode = config.compilation_config.cudagraph_mode
+    assert (mode and mode.name) == expected
+    assert ("cudagraph_mode=FULL_AND_PIECEWISE is replaced" in caplog.text) == warned
+
 @pytest.fixture
 def defaults_variable(monkeypatch):
     """`VLLM_DLLM_DEFAULTS` set for one test; the engines of later tests never see it."""

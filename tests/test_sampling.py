@@ -10,13 +10,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vllm_dllm.sampling import (
     GUMBEL_STREAM,
     REMASK_STREAM,
-    SCRATCH_BYTES,
     SelectionRule,
     gumbel,
     propose,
     propose_rows,
     row_keys,
     rows_per_chunk,
+    sampler_profile_bytes,
     select,
     steps_quota,
     uniform,
@@ -330,11 +330,25 @@ def test_no_float64_vocab_tensor_and_bounded_scratch() -> None:
         assert detector.max_numel <= chunk * vocab  # never an [N, V] tensor
 
 
-def test_rows_per_chunk_respects_the_scratch_bound() -> None:
-    for vocab in (1000, 126464, 152064):
-        rows = rows_per_chunk(vocab)
-        assert rows >= 1 and rows * vocab * 28 <= SCRATCH_BYTES
-    assert rows_per_chunk(10**9) == 1
+def test_chunk_budget_is_what_vllm_profiled_for_its_sampler() -> None:
+    """The budget is what vLLM's profiled sampler held per logit (bf16 logits, their float32
+    copy, probabilities and noise: 14 bytes; float32: 12). Greedy rows, which need no noise
+    scratch, get larger chunks than sampled ones: a bf16 greedy step fits as many rows as vLLM's
+    sampler had requests, and a step whose rows fit the budget is one GEMM."""
+    vocab = 126464
+    assert sampler_profile_bytes(256, vocab, 2) == 256 * vocab * 14
+    assert sampler_profile_bytes(256, vocab, 4) == 256 * vocab * 12
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, False) == 256
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 2), 2, True) == 256 * 14 // 26
+    assert rows_per_chunk(vocab, sampler_profile_bytes(256, vocab, 4), 4, False) == 192
+    assert rows_per_chunk(vocab, sampler_profile_bytes(2048, vocab, 2), 2, False) == 64 * 32
+    for itemsize in (2, 4):
+        for sampling in (False, True):
+            budget = sampler_profile_bytes(32, vocab, itemsize)
+            rows = rows_per_chunk(vocab, budget, itemsize, sampling)
+            per_logit = itemsize + (24 if sampling else 12)
+            assert rows * vocab * per_logit <= budget < (rows + 1) * vocab * per_logit
+    assert rows_per_chunk(10**9, 1, 2, True) == 1
 
 
 def test_chunking_does_not_change_results() -> None:

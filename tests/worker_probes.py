@@ -61,3 +61,33 @@ def stop_counting_host_reads(worker: Any) -> list[tuple[int, list[str]]]:
     """Restore the step; return (requests in the step, host reads) for every step run."""
     del worker.denoiser.step  # the instance attribute shadowed the class's method
     return worker.dllm_host_reads
+
+
+def start_counting_cuda_syncs(worker: Any) -> None:
+    """Wrap the denoiser's step in `torch.cuda.set_sync_debug_mode("warn")`, which warns at every
+    operation that makes the host wait for the GPU, and record those warnings per step."""
+    import warnings
+
+    denoiser = worker.denoiser
+    original = denoiser.step
+    records: list[tuple[int, list[str]]] = []
+
+    def counting_step(scheduler_output: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return original(scheduler_output)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+                records.append((len(scheduler_output.num_scheduled_tokens), syncs))
+
+    denoiser.step = counting_step
+    worker.dllm_cuda_syncs = records
+
+
+def stop_counting_cuda_syncs(worker: Any) -> list[tuple[int, list[str]]]:
+    """Restore the step; return (requests in the step, synchronizing operations) per step."""
+    del worker.denoiser.step
+    return worker.dllm_cuda_syncs

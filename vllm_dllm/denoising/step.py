@@ -176,7 +176,6 @@ def window_inputs(
     shape: StepShape,
     input_ids: Tensor,
     positions: Tensor,
-    kv_block_size: int,
 ) -> Tensor:
     """Fill `input_ids` and `positions` (padded to their length) with every query window's
     tokens and positions; return the windows' KV slots, padded the same way.
@@ -197,9 +196,9 @@ def window_inputs(
     positions[shape.num_tokens :] = 0
     slot = torch.zeros(num_padded, dtype=torch.int64, device=device)
     slot[: shape.num_tokens] = meta.window(WindowField.SLOT)[window]
-    input_ids.copy_(canvases.tokens[slot, positions])
-    kv_block = canvases.block_table[slot, positions // kv_block_size].to(torch.int64)
-    slot_mapping = kv_block * kv_block_size + positions % kv_block_size
+    # A canvas is stored by KV slot, so the gather index is the slot mapping itself.
+    slot_mapping = canvases.index(slot, positions)
+    input_ids.copy_(canvases.tokens[slot_mapping])
     slot_mapping[shape.num_tokens :] = -1
     return slot_mapping
 
@@ -223,7 +222,7 @@ def candidates(canvases: Canvases, meta: StepTensors, shape: StepShape) -> Candi
         inside, meta[Field.BLOCK_START].unsqueeze(-1) + column, canvases.sink
     ).to(torch.int64)
     slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
-    values = canvases.tokens[slot, positions]
+    values = canvases.tokens[canvases.index(slot, positions)]
     # A step may commit only some columns (a Dream block opening, a Fast-dLLM v2 sub-block).
     allowed = (column >= meta[Field.COMMIT_LO].unsqueeze(-1)) & (
         column < meta[Field.COMMIT_HI].unsqueeze(-1)
@@ -325,7 +324,7 @@ def commit(
     )
     new_values = torch.where(chosen, dense_x0, cand.values)
     slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
-    canvases.tokens[slot, cand.positions] = new_values
+    canvases.tokens[canvases.index(slot, cand.positions)] = new_values
     still_masked = new_values.eq(canvases.mask_token_id) & (cand.positions != canvases.sink)
     first_masked = torch.where(
         still_masked.any(dim=-1),

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+    from vllm_dllm.families import Family
 
 logger = init_logger(__name__)
 
@@ -36,8 +39,10 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         from vllm_dllm.families import family_of
 
         # A malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request.
-        check_server_defaults(family_of(vllm_config.model_config.hf_config))
-        _refuse_unsupported(vllm_config)
+        family = family_of(vllm_config.model_config.hf_config)
+        check_server_defaults(family)
+        _refuse_unsupported(vllm_config, family)
+        _use_piecewise_cuda_graphs(vllm_config)
 
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
@@ -82,7 +87,7 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         )
 
 
-def _refuse_unsupported(vllm_config: VllmConfig) -> None:
+def _refuse_unsupported(vllm_config: VllmConfig, family: Family) -> None:
     """Fail start-up on settings that would silently break diffusion requests.
 
     - KV transfer: a KV connector returns its own `kv_transfer_params` with every finished
@@ -91,10 +96,22 @@ def _refuse_unsupported(vllm_config: VllmConfig) -> None:
     - vLLM's `--diffusion-config` configures vLLM's native diffusion path (Model Runner V2, GPU
       only, DiffusionGemma), not this plugin, which runs on the V1 runner with per-request
       `dllm_*` parameters.
+    - vLLM's older Ray executor (`_refuse_legacy_ray_executor`).
+    - FLEX_ATTENTION for a block-diffusion family: its builder copies per-sequence arrays into
+      buffers of `max_num_seqs` entries, and a block-diffusion prefill has one attention
+      sequence per prompt block.
     - A sliding window: vLLM would keep only the window's KV blocks of each request, while
       every query of a denoising step attends to the whole canvas. The config classes clear a
       window that the checkpoint switches off (`use_sliding_window: false`).
     """
+    _refuse_legacy_ray_executor(vllm_config)
+    backend = vllm_config.attention_config.backend
+    if family.block_causal and backend is not None and backend.name == "FLEX_ATTENTION":
+        raise ValueError(
+            "attention backend FLEX_ATTENTION: its metadata holds at most max_num_seqs attention "
+            "sequences per forward, and a block-diffusion prompt is one sequence per block; use "
+            "FLASH_ATTN or TRITON_ATTN for this model."
+        )
     window = vllm_config.model_config.get_sliding_window()
     if window is not None:
         raise ValueError(
@@ -112,6 +129,79 @@ def _refuse_unsupported(vllm_config: VllmConfig) -> None:
             "(Model Runner V2, GPU only), which vllm-dllm does not use; set the dllm_* "
             "parameters per request (vllm_xargs) or server-wide with --dllm-defaults instead."
         )
+
+
+#: The variable that makes vLLM pick its older Ray executor, which bypasses `execute_model`.
+RAY_V2_ENV = "VLLM_USE_RAY_V2_EXECUTOR_BACKEND"
+
+
+def _refuse_legacy_ray_executor(vllm_config: VllmConfig) -> None:
+    """Refuse vLLM's older Ray executor (`RayDistributedExecutor`).
+
+    Its workers run a step through `RayWorkerWrapper.execute_model_ray`, which calls the model
+    runner's `execute_model` directly instead of the worker's: the plugin's denoising step, which
+    replaces the worker's `execute_model`, would be skipped and vLLM's token-by-token runner would
+    run on a diffusion schedule. vLLM picks that executor for `distributed_executor_backend="ray"`
+    when the variable is 0 (default 1: `RayExecutorV2`, which calls the worker's method).
+    """
+    from vllm import envs
+
+    backend = vllm_config.parallel_config.distributed_executor_backend
+    why = (
+        "vLLM's older Ray executor calls the model runner directly and would skip vllm-dllm's "
+        "denoising step"
+    )
+    if backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
+        raise ValueError(
+            f"{RAY_V2_ENV}=0: {why}; unset it (or set it to 1) to use vLLM's default Ray "
+            "executor (RayExecutorV2) with diffusion models."
+        )
+    if isinstance(backend, type) and any(
+        cls.__name__ == "RayDistributedExecutor" for cls in backend.__mro__
+    ):
+        raise ValueError(
+            f"distributed_executor_backend={backend.__name__}: {why}; use "
+            'distributed_executor_backend="ray" (RayExecutorV2) with diffusion models.'
+        )
+
+
+def diffusion_cudagraph_mode(requested: CUDAGraphMode) -> CUDAGraphMode:
+    """The CUDA-graph mode a diffusion engine runs with, given the one vLLM would use.
+
+    Every denoising batch is a mixed, non-causal batch (never vLLM's uniform decode), so only
+    the mode's mixed-batch part applies; and a full graph would replay the attention metadata it
+    was captured with, which cannot describe the step's windows, so the step never replays one.
+    Full graphs therefore become piecewise ones (everything but attention): capturing them
+    would only cost start-up time and memory, and their fixed-size attention buffers (for
+    FlashAttention 3 a scheduler-metadata array sized by `max(max_num_seqs, largest capture)`)
+    would overflow on a forward with more attention sequences than that.
+    """
+    mixed = requested.mixed_mode()
+    return CUDAGraphMode.PIECEWISE if mixed == CUDAGraphMode.FULL else mixed
+
+
+def _use_piecewise_cuda_graphs(vllm_config: VllmConfig) -> None:
+    """Set the compilation config's CUDA-graph mode to `diffusion_cudagraph_mode`'s.
+
+    vLLM fills an unset mode with its optimization level's default after this hook runs
+    (FULL_AND_PIECEWISE from -O2, NONE at -O0), so an unset mode becomes PIECEWISE (NONE at -O0),
+    and a mode the user set explicitly is changed with a warning that names it.
+    """
+    compilation = vllm_config.compilation_config
+    requested = compilation.cudagraph_mode
+    if requested is None:
+        if vllm_config.optimization_level > 0:
+            compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        return
+    mode = diffusion_cudagraph_mode(requested)
+    if mode != requested:
+        logger.warning(
+            "vllm-dllm: cudagraph_mode=%s is replaced by cudagraph_mode=%s for diffusion models: "
+            "their denoising batches never replay full CUDA graphs.",
+            requested.name,
+            mode.name,
+        )
+        compilation.cudagraph_mode = mode
 
 
 def install_config_hooks(architectures: object) -> None:

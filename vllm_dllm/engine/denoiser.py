@@ -13,7 +13,8 @@ capturing CUDA graphs; a step then is:
    calls it (compiled; on a GPU, replaying the piecewise CUDA graph captured for the padded
    token count);
 3. logits only for the positions that may be committed, chunk by chunk with the proposal
-   (`sampling.propose_rows`), then each request's rule and the commits, on the device;
+   (`sampling.propose_rows`; chunks as large as the memory vLLM profiled for its own sampler
+   allows), then each request's rule and the commits, on the device;
 4. one device-to-host transfer of the commits, from which the host advances every request and
    reports the tokens that became final.
 
@@ -54,7 +55,7 @@ from vllm_dllm.denoising.step import (
 from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.families import family_of
-from vllm_dllm.sampling import propose_rows, rows_per_chunk
+from vllm_dllm.sampling import propose_rows, rows_per_chunk, sampler_profile_bytes
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -80,13 +81,19 @@ class Denoiser:
         # One slot more than running requests can use: `score()` borrows it.
         num_slots = runner.vllm_config.scheduler_config.max_num_seqs + 1
         self.canvases = Canvases(
-            num_slots, max_len, -(-max_len // self.kv_block_size), self.mask_token_id,
-            self.device, pin,
+            num_slots, max_len, runner.kv_cache_config.num_blocks, self.kv_block_size,
+            self.mask_token_id, self.device, pin,
         )  # fmt: skip
         self._pin = pin
         self._packed = torch.empty(packed_size(num_slots, num_slots), dtype=torch.int32,
                                    pin_memory=pin)  # fmt: skip
-        self.max_rows = rows_per_chunk(runner.model_config.get_vocab_size())
+        self.vocab_size = runner.model_config.get_vocab_size()
+        self.logits_itemsize = runner.model_config.head_dtype.itemsize
+        # What vLLM's start-up profile left free for its sampler: the budget of the step's
+        # proposal chunks (one GEMM for the whole step where its rows fit).
+        self.scratch_bytes = sampler_profile_bytes(
+            min(runner.max_num_reqs, runner.max_num_tokens), self.vocab_size, self.logits_itemsize
+        )
         self.states: dict[str, RequestState] = {}
         self.slots: dict[str, int] = {}
 
@@ -142,6 +149,7 @@ class Denoiser:
     def step(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in scheduler_output.finished_req_ids:
             self._remove_request(req_id)
+        self.canvases.begin_step()
         for new in scheduler_output.scheduled_new_reqs:
             self._add_request(new)
         req_ids = list(scheduler_output.num_scheduled_tokens)
@@ -170,7 +178,9 @@ class Denoiser:
             self.mask_token_id,
             temperature,
             noise_keys,
-            self.max_rows,
+            rows_per_chunk(
+                self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None
+            ),
             # Block-diffusion releases compare the tempered probability to their thresholds.
             tempered_confidence=self.family.block_causal,
         )
@@ -203,7 +213,7 @@ class Denoiser:
         for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
             final_end = state.advance(committed[i], int(first_masked[i]))
             start, stop = state.newly_final(final_end)
-            sampled.append(state.emit(self.canvases.host[slots[i], start:stop].tolist(), final_end))
+            sampled.append(state.emit(self.canvases.read(slots[i], start, stop), final_end))
             if state.done:
                 finished[req_id] = (state.blocks_done, state.early_stop)
             else:
@@ -221,9 +231,7 @@ class Denoiser:
         mode, descriptor = self._dispatch(shape.num_tokens)
         input_ids = self.runner.input_ids.gpu[: descriptor.num_tokens]
         positions = self.runner.positions[: descriptor.num_tokens]
-        slot_mapping = window_inputs(
-            self.canvases, meta, shape, input_ids, positions, self.kv_block_size
-        )
+        slot_mapping = window_inputs(self.canvases, meta, shape, input_ids, positions)
         common = CommonAttentionMetadata(
             query_start_loc=meta.query_start,
             query_start_loc_cpu=torch.from_numpy(shape.query_start.copy()),
@@ -288,6 +296,7 @@ class Denoiser:
         length = len(token_ids)
         num_kv_blocks = -(-length // self.kv_block_size)
         total = self.runner.kv_cache_config.num_blocks
+        self.canvases.begin_step()
         slot = self.canvases.add(token_ids, length, list(range(total - num_kv_blocks, total)))
         try:
             results = []

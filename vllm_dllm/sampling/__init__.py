@@ -8,20 +8,27 @@ request's seed, step and position only.
 """
 
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, REMASK_STREAM, gumbel, row_keys, uniform
-from vllm_dllm.sampling.proposal import SCRATCH_BYTES, propose, propose_rows, rows_per_chunk
+from vllm_dllm.sampling.proposal import (
+    bytes_per_logit,
+    propose,
+    propose_rows,
+    rows_per_chunk,
+    sampler_profile_bytes,
+)
 from vllm_dllm.sampling.schedule import steps_quota
 from vllm_dllm.sampling.selection import SelectionRule, select
 
 __all__ = [
     "GUMBEL_STREAM",
     "REMASK_STREAM",
-    "SCRATCH_BYTES",
     "SelectionRule",
+    "bytes_per_logit",
     "gumbel",
     "propose",
     "propose_rows",
     "row_keys",
     "rows_per_chunk",
+    "sampler_profile_bytes",
     "select",
     "steps_quota",
     "uniform",

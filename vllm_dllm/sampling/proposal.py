@@ -4,7 +4,8 @@ score how confident the model is in it.
 Rows are masked positions (of any number of requests), columns the vocabulary. Everything is
 batched over rows; per-request behaviour (temperature, seed, remasking) arrives as per-row
 tensors. `propose_rows` also computes the logits, chunk by chunk, so that the vocabulary-sized
-memory of a step is bounded by `SCRATCH_BYTES` whatever the batch.
+memory of a step stays within the budget that vLLM profiled for its own sampler
+(`sampler_profile_bytes`) whatever the batch.
 """
 
 from __future__ import annotations
@@ -16,16 +17,42 @@ from torch import Tensor
 
 from vllm_dllm.sampling.noise import gumbel
 
-#: Bound on the vocabulary-sized temporary memory of one proposal chunk: the chunk's logits (at
-#: most 4 bytes per element), their float32 copy (4), and when sampling the noise (16 bytes of
-#: integer scratch plus 4 for the float32 result) - at most `BYTES_PER_LOGIT` bytes per element.
-SCRATCH_BYTES = 256 << 20
-BYTES_PER_LOGIT = 28
+#: Vocabulary-sized bytes per logit of a proposal chunk beyond the logits themselves. Greedy:
+#: their float32 copy (4) and the two temporaries of `torch.logsumexp` (8). Sampling adds the
+#: Gumbel noise first: 16 bytes of integer hash scratch and its float32 result (4), freed before
+#: the normaliser; greedy rows make no noise.
+GREEDY_BYTES = 12
+SAMPLING_BYTES = 24
 
 
-def rows_per_chunk(vocab_size: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
-    """Rows proposed at once so that a chunk's temporaries stay within `scratch_bytes`."""
-    return max(1, scratch_bytes // (BYTES_PER_LOGIT * vocab_size))
+def bytes_per_logit(logits_itemsize: int, sampling: bool) -> int:
+    """Peak vocabulary-sized bytes per logit of a chunk, the logits included."""
+    return logits_itemsize + (SAMPLING_BYTES if sampling else GREEDY_BYTES)
+
+
+def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> int:
+    """Vocabulary-sized memory that vLLM's start-up profile held for its own sampler, at least.
+
+    The model runner's profile run ends with a dummy sampler run over `rows` requests (its
+    largest batch), once more with a seeded generator, which takes the sampler's plain-torch
+    random-sampling path: while it draws, the logits `[rows, vocab]` in the LM head's dtype, the
+    sampler's float32 copy of them (the same tensor when already float32), their float32
+    probabilities and the float32 exponential noise are alive together. The KV cache was sized
+    to leave that memory free, so a denoising step may use as much for its proposal chunks.
+    (Top-k / top-p temporaries come on top; they are not counted, as a margin.)
+    """
+    copy = 0 if logits_itemsize == 4 else 4
+    return rows * vocab_size * (logits_itemsize + copy + 8)
+
+
+def rows_per_chunk(
+    vocab_size: int, budget_bytes: int, logits_itemsize: int, sampling: bool
+) -> int:
+    """Rows proposed at once so that a chunk's vocabulary-sized memory stays within the budget.
+
+    Where every row of a step fits, the step computes its logits in one GEMM.
+    """
+    return max(1, budget_bytes // (vocab_size * bytes_per_logit(logits_itemsize, sampling)))
 
 
 def propose(
