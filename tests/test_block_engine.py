@@ -260,7 +260,7 @@ def llada21_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kw
 LLADA21_CASES = {
     "release-defaults": {"dllm_editing_threshold": 0.9},
     "edits": {"dllm_editing_threshold": 0.05, "dllm_threshold": 0.3},
-    "two-post-steps": {"dllm_editing_threshold": 0.02, "dllm_max_post_steps": 2},
+    "two-post-steps": {"dllm_editing_threshold": 0.05, "dllm_max_post_steps": 2},
     "no-post-steps-block-16": {
         "dllm_editing_threshold": 0.05,
         "dllm_max_post_steps": 0,
