@@ -118,6 +118,29 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine_and_oracle
     assert alone != greedy or different != greedy  # noise changes at least one draw
 
 
+def test_seeded_filtered_sampling_equals_oracle(engine_and_oracle):
+    """Temperature > 0 with top-k / top-p: the oracle draws the engine's counter-based noise
+    after its own filters; LLaDA scores a draw by its raw probability, Dream by its probability
+    under the filtered, tempered distribution (each release's confidence)."""
+    llm, oracle, checkpoint = engine_and_oracle
+    extra = {"dllm_cache": "dual", "dllm_block_length": 8, "dllm_threshold": 0.3}
+    cases = [
+        (PROMPTS[0], 1.0, 3, {}),
+        (PROMPTS[1], 1.5, 4, {"top_k": 5}),
+        (PROMPTS[0], 0.8, 5, {"top_p": 0.5}),
+    ]
+    results = []
+    for prompt, temperature, seed, filters in cases:
+        params = sampling_params(extra, temperature=temperature, seed=seed, **filters)
+        (got,) = engine_run(llm, [prompt], [params])
+        want = oracle_run(oracle, checkpoint, prompt, extra, temperature=temperature, seed=seed,
+                          counter_noise=True, **filters)  # fmt: skip
+        assert got == want, filters
+        results.append(got)
+    unfiltered = engine_run(llm, [PROMPTS[1]], [sampling_params(extra, temperature=1.5, seed=4)])
+    assert unfiltered[0] != results[1]  # the filter changed the draw
+
+
 def test_early_stop_does_fewer_forwards(engine_and_oracle):
     """An end token committed in the first block ends the request there."""
     llm, oracle, checkpoint = engine_and_oracle

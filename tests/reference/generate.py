@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tests.reference.block_generate import _filtered_probs
 from tests.reference.model import KVCache, ReferenceModel
+from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 CACHE_MODES = ("none", "prefix", "dual")
 REMASKING = ("low_confidence", "random")
@@ -70,8 +72,18 @@ def generate(
     end_token_ids: Sequence[int] = (),
     max_tokens: int | None = None,
     seed: int | None = None,
+    counter_noise: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> Result:
-    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block."""
+    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block.
+
+    ``counter_noise``: sample as the engine does instead of from the generator: Gumbel noise
+    keyed by (seed, forward count before this forward, position), after top-k / top-p
+    filtering; the confidence is LLaDA's (the raw softmax of the proposal) or Dream's (its
+    probability under the filtered, tempered distribution). A seeded engine request must then
+    give exactly these tokens.
+    """
     if not prompt_ids:
         raise ValueError("the prompt must not be empty")
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
@@ -94,6 +106,10 @@ def generate(
         end_token_ids=frozenset(end_token_ids),
         max_tokens=gen_length if max_tokens is None else max_tokens,
         generator=torch.Generator().manual_seed(0 if seed is None else seed),
+        counter_noise=counter_noise,
+        top_k=top_k,
+        top_p=top_p,
+        seed=0 if seed is None else seed,
     )
     decode_block = _decode_dream_block if model.spec.family == "dream" else _decode_llada_block
     for block in range(num_blocks):
@@ -130,6 +146,10 @@ class _Decoder:
     max_tokens: int
     generator: torch.Generator
     num_forwards: int = 0
+    counter_noise: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
     def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
         """Logits of window ``[start, end)`` of the canvas; counts the forward."""
@@ -150,16 +170,19 @@ class _Decoder:
         Returns True when the request is finished.
         """
         candidates = self.masked(start, end)
-        x0, confidence = self.propose(logits[candidates - window_start])
+        x0, confidence = self.propose(logits[candidates - window_start], candidates)
         chosen = _select(confidence, self.rule, step, masked_at_start)
         assert len(chosen) > 0, "every step commits at least one token, so every block ends"
         self.canvas[candidates[chosen]] = x0[chosen]
         return self.finished()
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Proposed tokens and their confidences for rows of logits (MASK never proposed)."""
+    def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Proposed tokens and their confidences for rows of logits at canvas ``positions``
+        (MASK never proposed)."""
         logits = logits.float().clone()
         logits[:, self.model.spec.mask_token_id] = float("-inf")
+        if self.temperature > 0 and self.counter_noise:
+            return self._propose_counter_based(logits, positions)
         scores = logits
         if self.temperature > 0:
             uniform = torch.rand(logits.shape, generator=self.generator)
@@ -170,6 +193,21 @@ class _Decoder:
             return x0, torch.rand(x0.shape, generator=self.generator)
         chosen_logit = logits.gather(-1, x0[:, None]).squeeze(-1)
         return x0, torch.exp(chosen_logit - torch.logsumexp(logits, dim=-1))
+
+    def _propose_counter_based(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``argmax(filtered logits + T * G)`` with the engine's counter-based Gumbel noise."""
+        draw = logits
+        if self.top_k or self.top_p < 1.0:
+            kept = _filtered_probs(logits / self.temperature, self.top_k, self.top_p) > 0
+            draw = logits.masked_fill(~kept, float("-inf"))
+        keys = row_keys(torch.full_like(positions, self.seed),
+                        torch.full_like(positions, self.num_forwards - 1), positions,
+                        GUMBEL_STREAM)  # fmt: skip
+        noise = gumbel(keys, logits.shape[-1])
+        x0 = noise.mul_(self.temperature).add_(draw).argmax(dim=-1)
+        scored = draw / self.temperature if self.model.spec.family == "dream" else logits
+        chosen = scored.gather(-1, x0[:, None]).squeeze(-1)
+        return x0, torch.exp(chosen - torch.logsumexp(scored, dim=-1))
 
     def final_prefix(self) -> Tensor:
         """``x[P:f]``: the committed tokens before the first MASK at or after ``P``."""
@@ -223,7 +261,7 @@ def _decode_dream_block(decoder: _Decoder, start: int, end: int, mode: str) -> b
     length = len(decoder.canvas)
     cache = None if mode == "none" else decoder.model.new_cache(length)
     logits = _shift(decoder.forward(0, length, cache, write=True))
-    x0, _ = decoder.propose(logits[start:start + 1])
+    x0, _ = decoder.propose(logits[start:start + 1], torch.tensor([start]))
     decoder.canvas[start] = x0[0]
     if decoder.finished():
         return True

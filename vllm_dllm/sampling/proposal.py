@@ -10,11 +10,25 @@ memory of a step is bounded by `SCRATCH_BYTES` whatever the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 
 import torch
 from torch import Tensor
 
+from vllm_dllm.sampling.filtering import Filters, apply_filters_
 from vllm_dllm.sampling.noise import gumbel
+
+
+class ScoreKind(IntEnum):
+    """What scores a candidate row for selection (the `score_kinds` of `propose`)."""
+
+    #: The proposal's probability (`low_confidence`, Dream's `maskgit_plus`).
+    PROBABILITY = 0
+    #: Top-1 minus top-2 probability (Dream's `topk_margin`).
+    MARGIN = 1
+    #: Negative entropy of the distribution (Dream's `entropy`, the entropy-bounded rule).
+    NEG_ENTROPY = 2
+
 
 #: Bound on the vocabulary-sized temporary memory of one proposal chunk: the chunk's logits (at
 #: most 4 bytes per element), their float32 copy (4), and when sampling the noise (16 bytes of
@@ -34,6 +48,8 @@ def propose(
     temperature: Tensor,
     noise_keys: Tensor | None = None,
     tempered_confidence: bool = False,
+    filters: Filters | None = None,
+    score_kinds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -49,29 +65,66 @@ def propose(
         noise_keys: `[N]` int64 keys of the rows' Gumbel noise (`vllm_dllm.sampling.noise`), or
             None when the caller knows from host-side request metadata that every row is greedy:
             then no noise is made at all.
-        tempered_confidence: score a sampled row by the probability of `logits / T` (what the
-            block-diffusion releases compare to their thresholds) instead of `logits`'.
+        tempered_confidence: score a sampled row by the probability of `logits / T` after the
+            filters (what Dream and the block-diffusion releases compare to their thresholds)
+            instead of by the probability under the raw, unfiltered logits (LLaDA's).
+        filters: per-row top-k / top-p / min-p (`vllm_dllm.sampling.filtering`), applied before
+            the draw, or None when no row filters. Only sampled rows may filter (greedy rows
+            carry neutral values): the argmax is never filtered out anyway.
+        score_kinds: `[N]` int64 `ScoreKind` per row, or None when every row is scored by
+            probability. The other kinds score a row by its distribution (after temperature
+            and filters, at temperature 0 the raw softmax): Dream's `topk_margin` (top-1 minus
+            top-2 probability) and its `entropy` (negative entropy, also the entropy-bounded
+            rule's score).
 
     Returns:
-        `x0` (`[N]` int64) and `confidence` (`[N]` float32). The confidence uses the raw logits
-        (no temperature, unless `tempered_confidence`), computed as
-        `exp(logit[x0] - logsumexp(logits without MASK))` in float32; float64 is never used on
+        `x0` (`[N]` int64) and `confidence` (`[N]` float32), computed as
+        `exp(logit[x0] - logsumexp(logits without MASK))` in float32 over the raw logits, or
+        over the filtered, tempered ones with `tempered_confidence`; float64 is never used on
         `[N, V]` data.
     """
     scores = logits.to(torch.float32, copy=True)
     scores[:, mask_token_id] = float("-inf")
+    log_normaliser: Tensor | None = None
     if noise_keys is None:
         x0 = scores.argmax(dim=-1)
     else:
+        if filters is not None:
+            if not tempered_confidence:
+                log_normaliser = torch.logsumexp(scores, dim=-1)
+            # The draw's tokens keep their logits, so the chosen logit is the raw one.
+            apply_filters_(scores, temperature, filters)
         temperature = temperature.to(torch.float32).unsqueeze(-1)
         noise = gumbel(noise_keys, scores.shape[-1])
         x0 = noise.mul_(temperature).add_(scores).argmax(dim=-1)
         del noise
         if tempered_confidence:
             scores.div_(torch.where(temperature > 0, temperature, 1.0))
-    log_normaliser = torch.logsumexp(scores, dim=-1)
+    if log_normaliser is None:
+        log_normaliser = torch.logsumexp(scores, dim=-1)
     chosen_logit = scores.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    return x0, (chosen_logit - log_normaliser).exp()
+    confidence = (chosen_logit - log_normaliser).exp()
+    if score_kinds is not None:
+        tempered = scores if tempered_confidence or noise_keys is None else scores.div(
+            torch.where(temperature > 0, temperature, 1.0))  # fmt: skip
+        confidence = torch.where(score_kinds == ScoreKind.MARGIN, margin(tempered), confidence)
+        confidence = torch.where(score_kinds == ScoreKind.NEG_ENTROPY, -entropy(tempered),
+                                 confidence)  # fmt: skip
+    return x0, confidence
+
+
+def entropy(scores: Tensor) -> Tensor:
+    """Entropy of `softmax(scores)` per row, in float32 (`-inf` scores have probability 0)."""
+    log_normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+    log_probs = scores - log_normaliser
+    weighted = log_probs.exp().mul_(log_probs).nan_to_num_(nan=0.0)
+    return -weighted.sum(dim=-1)
+
+
+def margin(scores: Tensor) -> Tensor:
+    """Top-1 minus top-2 probability of `softmax(scores)` per row (Dream's `topk_margin`)."""
+    top = scores.topk(2, dim=-1).values
+    return (top - torch.logsumexp(scores, dim=-1, keepdim=True)).exp().diff(dim=-1).neg()[:, 0]
 
 
 def propose_rows(
@@ -82,6 +135,8 @@ def propose_rows(
     noise_keys: Tensor | None,
     max_rows: int,
     tempered_confidence: bool = False,
+    filters: Filters | None = None,
+    score_kinds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -96,6 +151,7 @@ def propose_rows(
         keys = None if noise_keys is None else noise_keys[rows]
         x0[rows], confidence[rows] = propose(
             compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys,
-            tempered_confidence,
+            tempered_confidence, None if filters is None else filters.rows(rows),
+            None if score_kinds is None else score_kinds[rows],
         )  # fmt: skip
     return x0, confidence
