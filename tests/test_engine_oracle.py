@@ -131,14 +131,35 @@ def test_seeded_filtered_sampling_equals_oracle(engine_and_oracle):
     ]
     results = []
     for prompt, temperature, seed, filters in cases:
-        params = sampling_params(extra, temperature=temperature, seed=seed, **filters)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
+                                extra_args=extra, **filters)  # fmt: skip
         (got,) = engine_run(llm, [prompt], [params])
         want = oracle_run(oracle, checkpoint, prompt, extra, temperature=temperature, seed=seed,
                           counter_noise=True, **filters)  # fmt: skip
         assert got == want, filters
         results.append(got)
-    unfiltered = engine_run(llm, [PROMPTS[1]], [sampling_params(extra, temperature=1.5, seed=4)])
+    hot = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.5, seed=4, extra_args=extra)
+    unfiltered = engine_run(llm, [PROMPTS[1]], [hot])
     assert unfiltered[0] != results[1]  # the filter changed the draw
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_entropy_bounded_selection_equals_oracle(engine_and_oracle, cache):
+    """The EB-sampler in Fast-dLLM's block loop: lowest entropies first, summed within the bound."""
+    llm, oracle, checkpoint = engine_and_oracle
+    forwards = {}
+    # The tiny models' entropies are near ln 320 = 5.8: 0.35 commits one position per step,
+    # 12 two or three.
+    for bound in (0.35, 12.0):
+        extra = {"dllm_cache": cache, "dllm_block_length": 8,
+                 "dllm_remasking": "entropy_bounded", "dllm_eb_threshold": bound}  # fmt: skip
+        for prompt in PROMPTS:
+            (got,) = engine_run(llm, [prompt], [sampling_params(extra, ignore_eos=True)])
+            want = oracle_run(oracle, checkpoint, prompt, extra, remasking="entropy_bounded",
+                              eb_threshold=bound, end_token_ids=())  # fmt: skip
+            assert got == want, (prompt, bound)
+            forwards[bound, len(prompt)] = got[1]
+    assert all(forwards[12.0, n] < forwards[0.35, n] for n in map(len, PROMPTS))
 
 
 def test_early_stop_does_fewer_forwards(engine_and_oracle):

@@ -36,7 +36,7 @@ from tests.reference.model import KVCache, ReferenceModel
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 CACHE_MODES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "entropy_bounded")
 
 
 @dataclass
@@ -75,6 +75,7 @@ def generate(
     counter_noise: bool = False,
     top_k: int = 0,
     top_p: float = 1.0,
+    eb_threshold: float = 0.35,
 ) -> Result:
     """Decode ``gen_length`` tokens after ``prompt_ids`` block by block.
 
@@ -83,6 +84,10 @@ def generate(
     filtering; the confidence is LLaDA's (the raw softmax of the proposal) or Dream's (its
     probability under the filtered, tempered distribution). A seeded engine request must then
     give exactly these tokens.
+
+    ``remasking="entropy_bounded"`` (the EB-sampler, temperature 0): instead of the rule, each
+    step sorts the candidates by the entropy of their softmax, ascending, and commits the longest
+    prefix whose summed entropy is at most ``eb_threshold``, at least one.
     """
     if not prompt_ids:
         raise ValueError("the prompt must not be empty")
@@ -110,6 +115,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         seed=0 if seed is None else seed,
+        eb_threshold=eb_threshold,
     )
     decode_block = _decode_dream_block if model.spec.family == "dream" else _decode_llada_block
     for block in range(num_blocks):
@@ -150,6 +156,7 @@ class _Decoder:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    eb_threshold: float = 0.35
 
     def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
         """Logits of window ``[start, end)`` of the canvas; counts the forward."""
@@ -171,7 +178,16 @@ class _Decoder:
         """
         candidates = self.masked(start, end)
         x0, confidence = self.propose(logits[candidates - window_start], candidates)
-        chosen = _select(confidence, self.rule, step, masked_at_start)
+        if self.remasking == "entropy_bounded":
+            rows = logits[candidates - window_start].float().clone()
+            rows[:, self.model.spec.mask_token_id] = float("-inf")
+            probs = rows.softmax(dim=-1)
+            entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(dim=-1)
+            order = torch.sort(entropy, stable=True).indices
+            within = int((entropy[order].cumsum(dim=0) <= self.eb_threshold).sum())
+            chosen = order[: max(1, within)]
+        else:
+            chosen = _select(confidence, self.rule, step, masked_at_start)
         assert len(chosen) > 0, "every step commits at least one token, so every block ends"
         self.canvas[candidates[chosen]] = x0[chosen]
         return self.finished()

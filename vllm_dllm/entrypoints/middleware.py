@@ -1,9 +1,8 @@
 """ASGI middleware for the OpenAI server: checks request bodies as the client sent them.
 
-vLLM turns a request into `SamplingParams`, which normalise greedy requests (`temperature` 0
-resets the penalties' neighbours `top_p`, `top_k`, `min_p`, which the denoiser implements) and
-map chat's `"logprobs": true` to `logprobs=0`; by then a field the denoiser does not implement
-can no longer be told from one the client never sent. So
+vLLM turns a request into `SamplingParams`, which normalise some fields (chat's
+`"logprobs": true` becomes `logprobs=0`); by then a field the denoiser does not implement can no
+longer be told from one the client never sent. (`top_p`, `top_k` and `min_p` are implemented.) So
 the fields are checked here, on the JSON body, whatever the temperature, and the 400 names the
 field with the value the client sent. Malformed JSON gets a one-line 400 instead of vLLM's
 pydantic dump. Everything else passes through untouched, body included.
