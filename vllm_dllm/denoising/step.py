@@ -168,7 +168,10 @@ def pack(
         max_query_len=max(w.num_tokens for _, w in windows),
         any_samples=bool((floats[0] > 0).any()),
         any_random=any(s.remasks_randomly for s in states),
-        any_filters=bool(((fields[Field.TOP_K] > 0) | (floats[4] < 1.0) | (floats[5] > 0.0)).any()),
+        any_filters=bool(
+            ((fields[Field.TOP_K] > 0) | (floats[_FLOATS.index(Field.TOP_P)] < 1.0)
+             | (floats[_FLOATS.index(Field.MIN_P)] > 0.0)).any()
+        ),  # fmt: skip
         any_score_kinds=any(s.score_kind != ScoreKind.PROBABILITY for s in states),
         any_entropy=any(t.rule == SelectionRule.ENTROPY_BOUNDED for t in targets),
         any_alg_temp=any(s.params.alg_temp for s in states),
