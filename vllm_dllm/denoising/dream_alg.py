@@ -12,8 +12,10 @@ commit). Dream's schedule runs `S` = `dllm_steps` steps over timesteps `linspace
   proposal's probability, the top-1 minus top-2 probability, or the negative entropy; with
   `dllm_alg_temp` > 0 drawn in proportion to `softmax(score / alg_temp)` instead.
 
-The schedule's numbers are computed as the release computes them, in float32 torch arithmetic
-on the host (plain CPU scalars, no device work), so the quotas are the release's exactly.
+The schedule's numbers are computed as the release computes them: its timesteps (a CPU
+`torch.linspace`, made once per request) and float32 arithmetic on them (NumPy float32 scalars,
+which round as torch's float32 ops do; no tensor is read during a step), so the quotas are the
+release's exactly.
 """
 
 from __future__ import annotations
@@ -37,18 +39,18 @@ class DreamAlgState(RequestState):
 
     step: int = 0
     num_masked: int = field(init=False)
-    timesteps: torch.Tensor = field(init=False)
+    timesteps: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         assert self.params.steps is not None and self.params.alg is not None
         self.num_masked = self.params.gen_length
-        self.timesteps = torch.linspace(1, EPS, self.params.steps + 1)
+        self.timesteps = torch.linspace(1, EPS, self.params.steps + 1).numpy()
 
     @property
     def _last(self) -> bool:
         return self.step >= self.params.steps - 1  # type: ignore[operator]
 
-    def _keep_ratio(self) -> torch.Tensor:
+    def _keep_ratio(self) -> np.float32:
         """`s / t` of this step, as the release divides them (float32)."""
         return self.timesteps[self.step + 1] / self.timesteps[self.step]
 
@@ -65,8 +67,8 @@ class DreamAlgState(RequestState):
         if self._last:
             quota = self.num_masked
         else:
-            masked = torch.tensor(self.num_masked) / 1  # the release's float32 mask count
-            quota = int(masked * (1 - self._keep_ratio()))
+            # The release's mask count is a float32 tensor (a sum over the batch, divided by 1).
+            quota = int(np.float32(self.num_masked) * (1 - self._keep_ratio()))
         return Targets(self.prompt_len, block, 0, block, self.num_masked, SelectionRule.QUOTA,
                        quota=quota)  # fmt: skip
 
