@@ -21,12 +21,12 @@ from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.test_block_engine import (
     LLADA21_CASES,
+    SDAR_CASES,
     SDAR_PROMPTS,
     V2_CASES,
     V2_PROMPTS,
     llada2_oracle,
     llada21_oracle,
-    sdar_cases,
     sdar_oracle,
     v2_oracle,
 )
@@ -158,7 +158,7 @@ def _block_cases(family: str, checkpoint) -> list[tuple[list[int], dict, object]
         cases = [(p, e, v2_oracle) for p in V2_PROMPTS for e in V2_CASES.values()]
     elif family == "sdar":
         model = BlockReferenceModel(checkpoint)
-        cases = [(p, e, sdar_oracle) for p in SDAR_PROMPTS for e in sdar_cases(len(p)).values()]
+        cases = [(p, e, sdar_oracle) for p in SDAR_PROMPTS for e in SDAR_CASES.values()]
     else:
         model = LLaDA2ReferenceModel(checkpoint)
         cases = [(p, {"dllm_threshold": 0.3}, llada2_oracle) for p in V2_PROMPTS]

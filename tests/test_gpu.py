@@ -16,10 +16,10 @@ from tests.engines import start_engine
 from tests.reference import ReferenceModel
 from tests.reference.block_model import BlockReferenceModel
 from tests.test_block_engine import (
+    SDAR_CASES,
     SDAR_PROMPTS,
     V2_CASES,
     V2_PROMPTS,
-    sdar_cases,
     sdar_oracle,
     v2_oracle,
 )
@@ -151,7 +151,7 @@ def test_gpu_block_diffusion_equals_oracle(gpu_block_engine):
         cases = [(p, extra) for p in V2_PROMPTS for extra in V2_CASES.values()]
         run_oracle = v2_oracle
     else:
-        cases = [(p, extra) for p in SDAR_PROMPTS for extra in sdar_cases(len(p)).values()]
+        cases = [(p, extra) for p in SDAR_PROMPTS for extra in SDAR_CASES.values()]
         run_oracle = sdar_oracle
     expected = [run_oracle(oracle, checkpoint, p, e) for p, e in cases]
     got = block_run(llm, [p for p, _ in cases], [block_params(e) for _, e in cases])
