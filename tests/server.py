@@ -21,8 +21,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def assert_completion_equals_offline(client, model: str, llm, prompt: str, xargs: dict) -> None:
-    """A server completion equals the offline engine's output: text, token ids, statistics."""
+def assert_completion_equals_offline(
+    client, model: str, llm, prompt: str, xargs: dict, offline_xargs: dict | None = None
+) -> None:
+    """A server completion with `xargs` equals the offline engine's output with `offline_xargs`
+    (default: the same; they differ by the server's defaults): text, token ids, statistics."""
     from vllm import SamplingParams
 
     response = client.completions.create(
@@ -32,8 +35,11 @@ def assert_completion_equals_offline(client, model: str, llm, prompt: str, xargs
         temperature=0,
         extra_body={"vllm_xargs": xargs, "return_token_ids": True},
     )
+    offline_extra = xargs if offline_xargs is None else offline_xargs
     offline = llm.generate(
-        [prompt], SamplingParams(max_tokens=24, temperature=0, extra_args=xargs), use_tqdm=False
+        [prompt],
+        SamplingParams(max_tokens=24, temperature=0, extra_args=offline_extra),
+        use_tqdm=False,
     )[0].outputs[0]
     choice = response.choices[0]
     assert choice.text == offline.text

@@ -229,9 +229,6 @@ def _huge_max_tokens(rng: random.Random) -> BadRequest:
 
 #: Sampling parameters the denoising sampler does not implement (README) and a value for each.
 UNSUPPORTED = {
-    "top_p": 0.5,
-    "top_k": 3,
-    "min_p": 0.1,
     "presence_penalty": 1.0,
     "frequency_penalty": -1.0,
     "repetition_penalty": 1.2,

@@ -74,15 +74,12 @@ def v2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs)
 @memoized
 def llada2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     block = extra.get("dllm_block_length", 32)
-    steps = extra.get("dllm_steps")
-    per_block = block if steps is None else steps // sdar_decoded_blocks(len(prompt), block,
-                                                                         max_tokens)  # fmt: skip
     result = generate_llada2(
         model,
         prompt,
         max_new_tokens=max_tokens,
         block_length=block,
-        steps=per_block,
+        steps=extra.get("dllm_steps", block),
         threshold=extra.get("dllm_threshold", 0.95),
         end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
         fold_finished_block=True,
@@ -92,25 +89,18 @@ def llada2_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwa
     return result.tokens, result.num_forwards
 
 
-def sdar_decoded_blocks(prompt_len: int, block: int, max_tokens: int = MAX_TOKENS) -> int:
-    return -(-(prompt_len + max_tokens) // block) - prompt_len // block
-
-
 @memoized
 def sdar_oracle(model, checkpoint, prompt, extra, max_tokens=MAX_TOKENS, **kwargs):
     block = extra.get("dllm_block_length", model.spec.block_size)
-    steps = extra.get("dllm_steps")
-    per_block = None
-    if steps is not None:
-        per_block = steps // sdar_decoded_blocks(len(prompt), block, max_tokens)
     result = generate_sdar(
         model,
         prompt,
         max_new_tokens=max_tokens,
         block_length=block,
-        denoising_steps=per_block,
+        denoising_steps=extra.get("dllm_steps"),
         remasking=extra.get("dllm_remasking", "low_confidence_dynamic"),
         threshold=extra.get("dllm_threshold", 0.95),
+        eb_threshold=extra.get("dllm_eb_threshold", 0.35),
         end_token_ids=kwargs.pop("end_token_ids", end_token_ids(checkpoint)),
         fold_finished_block=True,
         **kwargs,
@@ -136,26 +126,25 @@ def test_fast_dllm_v2_equals_oracle(fast_dllm_v2_engine, fast_dllm_v2_tiny_dir, 
         assert got == v2_oracle(v2, fast_dllm_v2_tiny_dir, prompt, extra), (len(prompt), extra)
 
 
-def sdar_cases(prompt_len: int) -> dict[str, dict]:
-    return {
-        "defaults": {},
-        "threshold-0.2": {"dllm_threshold": 0.2},
-        "static-2-steps": {
-            "dllm_remasking": "low_confidence_static",
-            "dllm_steps": 2 * sdar_decoded_blocks(prompt_len, 4),
-        },
-        "dynamic-3-steps-0.3": {
-            "dllm_threshold": 0.3,
-            "dllm_steps": 3 * sdar_decoded_blocks(prompt_len, 4),
-        },
-        "block-8": {"dllm_block_length": 8, "dllm_threshold": 0.5},
-    }
+SDAR_CASES = {
+    "defaults": {},
+    "threshold-0.2": {"dllm_threshold": 0.2},
+    # dllm_steps is per block, as SDAR's release counts steps: one value for every prompt.
+    "static-2-steps": {"dllm_remasking": "low_confidence_static", "dllm_steps": 2},
+    "dynamic-3-steps-0.3": {"dllm_threshold": 0.3, "dllm_steps": 3},
+    # More steps than positions: one token per step, as the release's quota-0 steps never run.
+    "static-9-steps": {"dllm_remasking": "low_confidence_static", "dllm_steps": 9},
+    "block-8": {"dllm_block_length": 8, "dllm_threshold": 0.5},
+    # The EB-sampler: per-position entropies of the full distribution, summed within the bound.
+    "entropy-bounded": {"dllm_remasking": "entropy_bounded"},
+    "entropy-bounded-2": {"dllm_remasking": "entropy_bounded", "dllm_eb_threshold": 2.0},
+}
 
 
-@pytest.mark.parametrize("case", list(sdar_cases(3)))
+@pytest.mark.parametrize("case", list(SDAR_CASES))
 def test_sdar_equals_oracle(sdar_engine, sdar_tiny_dir, sdar, case):
     for prompt in SDAR_PROMPTS:
-        extra = sdar_cases(len(prompt))[case]
+        extra = SDAR_CASES[case]
         (got,) = engine_run(sdar_engine, [prompt], [params(extra)])
         assert got == sdar_oracle(sdar, sdar_tiny_dir, prompt, extra), (len(prompt), extra)
 
@@ -181,7 +170,7 @@ def test_fast_dllm_v2_mixed_batch_in_two_orders(fast_dllm_v2_engine, fast_dllm_v
 
 def test_sdar_mixed_batch_in_two_orders(sdar_engine, sdar_tiny_dir, sdar):
     cases = [
-        (SDAR_PROMPTS[0], sdar_cases(3)["threshold-0.2"], MAX_TOKENS),
+        (SDAR_PROMPTS[0], SDAR_CASES["threshold-0.2"], MAX_TOKENS),
         (SDAR_PROMPTS[1], {"dllm_block_length": 8}, 13),
         (SDAR_PROMPTS[2], {"dllm_remasking": "low_confidence_static"}, MAX_TOKENS),
         (SDAR_PROMPTS[1], {"dllm_threshold": 0.4, "dllm_block_length": 2}, 25),
@@ -214,9 +203,7 @@ LLADA2_CASES = {
 def test_llada2_equals_oracle(llada2_engine, llada2_tiny_dir, case):
     model = LLaDA2ReferenceModel(llada2_tiny_dir)
     for prompt in V2_PROMPTS:
-        extra = dict(LLADA2_CASES[case])
-        if "dllm_steps" in extra:
-            extra["dllm_steps"] *= sdar_decoded_blocks(len(prompt), 32)
+        extra = LLADA2_CASES[case]
         (got,) = engine_run(llada2_engine, [prompt], [params(extra)])
         assert got == llada2_oracle(model, llada2_tiny_dir, prompt, extra), (len(prompt), extra)
 
@@ -226,7 +213,7 @@ def test_llada2_mixed_batch_in_two_orders(llada2_engine, llada2_tiny_dir):
     cases = [
         (V2_PROMPTS[0], LLADA2_CASES["threshold-0.3"], MAX_TOKENS),
         (V2_PROMPTS[1], LLADA2_CASES["defaults"], 20),
-        (V2_PROMPTS[2], {"dllm_threshold": 0.5, "dllm_steps": 16 * 2}, MAX_TOKENS),
+        (V2_PROMPTS[2], {"dllm_threshold": 0.5, "dllm_steps": 16}, MAX_TOKENS),
         (V2_PROMPTS[2], {"dllm_block_length": 16, "dllm_threshold": 0.2}, 30),
     ]
     expected = [llada2_oracle(model, llada2_tiny_dir, p, e, m) for p, e, m in cases]
@@ -317,32 +304,40 @@ def test_early_stop_at_end_token(family, request):
 
 @pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
 def test_seeded_sampling_equals_oracle_alone_and_in_a_mixed_batch(family, request):
-    """Temperature > 0 with a seed: the oracle draws the same counter-based noise (keyed by
-    seed, forward count and position) and scores by the tempered probability, as released."""
+    """Temperature > 0 with a seed, with and without top-k / top-p: the oracle draws the same
+    counter-based noise (keyed by seed, forward count and position) after its own filters and
+    scores by the filtered, tempered probability, as released."""
     llm = request.getfixturevalue(f"{family}_engine")
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
     model, oracle = reference(family, checkpoint)
     extra = {"dllm_threshold": 0.3}
+    # Fast-dLLM v2's release filters by top-p only.
+    top_k = {} if family == "fast_dllm_v2" else {"top_k": 4}
     cases = [
-        ([17, 101, 42, 8, 9], 1.5, 1234),
-        (V2_PROMPTS[1], 0.7, 7),
-        (V2_PROMPTS[2][:11], 1.0, 99),
+        ([17, 101, 42, 8, 9], 1.5, 1234, {}),
+        (V2_PROMPTS[1], 0.7, 7, {}),
+        (V2_PROMPTS[2][:11], 1.0, 99, {}),
+        ([17, 101, 42, 8, 9], 1.5, 1234, {"top_p": 0.6, **top_k}),
+        (V2_PROMPTS[2][:11], 2.0, 5, {"top_p": 0.3}),
     ]
-    expected = [oracle(model, checkpoint, p, extra, temperature=t, seed=seed, top_p=1.0)
-                for p, t, seed in cases]  # fmt: skip
-    for (prompt, t, seed), want in zip(cases, expected, strict=True):
-        assert engine_run(llm, [prompt], [params(extra, temperature=t, seed=seed)]) == [want]
+    expected = [oracle(model, checkpoint, p, extra, temperature=t, seed=seed,
+                       **{"top_p": 1.0, **filters})
+                for p, t, seed, filters in cases]  # fmt: skip
+    for (prompt, t, seed, filters), want in zip(cases, expected, strict=True):
+        got = engine_run(llm, [prompt], [params(extra, temperature=t, seed=seed, **filters)])
+        assert got == [want], filters
     greedy = oracle(model, checkpoint, V2_PROMPTS[0], extra)
-    order = [2, 0, 1]
+    order = [4, 2, 0, 3, 1]
     got = engine_run(
         llm,
         [V2_PROMPTS[0]] + [cases[i][0] for i in order],
-        [params(extra)] + [params(extra, temperature=cases[i][1], seed=cases[i][2])
-                           for i in order],  # fmt: skip
+        [params(extra)] + [params(extra, temperature=cases[i][1], seed=cases[i][2],
+                                  **cases[i][3]) for i in order],  # fmt: skip
     )
     assert got == [greedy] + [expected[i] for i in order]
-    assert any(want != oracle(model, checkpoint, p, extra) for (p, _, _), want
+    assert any(want != oracle(model, checkpoint, c[0], extra) for c, want
                in zip(cases, expected, strict=True))  # fmt: skip  # sampling changed something
+    assert expected[0] != expected[3]  # and filtering changed the draw
 
 
 @pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "llada2"])
@@ -386,10 +381,8 @@ def test_engine_block_causal_logits_equal_oracle(family, request):
         ("sdar", {"dllm_cache": "none"}, "dllm_cache"),
         ("sdar", {"dllm_sub_block_length": 2}, "dllm_sub_block_length"),
         ("sdar", {"dllm_remasking": "random"}, "dllm_remasking"),
-        ("sdar", {"dllm_steps": 7}, "dllm_steps"),
         ("llada2", {"dllm_cache": "dual"}, "dllm_cache"),
         ("llada2", {"dllm_remasking": "low_confidence_static"}, "dllm_remasking"),
-        ("llada2", {"dllm_steps": 66}, "dllm_steps"),
         ("llada2", {"dllm_editing_threshold": 0.9, "dllm_steps": 32}, "dllm_steps"),
         ("llada2", {"dllm_max_post_steps": 3}, "dllm_max_post_steps"),
     ],

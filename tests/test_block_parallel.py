@@ -38,11 +38,6 @@ def _params(extra: dict, max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingPara
     return SamplingParams(max_tokens=max_tokens, extra_args=extra, **kwargs)
 
 
-def _sdar_steps(prompt_len: int, per_block: int, block: int = 4) -> int:
-    """`dllm_steps` for `per_block` steps in each block SDAR decodes (MAX_TOKENS tokens)."""
-    return per_block * (-(-(prompt_len + MAX_TOKENS) // block) - prompt_len // block)
-
-
 # (prompt, params) per family: greedy and seeded requests TP=1 must reproduce.
 CASES = {
     "fast_dllm_v2": [
@@ -61,7 +56,7 @@ CASES = {
         ([5, 9, 200, 13, 77, 64, 33, 120], _params({"dllm_block_length": 8}, max_tokens=13)),
         (
             LONG[:11],
-            _params({"dllm_remasking": "low_confidence_static", "dllm_steps": _sdar_steps(11, 2)}),
+            _params({"dllm_remasking": "low_confidence_static", "dllm_steps": 2}),
         ),
         (
             [5, 9, 200, 13, 77, 64, 33, 120],
@@ -71,7 +66,7 @@ CASES = {
         (
             [17, 101, 42],
             _params(
-                {"dllm_remasking": "low_confidence_static", "dllm_steps": _sdar_steps(3, 3)},
+                {"dllm_remasking": "low_confidence_static", "dllm_steps": 3},
                 temperature=1.0,
                 seed=7,
             ),
@@ -81,7 +76,7 @@ CASES = {
         ([17, 101, 42], _params({"dllm_threshold": 0.3})),
         (list(range(1, 33)), _params({}, max_tokens=20)),
         (LONG, _params({"dllm_threshold": 0.5, "dllm_editing_threshold": 0.05})),
-        (LONG[:20], _params({"dllm_threshold": 0.5, "dllm_steps": 16 * 2})),
+        (LONG[:20], _params({"dllm_threshold": 0.5, "dllm_steps": 16})),
         (list(range(1, 33)), _params({"dllm_threshold": 0.5}, temperature=1.5, seed=1234)),
     ],
 }

@@ -5,10 +5,14 @@ second starts), talked to with the `openai` client and compared with the session
 engine on the same checkpoint: completions and chats (ChatML; LLaDA 2's role template) token for
 token, streams against
 the non-streamed text, the engine statistics in `kv_transfer_params`, and a parameter the family
-does not take answered with a 400 that names it, after which the server still answers.
+does not take answered with a 400 that names it, after which the server still answers. The SDAR
+and LLaDA 2.x servers run with a server-wide `dllm_steps` (steps per block, so it fits every
+prompt length).
 """
 
 from __future__ import annotations
+
+import json
 
 import openai
 import pytest
@@ -37,6 +41,8 @@ FAMILIES = {
     },
     "sdar": {
         "model": "tiny-sdar",
+        # Server-wide: 8 steps per block (capped at the block of 4: one token per step).
+        "defaults": {"dllm_steps": 8},
         "xargs": {"dllm_threshold": 0.5, "dllm_remasking": "low_confidence_dynamic"},
         "rejected": [
             ({"dllm_cache": "none"}, "dllm_cache"),
@@ -47,6 +53,7 @@ FAMILIES = {
     },
     "llada2": {
         "model": "tiny-llada2",
+        "defaults": {"dllm_steps": 8},
         # LLaDA 2.1's editing: a block's tokens become final (and stream) when it ends.
         "xargs": {"dllm_threshold": 0.5, "dllm_editing_threshold": 0.2},
         "rejected": [
@@ -81,11 +88,13 @@ def family(request) -> str:
 
 @pytest.fixture(scope="module")
 def server(family, request, tmp_path_factory):
-    """`vllm-dllm serve` on the family's tiny checkpoint, with no server-wide defaults."""
+    """`vllm-dllm serve` on the family's tiny checkpoint, with the family's server defaults."""
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
+    defaults = FAMILIES[family].get("defaults")
     server = Server(
         checkpoint,
-        server_args(FAMILIES[family]["model"]),
+        server_args(FAMILIES[family]["model"])
+        + (["--dllm-defaults", json.dumps(defaults)] if defaults else []),
         tmp_path_factory.mktemp(f"{family}_server") / "server.log",
     )
     server.wait_ready()
@@ -116,7 +125,26 @@ def test_models_lists_the_served_name(family, client):
 @pytest.mark.parametrize("defaults", [False, True], ids=["xargs", "family-defaults"])
 def test_completion_equals_offline_engine(family, client, engine, prompt, defaults):
     xargs = {} if defaults else FAMILIES[family]["xargs"]
-    assert_completion_equals_offline(client, FAMILIES[family]["model"], engine, prompt, xargs)
+    # The offline engine has no server defaults: it gets them as the request's (merged as the
+    # server merges them: request values win, key by key).
+    offline = {**FAMILIES[family].get("defaults", {}), **xargs}
+    if "dllm_editing_threshold" in xargs:
+        offline.pop("dllm_steps", None)  # LLaDA 2.1's editing drops a server's steps
+    assert_completion_equals_offline(
+        client, FAMILIES[family]["model"], engine, prompt, xargs, offline_xargs=offline
+    )
+
+
+@pytest.mark.parametrize("prompt_len", [3, 40, 100])
+def test_server_steps_default_answers_every_prompt_length(family, client, engine, prompt_len):
+    """`dllm_steps` per block: a server default fits prompts that decode any number of blocks."""
+    defaults = FAMILIES[family].get("defaults")
+    if defaults is None:
+        pytest.skip("Fast-dLLM v2 takes no dllm_steps")
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 3)[:prompt_len]
+    assert_completion_equals_offline(
+        client, FAMILIES[family]["model"], engine, prompt, {}, offline_xargs=defaults
+    )
 
 
 def test_chat_uses_the_family_template_and_equals_offline_chat(family, client, engine):

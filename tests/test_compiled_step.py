@@ -21,12 +21,12 @@ from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.test_block_engine import (
     LLADA21_CASES,
+    SDAR_CASES,
     SDAR_PROMPTS,
     V2_CASES,
     V2_PROMPTS,
     llada2_oracle,
     llada21_oracle,
-    sdar_cases,
     sdar_oracle,
     v2_oracle,
 )
@@ -82,7 +82,8 @@ def test_compiled_engine_equals_oracle_in_mixed_batches(compiled):
 
 
 def test_one_host_sync_per_step(llada_compiled_engine):
-    """Each denoising step of a mixed batch reads device values on the host exactly once."""
+    """Each denoising step of a mixed batch reads device values on the host exactly once,
+    with top-k / top-p / min-p, the entropy-bounded rule and Dream's loop in the batch."""
     llm = llada_compiled_engine
     mixed = [
         SamplingParams(max_tokens=MAX_TOKENS, temperature=t, seed=seed, extra_args=extra)
@@ -91,7 +92,14 @@ def test_one_host_sync_per_step(llada_compiled_engine):
             [*CASES[:5], {**CASES[5], "dllm_remasking": "random"}],
             strict=True,
         )
-    ]
+    ] + [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, seed=5, top_k=7, top_p=0.8,
+                       min_p=0.05, extra_args=CASES[2]),
+        SamplingParams(max_tokens=MAX_TOKENS, extra_args={
+            "dllm_block_length": 8, "dllm_remasking": "entropy_bounded"}),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.5, seed=6, top_p=0.9, extra_args={
+            "dllm_alg": "topk_margin", "dllm_steps": 6, "dllm_alg_temp": 0.5}),
+    ]  # fmt: skip
     llm.collective_rpc(start_counting_host_reads)
     try:
         engine_run(llm, [PROMPTS[i % 2] for i in range(len(mixed))], mixed)
@@ -166,7 +174,7 @@ def _block_cases(family: str, checkpoint) -> list[tuple[list[int], dict, object]
         cases = [(p, e, v2_oracle) for p in V2_PROMPTS for e in V2_CASES.values()]
     elif family == "sdar":
         model = BlockReferenceModel(checkpoint)
-        cases = [(p, e, sdar_oracle) for p in SDAR_PROMPTS for e in sdar_cases(len(p)).values()]
+        cases = [(p, e, sdar_oracle) for p in SDAR_PROMPTS for e in SDAR_CASES.values()]
     else:
         model = LLaDA2ReferenceModel(checkpoint)
         cases = [(p, {"dllm_threshold": 0.3}, llada2_oracle) for p in V2_PROMPTS]

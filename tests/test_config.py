@@ -44,6 +44,9 @@ def test_doc_table_matches_parser_defaults() -> None:
         "dllm_sub_block_length",
         "dllm_editing_threshold",
         "dllm_max_post_steps",
+        "dllm_eb_threshold",
+        "dllm_alg",
+        "dllm_alg_temp",
     }
     params = parse_dllm_params(None, max_tokens=7)
     for name, (default, description) in DLLM_PARAM_DOCS.items():
@@ -196,8 +199,8 @@ def test_unknown_dllm_keys_are_errors_with_a_hint() -> None:
     assert str(info.value).startswith("dllm_treshold is not a known parameter")
     assert "did you mean dllm_threshold?" in str(info.value)
     with pytest.raises(DllmParamError) as info:
-        parse_dllm_params({"dllm_zzz": 1}, 64)
-    assert str(info.value).startswith("dllm_zzz is not a known parameter")
+        parse_dllm_params({"dllm_xyzzyqwv": 1}, 64)
+    assert str(info.value).startswith("dllm_xyzzyqwv is not a known parameter")
     assert "did you mean" not in str(info.value)
 
 
@@ -252,3 +255,22 @@ def test_params_are_frozen_and_validated_on_direct_construction() -> None:
 def test_param_error_is_a_value_error() -> None:
     """vLLM's OpenAI server maps ValueError to HTTP 400."""
     assert issubclass(DllmParamError, ValueError)
+
+
+def test_entropy_bounded_takes_its_bound_and_replaces_the_rules() -> None:
+    params = parse_dllm_params({"dllm_remasking": "entropy_bounded"}, max_tokens=32)
+    assert (params.remasking, params.eb_threshold) == ("entropy_bounded", 0.35)
+    bound = {"dllm_remasking": "entropy_bounded", "dllm_eb_threshold": "0.5"}
+    assert parse_dllm_params(bound, max_tokens=32).eb_threshold == 0.5
+    # A server's default rule gives way to it, as to any rule the request names.
+    assert parse_dllm_params(
+        {"dllm_remasking": "entropy_bounded"}, 32, defaults={"dllm_steps": 32}
+    ).steps is None
+    for extra, name in (
+        ({"dllm_remasking": "entropy_bounded", "dllm_steps": 32}, "dllm_steps"),
+        ({"dllm_remasking": "entropy_bounded", "dllm_threshold": 0.5}, "dllm_threshold"),
+        ({"dllm_eb_threshold": 0.5}, "dllm_eb_threshold"),
+        ({"dllm_remasking": "entropy_bounded", "dllm_eb_threshold": 0}, "dllm_eb_threshold"),
+    ):
+        with pytest.raises(DllmParamError, match=f"^{name}"):
+            parse_dllm_params(extra, max_tokens=32)

@@ -124,6 +124,50 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine_and_oracle
     assert alone != greedy or different != greedy  # noise changes at least one draw
 
 
+def test_seeded_filtered_sampling_equals_oracle(engine_and_oracle):
+    """Temperature > 0 with top-k / top-p: the oracle draws the engine's counter-based noise
+    after its own filters; LLaDA scores a draw by its raw probability, Dream by its probability
+    under the filtered, tempered distribution (each release's confidence)."""
+    llm, oracle, checkpoint = engine_and_oracle
+    extra = {"dllm_cache": "dual", "dllm_block_length": 8, "dllm_threshold": 0.3}
+    cases = [
+        (PROMPTS[0], 1.0, 3, {}),
+        (PROMPTS[1], 1.5, 4, {"top_k": 5}),
+        (PROMPTS[0], 0.8, 5, {"top_p": 0.5}),
+    ]
+    results = []
+    for prompt, temperature, seed, filters in cases:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
+                                extra_args=extra, **filters)  # fmt: skip
+        (got,) = engine_run(llm, [prompt], [params])
+        want = oracle_run(oracle, checkpoint, prompt, extra, temperature=temperature, seed=seed,
+                          counter_noise=True, **filters)  # fmt: skip
+        assert got == want, filters
+        results.append(got)
+    hot = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.5, seed=4, extra_args=extra)
+    unfiltered = engine_run(llm, [PROMPTS[1]], [hot])
+    assert unfiltered[0] != results[1]  # the filter changed the draw
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_entropy_bounded_selection_equals_oracle(engine_and_oracle, cache):
+    """The EB-sampler in Fast-dLLM's block loop: lowest entropies first, summed within the bound."""
+    llm, oracle, checkpoint = engine_and_oracle
+    forwards = {}
+    # The tiny models' entropies are near ln 320 = 5.8: 0.35 commits one position per step,
+    # 12 two or three.
+    for bound in (0.35, 12.0):
+        extra = {"dllm_cache": cache, "dllm_block_length": 8,
+                 "dllm_remasking": "entropy_bounded", "dllm_eb_threshold": bound}  # fmt: skip
+        for prompt in PROMPTS:
+            (got,) = engine_run(llm, [prompt], [sampling_params(extra, ignore_eos=True)])
+            want = oracle_run(oracle, checkpoint, prompt, extra, remasking="entropy_bounded",
+                              eb_threshold=bound, end_token_ids=())  # fmt: skip
+            assert got == want, (prompt, bound)
+            forwards[bound, len(prompt)] = got[1]
+    assert all(forwards[12.0, n] < forwards[0.35, n] for n in map(len, PROMPTS))
+
+
 def test_early_stop_does_fewer_forwards(engine_and_oracle):
     """An end token committed in the first block ends the request there."""
     llm, oracle, checkpoint = engine_and_oracle

@@ -35,7 +35,6 @@ def test_fast_dllm_v2_defaults_and_canvas():
     assert params.sub_block_length == 8
     # Blocks are aligned to position 0: prompt 45 + 40 tokens end in block 2 (positions 64-95).
     assert params.canvas_length(45) == 96
-    assert params.decoded_blocks(45) == 2
     assert params.fitting_max_tokens(45, 100) == 96 - 45
     dual = parse_dllm_params({"dllm_cache": "dual", "dllm_sub_block_length": 16}, 40,
                              family=fast_dllm_v2(32))  # fmt: skip
@@ -64,17 +63,16 @@ def test_parameters_a_family_does_not_accept_are_named(family, args, name):
         parse_dllm_params(args, 32, family=family)
 
 
-def test_sdar_threshold_and_steps_combine_and_steps_divide_into_decoded_blocks():
-    family = sdar(4)
-    params = parse_dllm_params({"dllm_threshold": 0.5, "dllm_steps": 22}, 40, family=family)
-    assert (params.threshold, params.steps, params.remasking) == (
-        0.5, 22, "low_confidence_dynamic")  # fmt: skip
-    # Prompt 3: blocks 0..10 decoded (11 blocks), so 22 steps are 2 per block.
-    params.check_prompt(3)
-    with pytest.raises(DllmParamError, match="^dllm_steps"):
-        params.check_prompt(8)  # blocks 2..11: 10 blocks
-    with pytest.raises(DllmParamError, match="^dllm_steps .* more than the block length"):
-        parse_dllm_params({"dllm_steps": 55}, 40, family=family).check_prompt(3)
+@pytest.mark.parametrize("family", [sdar(4), llada2(32)], ids=["sdar", "llada2"])
+def test_block_diffusion_steps_are_per_block_whatever_the_prompt(family):
+    params = parse_dllm_params({"dllm_threshold": 0.5, "dllm_steps": 3}, 40, family=family)
+    assert (params.threshold, params.steps, params.steps_per_block) == (0.5, 3, 3)
+    # No divisibility by the blocks a prompt decodes; more steps than positions are capped.
+    assert parse_dllm_params({"dllm_steps": 55}, 7, family=family).steps_per_block == min(
+        55, family.block_length
+    )
+    # The bidirectional meaning is unchanged: steps over the generation, split over blocks.
+    assert parse_dllm_params({"dllm_steps": 8}, 64).steps_per_block == 4
 
 
 def test_server_defaults_are_checked_for_the_family(monkeypatch):

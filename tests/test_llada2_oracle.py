@@ -464,10 +464,19 @@ def test_sampling_is_reproducible_per_seed(model: LLaDA2ReferenceModel) -> None:
     assert runs[0] == runs[1] != runs[2]
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 33}, {"steps": 0}])
-def test_bad_steps_raise(model: LLaDA2ReferenceModel, kwargs: dict) -> None:
+def test_bad_steps_raise(model: LLaDA2ReferenceModel) -> None:
     with pytest.raises(ValueError, match="steps"):
-        generate_llada2(model, PROMPT, max_new_tokens=64, **kwargs)
+        generate_llada2(model, PROMPT, max_new_tokens=64, steps=0)
+
+
+def test_more_steps_than_positions_is_one_token_per_step(model: LLaDA2ReferenceModel) -> None:
+    runs = [
+        generate_llada2(model, PROMPT, max_new_tokens=64, steps=s, threshold=1.0,
+                        end_token_ids=NO_END)
+        for s in (32, 33, 100)
+    ]  # fmt: skip
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    assert runs[0].num_forwards == runs[1].num_forwards == runs[2].num_forwards
 
 
 # --- 2.1 editing ------------------------------------------------------------------------------

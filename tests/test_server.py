@@ -98,8 +98,23 @@ def test_bad_parameters_are_400_naming_them(client, xargs, parameter):
 
 def test_unsupported_sampling_parameter_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, top_p=0.5)
-    assert "top_p" in str(err.value)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, presence_penalty=0.5)
+    assert "presence_penalty" in str(err.value)
+
+
+def test_top_k_top_p_min_p_are_served(client):
+    """Filtering is accepted at any temperature: seeded draws repeat, and at temperature 0 the
+    filters change nothing (the argmax is never filtered out)."""
+
+    def text(temperature: float, **filters) -> str:
+        return client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, temperature=temperature, seed=11,
+            extra_body={"ignore_eos": True, **filters},
+        ).choices[0].text  # fmt: skip
+
+    filters = {"top_p": 0.5, "top_k": 3, "min_p": 0.05}
+    assert text(0.0, **filters) == text(0.0)
+    assert text(0.8, **filters) == text(0.8, **filters)
 
 
 def test_prompt_longer_than_model_is_400(client):
@@ -259,9 +274,6 @@ def test_prompt_tokens_are_counted(client, llada_server):
 
 #: A value for each unsupported field that asks for the feature (and that vLLM would accept).
 ASKING = {
-    "top_p": 0.5,
-    "top_k": 5,
-    "min_p": 0.1,
     "presence_penalty": 0.5,
     "frequency_penalty": 0.5,
     "repetition_penalty": 1.2,
@@ -301,12 +313,10 @@ def test_unsupported_fields_are_400_naming_them_at_any_temperature(
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(llada_server):
-    """What clients send by default (`top_p` 1, `logprobs` null, ...) is not a request for it."""
+    """What clients send by default (`logprobs` null, `presence_penalty` 0, ...) is not a
+    request for it."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
     neutral = {
-        "top_p": 1,
-        "top_k": -1,
-        "min_p": 0,
         "presence_penalty": 0,
         "frequency_penalty": 0,
         "repetition_penalty": 1.0,

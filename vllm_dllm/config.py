@@ -2,8 +2,9 @@
 
 Requests carry the parameters in `SamplingParams.extra_args` (the OpenAI server's `vllm_xargs`)
 under the keys of `DLLM_PARAM_DOCS`; the server may set defaults for the same keys. A request's
-own value wins over a default, and a request that names a selection rule replaces a default rule
-of another kind instead of conflicting with it.
+own value wins over a default, and (LLaDA, Dream) a request that names a selection rule replaces
+a default rule of another kind instead of conflicting with it; for block diffusion, where the
+threshold and the steps combine into one rule, values merge key by key.
 
 Value types: numbers may arrive as Python/JSON numbers or as strings, because `vllm_xargs` is
 typed `str | int | float | list` and clients (e.g. `curl`, form data) often send strings. A
@@ -42,12 +43,19 @@ CACHE_MODES = ("none", "prefix", "dual")
 #: Selection rules (docs/design.md, step 4); each has the parameter `dllm_<rule>`.
 RULES = ("threshold", "factor", "steps")
 #: Confidence scores for selection (docs/design.md, step 3), and SDAR's two schedules.
-REMASKING_MODES = ("low_confidence", "random", "low_confidence_dynamic", "low_confidence_static")
+REMASKING_MODES = (
+    "low_confidence", "random", "low_confidence_dynamic", "low_confidence_static",
+    "entropy_bounded",
+)  # fmt: skip
 
 DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_CACHE = "dual"
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_REMASKING = "low_confidence"
+#: The EB-sampler's bound (SDAR's release default `eb_threshold`).
+DEFAULT_EB_THRESHOLD = 0.35
+#: Dream's `diffusion_generate` samplers (its `alg`).
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 #: Parameter name -> (default for LLaDA and Dream, description). The README's parameter table
 #: is checked against it; `vllm_dllm.families` says which keys each family accepts.
@@ -77,16 +85,38 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     "dllm_steps": (
         None,
         "Steps rule (original LLaDA schedule), int >= 1, a multiple of the number of blocks: "
-        "steps are split evenly over the blocks. Excludes dllm_threshold and dllm_factor. "
-        "SDAR: steps over the blocks it decodes (default: block length per block), giving "
-        "each step a quota that dllm_remasking combines with the threshold.",
+        "steps over the whole generation, split evenly over the blocks. Excludes "
+        "dllm_threshold and dllm_factor. SDAR and LLaDA 2.x: steps per block, as their "
+        "releases' steps (default: the block length, one token per step), giving each step a "
+        "quota that the threshold rule combines with.",
     ),
     "dllm_remasking": (
         DEFAULT_REMASKING,
         "Score used by the rule: low_confidence (the model's probability of its proposal) or "
         "random (uniform random scores). SDAR: low_confidence_dynamic (default: every masked "
         "position above dllm_threshold if there are at least the step's quota, else the quota's "
-        "most confident) or low_confidence_static (the quota's most confident).",
+        "most confident) or low_confidence_static (the quota's most confident). LLaDA, Dream "
+        "and SDAR: entropy_bounded (the EB-sampler: commit the lowest-entropy positions while "
+        "their summed entropy stays within dllm_eb_threshold, at least one; replaces the "
+        "threshold, factor and steps rules).",
+    ),
+    "dllm_alg": (
+        None,
+        "LLaDA and Dream: run Dream's diffusion_generate loop with its sampler, one of "
+        "origin, maskgit_plus, topk_margin, entropy: the whole generation is one block "
+        "(dllm_block_length defaults to max_tokens), every step a full forward (dllm_cache "
+        "none), dllm_steps steps (default max_tokens) on Dream's schedule.",
+    ),
+    "dllm_alg_temp": (
+        None,
+        "With dllm_alg other than origin, float >= 0 (Dream's alg_temp): > 0 draws each step's "
+        "positions in proportion to softmax(score / alg_temp) instead of taking the top scores.",
+    ),
+    "dllm_eb_threshold": (
+        None,
+        "With dllm_remasking entropy_bounded (default 0.35), float > 0: the bound on the summed "
+        "entropy (nats) of a step's commits, each position's entropy taken over its "
+        "distribution after temperature and top-k / top-p / min-p.",
     ),
     "dllm_sub_block_length": (
         None,
@@ -145,9 +175,21 @@ class DllmParams:
     sub_block_length: int | None = None
     editing_threshold: float | None = None
     max_post_steps: int | None = None
+    eb_threshold: float | None = None
+    alg: str | None = None
+    alg_temp: float | None = None
     family: Family = BIDIRECTIONAL
 
     def __post_init__(self) -> None:
+        if (self.remasking == "entropy_bounded") != (self.eb_threshold is not None):
+            raise DllmParamError(
+                "dllm_eb_threshold applies with dllm_remasking entropy_bounded only (which needs "
+                "it: parse_dllm_params fills in 0.35)"
+            )
+        if self.alg is not None:
+            self._check_dream_alg()
+        elif self.alg_temp is not None:
+            raise DllmParamError("dllm_alg_temp needs dllm_alg")
         if self.rule == "threshold" and self.threshold is None:
             object.__setattr__(self, "threshold", self.family.default_threshold)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -178,6 +220,32 @@ class DllmParams:
                 f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({self.num_blocks} = ceil(max_tokens / dllm_block_length))"
             )
+
+    def _check_dream_alg(self) -> None:
+        """Dream's loop: one block over the generation, full forwards, its own schedule."""
+        if self.rule != "steps":
+            raise DllmParamError(
+                f"dllm_{self.rule} does not apply with dllm_alg: Dream's loop commits by its "
+                f"own schedule over dllm_steps steps"
+            )
+        if self.block_length < self.max_tokens:
+            raise DllmParamError(
+                f"dllm_block_length ({self.block_length}) must cover max_tokens "
+                f"({self.max_tokens}) with dllm_alg: Dream's loop decodes the whole generation "
+                f"at once"
+            )
+        if self.cache != "none":
+            raise DllmParamError(
+                f"dllm_cache must be none with dllm_alg (Dream's loop runs a full forward every "
+                f"step), got {self.cache!r}"
+            )
+        if self.remasking != "low_confidence":
+            raise DllmParamError(
+                f"dllm_remasking does not apply with dllm_alg (the alg scores), got "
+                f"{self.remasking!r}"
+            )
+        if self.alg == "origin" and self.alg_temp:
+            raise DllmParamError("dllm_alg_temp does not apply to dllm_alg origin")
 
     def _check_block_diffusion(self) -> None:
         family = self.family
@@ -237,33 +305,20 @@ class DllmParams:
             return (max_canvas_len - prompt_len) // self.block_length * self.block_length
         return max_canvas_len // self.block_length * self.block_length - prompt_len
 
-    def decoded_blocks(self, prompt_len: int) -> int:
-        """Blocks the loop decodes: block diffusion starts at the block holding the prompt's end."""
-        if not self.family.block_causal:
-            return self.num_blocks
-        return (self.canvas_length(prompt_len) - prompt_len // self.block_length * self.block_length
-                ) // self.block_length  # fmt: skip
-
-    def check_prompt(self, prompt_len: int) -> None:
-        """Checks that need the prompt's length: SDAR's steps must divide into its blocks."""
-        if self.family.loop in (Loop.SDAR, Loop.LLADA2) and self.steps is not None:
-            blocks = self.decoded_blocks(prompt_len)
-            if self.steps % blocks:
-                raise DllmParamError(
-                    f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
-                    f"decoded ({blocks}: the block holding the prompt's end up to the one holding "
-                    f"prompt + max_tokens)"
-                )
-            if self.steps // blocks > self.block_length:
-                raise DllmParamError(
-                    f"dllm_steps ({self.steps}) gives {self.steps // blocks} steps per block, "
-                    f"more than the block length ({self.block_length})"
-                )
-
     @property
     def steps_per_block(self) -> int | None:
-        """For the steps rule, the denoising steps of each block (`m` of the LLaDA schedule)."""
-        return None if self.steps is None else self.steps // self.num_blocks
+        """The denoising steps of each block (`m` of the quota schedule), None without steps.
+
+        Bidirectional families: `dllm_steps` counts steps over the whole generation (LLaDA's
+        `steps`), split evenly over the blocks. Block diffusion: `dllm_steps` is per block, as
+        the SDAR and LLaDA 2.x releases' `steps` (so one value fits every prompt length), at
+        most one step per position: more would only add quota-0 steps after the block is full.
+        """
+        if self.steps is None:
+            return None
+        if self.family.block_causal:
+            return min(self.steps, self.block_length)
+        return self.steps // self.num_blocks
 
 
 @functools.cache
@@ -319,12 +374,44 @@ def parse_dllm_params(
                     f"{accepted})"
                 )
     request_rules = [key for key in _RULE_KEYS if key in request]
-    if not family.block_causal:
+    if family.block_causal:
+        # Threshold and steps combine here (one rule), so request and server values merge key by
+        # key; LLaDA 2.1's editing loop has its own quota, so it drops a server's steps.
+        dropped = ("dllm_steps",) if "dllm_editing_threshold" in request else ()
+    else:
         _check_exclusive(request_rules, source="")
         _check_exclusive([key for key in _RULE_KEYS if key in server], "server default ")
-    # A request that names a rule replaces the server's rule rather than conflicting with it.
-    values = {k: v for k, v in server.items() if not (request_rules and k in _RULE_KEYS)}
+        # A request that names a rule replaces the server's rule rather than conflicting with it.
+        dropped = _RULE_KEYS if request_rules else ()
+    values = {k: v for k, v in server.items() if k not in dropped}
     values.update(request)
+    remasking = values.get("dllm_remasking", family.remasking[0])
+    eb_threshold = values.get("dllm_eb_threshold")
+    if remasking == "entropy_bounded":
+        eb_threshold = DEFAULT_EB_THRESHOLD if eb_threshold is None else eb_threshold
+        for key in _RULE_KEYS:
+            if key in request:
+                raise DllmParamError(
+                    f"{key} does not apply with dllm_remasking entropy_bounded: the entropy "
+                    f"bound (dllm_eb_threshold) decides how many positions a step commits"
+                )
+        # It replaces a server's default rule, as a request's own rule would.
+        values = {k: v for k, v in values.items() if k not in _RULE_KEYS}
+    elif eb_threshold is not None:
+        raise DllmParamError("dllm_eb_threshold needs dllm_remasking entropy_bounded")
+    if values.get("dllm_alg") is not None:
+        for key in ("dllm_factor", "dllm_threshold"):
+            if key in request:
+                raise DllmParamError(
+                    f"{key} does not apply with dllm_alg: Dream's loop commits by its own "
+                    f"schedule over dllm_steps steps"
+                )
+        # Dream's loop: the server's rule, block and cache defaults give way to its own.
+        values = {k: v for k, v in values.items()
+                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
+        values.setdefault("dllm_steps", max_tokens)
+        values.setdefault("dllm_block_length", max_tokens)
+        values.setdefault("dllm_cache", "none")
     if family.block_causal:
         rule_key = "dllm_threshold"
     else:
@@ -344,10 +431,13 @@ def parse_dllm_params(
         threshold=values.get("dllm_threshold"),
         factor=values.get("dllm_factor"),
         steps=values.get("dllm_steps"),
-        remasking=values.get("dllm_remasking", family.remasking[0]),
+        remasking=remasking,
         sub_block_length=sub_block,
         editing_threshold=editing,
         max_post_steps=max_post_steps,
+        eb_threshold=eb_threshold,
+        alg=values.get("dllm_alg"),
+        alg_temp=values.get("dllm_alg_temp"),
         family=family,
     )
 
@@ -416,6 +506,9 @@ _PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bo
     "dllm_sub_block_length": (_to_int, lambda v: v >= 1, "must be >= 1"),
     "dllm_editing_threshold": (_to_float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "dllm_max_post_steps": (_to_int, lambda v: v >= 0, "must be >= 0"),
+    "dllm_eb_threshold": (_to_float, lambda v: v > 0.0, "must be > 0"),
+    "dllm_alg": (_to_str, lambda v: v in DREAM_ALGS, f"must be one of {', '.join(DREAM_ALGS)}"),
+    "dllm_alg_temp": (_to_float, lambda v: v >= 0.0, "must be >= 0"),
     "dllm_remasking": (
         _to_str,
         lambda v: v in REMASKING_MODES,

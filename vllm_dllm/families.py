@@ -56,7 +56,7 @@ class Family:
 
 _BIDIRECTIONAL_PARAMS = frozenset({
     "dllm_block_length", "dllm_cache", "dllm_threshold", "dllm_factor", "dllm_steps",
-    "dllm_remasking",
+    "dllm_remasking", "dllm_eb_threshold", "dllm_alg", "dllm_alg_temp",
 })  # fmt: skip
 
 BIDIRECTIONAL = Family(
@@ -67,7 +67,7 @@ BIDIRECTIONAL = Family(
     params=_BIDIRECTIONAL_PARAMS,
     default_cache="dual",
     default_threshold=0.9,
-    remasking=("low_confidence", "random"),
+    remasking=("low_confidence", "random", "entropy_bounded"),
     caches=("none", "prefix", "dual"),
 )
 
@@ -123,8 +123,8 @@ def sdar(block_length: int) -> Family:
     there is no cache mode to choose."""
     return _block_diffusion(
         "SDAR", Loop.SDAR, block_length, overridable=True,
-        params={"dllm_steps", "dllm_remasking"},
-        remasking=("low_confidence_dynamic", "low_confidence_static"),
+        params={"dllm_steps", "dllm_remasking", "dllm_eb_threshold"},
+        remasking=("low_confidence_dynamic", "low_confidence_static", "entropy_bounded"),
     )  # fmt: skip
 
 
@@ -158,3 +158,26 @@ def family_of(hf_config: Any) -> Family:
     if model_type == "llada2_moe":
         return llada2(LLADA2_DEFAULT_BLOCK)
     return BIDIRECTIONAL
+
+
+@dataclass(frozen=True)
+class SamplingConvention:
+    """How a family's release samples a candidate row at temperature > 0 (docs/design.md,
+    "Sampling"): which probability scores the drawn token, and the order of its filters."""
+
+    #: The confidence is the drawn token's probability under the filtered, temperature-scaled
+    #: distribution (Dream, Fast-dLLM v2, SDAR, LLaDA 2.x) rather than under the raw logits
+    #: (LLaDA, whose release scores its Gumbel-max sample by `softmax(logits)`).
+    tempered_confidence: bool
+    #: Top-p over the full distribution, then top-k (Dream's `sample_tokens`); otherwise top-k
+    #: first and top-p over what it kept (SDAR's and LLaDA 2.x's releases, vLLM's sampler).
+    top_p_first: bool
+
+
+def sampling_convention(hf_config: Any) -> SamplingConvention:
+    """The sampling convention of a checkpoint's family, from its Hugging Face config."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "Dream":
+        return SamplingConvention(tempered_confidence=True, top_p_first=True)
+    return SamplingConvention(tempered_confidence=family_of(hf_config).block_causal,
+                              top_p_first=False)  # fmt: skip

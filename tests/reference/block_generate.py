@@ -12,13 +12,14 @@ Shared decisions (where the releases leave room or disagree):
   confidence = full-softmax probability of it. ``temperature > 0``: a Gumbel-max sample of the
   probabilities of ``logits / T`` (after top-k and top-p filtering, renormalised, when asked);
   confidence = that probability of the drawn token (what both releases compare to the
-  threshold). Without filtering (what the engine serves) the noise is the engine's
+  threshold). The filters (top-k, then top-p over what top-k kept, as SDAR's and LLaDA 2.x's
+  releases apply them; Fast-dLLM v2's has top-p only) are this file's own sort-based
+  implementation; the dropped tokens get logit ``-inf``. The noise is the engine's
   counter-based noise (``vllm_dllm.sampling.noise``, checked bit for bit against NumPy): keyed
   by ``seed`` (0 when None), the request's forward count before this forward and the canvas
-  position, so a seeded engine request must give exactly these tokens. With filtering it is
-  drawn from one ``torch.Generator`` seeded with ``seed``, for the candidate rows in position
-  order. Fast-dLLM v2's release draws one row and applies it to every row of a batch; we draw
-  every row.
+  position, so a seeded engine request must give exactly these tokens, filtered or not.
+  Fast-dLLM v2's release draws one row and applies it to every row of a batch; we draw every
+  row.
 - **Ties.** Equal confidences go to the lower position first (top-1 and top-k).
 - **Finality and stop.** After every step the output prefix ``x[P:f]`` is final, ``f`` the first
   still-masked position at or after ``P`` (the canvas end if none). The request stops as soon as
@@ -37,13 +38,15 @@ import torch
 from torch import Tensor
 
 from tests.reference.block_model import BlockKV, BlockReferenceModel
-from tests.reference.margins import Margins, top2_gaps
+from tests.reference.margins import Margins, entropy_cut, top2_gaps
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 # Default threshold of both loops: Fast-dLLM v2's batch_sample default, and the value of SDAR's
 # evaluation config behind its published numbers (its generate.py says 0.85, its README 0.9).
 DEFAULT_THRESHOLD = 0.95
-SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static")
+SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "entropy_bounded")
+# SDAR's release default bound of its entropy_bounded strategy.
+DEFAULT_EB_THRESHOLD = 0.35
 
 
 @dataclass
@@ -79,7 +82,6 @@ class _Request:
         self.end_token_ids = frozenset(ends)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed = 0 if seed is None else seed
-        self.generator = torch.Generator().manual_seed(self.seed)
         self.cache = model.new_cache()
         self.num_forwards = 0
         self.margins = Margins()
@@ -102,8 +104,8 @@ class _Request:
 
     def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Proposed tokens, confidences and proposal margins (`top2_gaps`) for rows of logits
-        at canvas ``positions`` (MASK never proposed). Sampling without top-k / top-p
-        filtering draws the engine's counter-based noise (see the module docstring)."""
+        at canvas ``positions`` (MASK never proposed). Sampling draws the engine's
+        counter-based noise, after the top-k / top-p filters (see the module docstring)."""
         logits = logits.float().clone()
         logits[:, self.mask] = float("-inf")
         self.margins.observe(logits)
@@ -111,19 +113,16 @@ class _Request:
             x0 = logits.argmax(dim=-1)
             confidence = logits.softmax(dim=-1).gather(-1, x0[:, None]).squeeze(-1)
             return x0, confidence, top2_gaps(logits)
-        if self.top_k == 0 and self.top_p == 1.0:
-            return self._sample_counter_based(logits, positions)
-        probs = _filtered_probs(logits / self.temperature, self.top_k, self.top_p)
-        uniform = torch.rand(probs.shape, generator=self.generator)
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
-        scores = probs.log() + gumbel
-        x0 = scores.argmax(dim=-1)
-        return x0, probs.gather(-1, x0[:, None]).squeeze(-1), top2_gaps(scores) * self.temperature
+        if self.top_k or self.top_p < 1.0:
+            kept = _filtered_probs(logits / self.temperature, self.top_k, self.top_p) > 0
+            logits = logits.masked_fill(~kept, float("-inf"))
+        return self._sample_counter_based(logits, positions)
 
     def _sample_counter_based(self, logits: Tensor, positions: Tensor
                               ) -> tuple[Tensor, Tensor, Tensor]:
         """``argmax(logits + T * G)``, ``G`` the Gumbel noise keyed by (seed, step, position):
-        a sample of ``softmax(logits / T)``; confidence its probability there, as released."""
+        a sample of ``softmax(logits / T)`` (over the kept tokens when filtered); confidence its
+        probability there, as released."""
         step = self.num_forwards - 1  # the forward whose logits these are, counted from 0
         keys = row_keys(
             torch.full_like(positions, self.seed), torch.full_like(positions, step),
@@ -148,6 +147,18 @@ class _Request:
         """Record the margin of the ranking that picked the ``count`` most confident."""
         ranked = torch.sort(confidence, descending=True, stable=True).values
         self.margins.ranking(ranked, count, self.temperature)
+
+    def entropies(self, logits: Tensor) -> Tensor:
+        """Entropy (nats) of each row's distribution after temperature and filters: the one
+        ``propose`` draws from (the raw softmax at temperature 0)."""
+        logits = logits.float().clone()
+        logits[:, self.mask] = float("-inf")
+        if self.temperature > 0:
+            probs = _filtered_probs(logits / self.temperature, self.top_k, self.top_p)
+        else:
+            probs = logits.softmax(dim=-1)
+        terms = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+        return -terms.sum(dim=-1)
 
     def greedy_token(self, logits_row: Tensor) -> int:
         """Argmax of one row, MASK excluded (Fast-dLLM v2's prefill / finished-block token)."""
@@ -320,6 +331,7 @@ def generate_sdar(
     end_token_ids: Sequence[int] | None = None,
     fold_finished_block: bool = False,
     seed: int | None = None,
+    eb_threshold: float = DEFAULT_EB_THRESHOLD,
 ) -> BlockResult:
     """SDAR's block diffusion loop (its evaluation code's greedy path; sampling as generate.py).
 
@@ -336,7 +348,12 @@ def generate_sdar(
       slot strictly above ``threshold`` if there are at least ``k``, else the ``k`` most
       confident. ``low_confidence_static``: the ``k`` most confident. With fewer than ``k``
       masks left, all of them (the release's top-k then overwrites committed or prompt slots: a
-      defect not copied).
+      defect not copied). ``entropy_bounded`` (the EB-sampler, no quota): sort the masked slots
+      by the entropy of their own distribution (after temperature and filters), ascending, and
+      commit the longest prefix whose summed entropy is at most ``eb_threshold``, at least one.
+      (The release's generate.py computes its "entropies" from the drawn tokens' probabilities
+      ``[batch, block]``, summed over the block: one number per row, broadcast to every slot,
+      so its order is arbitrary; not copied.)
     - **Finished block.** One more forward over the finished block appends its exact K/V (its
       logits unused). With ``fold_finished_block`` that write rides on the next block's first
       step instead: one forward over both blocks, the first block's rows appended to the cache;
@@ -374,7 +391,13 @@ def generate_sdar(
             above = torch.nonzero(confidence > threshold).flatten()
             if remasking == "low_confidence_dynamic":
                 request.decided_by_threshold(confidence, threshold)
-            if remasking == "low_confidence_dynamic" and len(above) >= quota:
+            if remasking == "entropy_bounded":
+                entropy = request.entropies(logits[candidates - start])
+                order = torch.sort(entropy, stable=True).indices
+                cumulative = entropy[order].cumsum(dim=0)
+                entropy_cut(request.margins, cumulative, eb_threshold)
+                chosen = order[: max(1, int((cumulative <= eb_threshold).sum()))]
+            elif remasking == "low_confidence_dynamic" and len(above) >= quota:
                 chosen = above
             else:
                 chosen = _top(confidence, quota)

@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tests.reference.margins import Margins, top2_gaps
+from tests.reference.block_generate import _filtered_probs
+from tests.reference.margins import Margins, entropy_cut, top2_gaps
 from tests.reference.model import KVCache, ReferenceModel
+from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 CACHE_MODES = ("none", "prefix", "dual")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "entropy_bounded")
 
 
 @dataclass
@@ -73,8 +75,23 @@ def generate(
     end_token_ids: Sequence[int] = (),
     max_tokens: int | None = None,
     seed: int | None = None,
+    counter_noise: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eb_threshold: float = 0.35,
 ) -> Result:
-    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block."""
+    """Decode ``gen_length`` tokens after ``prompt_ids`` block by block.
+
+    ``counter_noise``: sample as the engine does instead of from the generator: Gumbel noise
+    keyed by (seed, forward count before this forward, position), after top-k / top-p
+    filtering; the confidence is LLaDA's (the raw softmax of the proposal) or Dream's (its
+    probability under the filtered, tempered distribution). A seeded engine request must then
+    give exactly these tokens.
+
+    ``remasking="entropy_bounded"`` (the EB-sampler, temperature 0): instead of the rule, each
+    step sorts the candidates by the entropy of their softmax, ascending, and commits the longest
+    prefix whose summed entropy is at most ``eb_threshold``, at least one.
+    """
     if not prompt_ids:
         raise ValueError("the prompt must not be empty")
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
@@ -97,6 +114,11 @@ def generate(
         end_token_ids=frozenset(end_token_ids),
         max_tokens=gen_length if max_tokens is None else max_tokens,
         generator=torch.Generator().manual_seed(0 if seed is None else seed),
+        counter_noise=counter_noise,
+        top_k=top_k,
+        top_p=top_p,
+        seed=0 if seed is None else seed,
+        eb_threshold=eb_threshold,
     )
     decode_block = _decode_dream_block if model.spec.family == "dream" else _decode_llada_block
     for block in range(num_blocks):
@@ -134,6 +156,11 @@ class _Decoder:
     generator: torch.Generator
     num_forwards: int = 0
     margins: Margins = field(default_factory=Margins)
+    counter_noise: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    eb_threshold: float = 0.35
 
     def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
         """Logits of window ``[start, end)`` of the canvas; counts the forward."""
@@ -154,20 +181,32 @@ class _Decoder:
         Returns True when the request is finished.
         """
         candidates = self.masked(start, end)
-        x0, confidence, gaps = self.propose(logits[candidates - window_start])
-        margins = self.margins if self.remasking == "low_confidence" else Margins()
-        chosen = _select(confidence, self.rule, step, masked_at_start, margins)
+        x0, confidence, gaps = self.propose(logits[candidates - window_start], candidates)
+        if self.remasking == "entropy_bounded":
+            rows = logits[candidates - window_start].float().clone()
+            rows[:, self.model.spec.mask_token_id] = float("-inf")
+            probs = rows.softmax(dim=-1)
+            entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(dim=-1)
+            order = torch.sort(entropy, stable=True).indices
+            cumulative = entropy[order].cumsum(dim=0)
+            entropy_cut(self.margins, cumulative, self.eb_threshold)
+            chosen = order[: max(1, int((cumulative <= self.eb_threshold).sum()))]
+        else:
+            margins = self.margins if self.remasking == "low_confidence" else Margins()
+            chosen = _select(confidence, self.rule, step, masked_at_start, margins)
         assert len(chosen) > 0, "every step commits at least one token, so every block ends"
         self.margins.proposals(gaps[chosen])
         self.canvas[candidates[chosen]] = x0[chosen]
         return self.finished()
 
-    def propose(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def propose(self, logits: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Proposed tokens, their confidences and their proposal margins (`top2_gaps`) for
-        rows of logits (MASK never proposed)."""
+        rows of logits at canvas ``positions`` (MASK never proposed)."""
         logits = logits.float().clone()
         logits[:, self.model.spec.mask_token_id] = float("-inf")
         self.margins.observe(logits)
+        if self.temperature > 0 and self.counter_noise:
+            return self._propose_counter_based(logits, positions)
         scores = logits
         if self.temperature > 0:
             uniform = torch.rand(logits.shape, generator=self.generator)
@@ -178,6 +217,22 @@ class _Decoder:
             return x0, torch.rand(x0.shape, generator=self.generator), gaps
         chosen_logit = logits.gather(-1, x0[:, None]).squeeze(-1)
         return x0, torch.exp(chosen_logit - torch.logsumexp(logits, dim=-1)), gaps
+
+    def _propose_counter_based(self, logits: Tensor, positions: Tensor
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+        """``argmax(filtered logits + T * G)`` with the engine's counter-based Gumbel noise."""
+        draw = logits
+        if self.top_k or self.top_p < 1.0:
+            kept = _filtered_probs(logits / self.temperature, self.top_k, self.top_p) > 0
+            draw = logits.masked_fill(~kept, float("-inf"))
+        keys = row_keys(torch.full_like(positions, self.seed),
+                        torch.full_like(positions, self.num_forwards - 1), positions,
+                        GUMBEL_STREAM)  # fmt: skip
+        scores = gumbel(keys, logits.shape[-1]).mul_(self.temperature).add_(draw)
+        x0 = scores.argmax(dim=-1)
+        scored = draw / self.temperature if self.model.spec.family == "dream" else logits
+        chosen = scored.gather(-1, x0[:, None]).squeeze(-1)
+        return x0, torch.exp(chosen - torch.logsumexp(scored, dim=-1)), top2_gaps(scores)
 
     def final_prefix(self) -> Tensor:
         """``x[P:f]``: the committed tokens before the first MASK at or after ``P``."""
@@ -231,7 +286,7 @@ def _decode_dream_block(decoder: _Decoder, start: int, end: int, mode: str) -> b
     length = len(decoder.canvas)
     cache = None if mode == "none" else decoder.model.new_cache(length)
     logits = _shift(decoder.forward(0, length, cache, write=True))
-    x0, _, gaps = decoder.propose(logits[start:start + 1])
+    x0, _, gaps = decoder.propose(logits[start:start + 1], torch.tensor([start]))
     decoder.margins.proposals(gaps)
     decoder.canvas[start] = x0[0]
     if decoder.finished():

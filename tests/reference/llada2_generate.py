@@ -60,18 +60,19 @@ def generate_llada2(
 ) -> BlockResult:
     """LLaDA 2.0's ``generate()`` (threshold decoding), for one request.
 
-    ``steps`` is first capped at ``max_new_tokens`` (the release's ``min(steps, gen_length //
-    minimal_topk)``, ``minimal_topk`` 1) and must then be at most ``B`` (more would give steps
-    a quota of 0, which the release lets leave masks behind). Step ``i`` of a block (from 0,
+    ``steps`` counts steps per block, as the release's. It is capped at ``max_new_tokens`` (the
+    release's ``min(steps, gen_length // minimal_topk)``, ``minimal_topk`` 1) and at ``B``: more
+    steps than positions give the first ``B`` steps a quota of 1 and the rest 0, and those never
+    run, since every step commits at least its quota. Step ``i`` of a block (from 0,
     restarting every block, also in the prompt's block) has quota ``n = B // steps + (i <
     B % steps)``: every masked slot with confidence strictly above ``threshold`` is committed
     if there are at least ``n`` of them, else the ``n`` most confident (all, when fewer are
     masked). The threshold default, 0.95, is the release's.
     """
     block = model.spec.block_size if block_length is None else block_length
-    steps = min(steps, max_new_tokens)
-    if not 0 < steps <= block:
-        raise ValueError(f"need 0 < steps <= block length {block}, got {steps}")
+    if steps <= 0:
+        raise ValueError(f"need steps > 0, got {steps}")
+    steps = min(steps, max_new_tokens, block)
     request = _Request(
         model,
         prompt_ids,

@@ -70,6 +70,16 @@ class Margins:
             self._record(float(gap) * _scale(temperature), "confidence ranking at the cut")
 
 
+def entropy_cut(margins: Margins, cumulative: Tensor, bound: float) -> None:
+    """The entropy-bounded rule's comparisons of cumulative entropies (nats, sorted ascending)
+    with its bound. An entropy moves by at most about its logits' error times the spread of
+    its log-probabilities; rows near the bound are what rounding could move across it, so the
+    distance is recorded as is, like a logit gap."""
+    if cumulative.numel():
+        gap = (cumulative.double() - bound).abs().min()
+        margins._record(float(gap), "cumulative entropy vs bound")
+
+
 def top2_gaps(scores: Tensor) -> Tensor:
     """Per row, the winning proposal score minus the runner-up's (MASK's score is ``-inf``)."""
     top2 = scores.topk(2, dim=-1).values

@@ -24,7 +24,7 @@ import numpy as np
 from vllm_dllm.cache.policy import CacheMode, StepPlan, Window, block_windows, plan_step
 from vllm_dllm.config import DllmParams
 from vllm_dllm.families import Loop
-from vllm_dllm.sampling import SelectionRule, steps_quota
+from vllm_dllm.sampling import ScoreKind, SelectionRule, steps_quota
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Targets:
     #: LLaDA 2.1's editing: every column of `[lo, hi)` is a candidate, and a committed one is
     #: rewritten where the proposal differs with confidence strictly above this.
     edit_threshold: float | None = None
+    #: This step's own threshold (Dream's `origin` schedule), instead of the request's.
+    threshold: float | None = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ class RequestState:
     temperature: float
     #: Seed of the request's counter-based random numbers (`vllm_dllm.sampling.noise`).
     seed: int
+    #: vLLM's `top_k`, `top_p`, `min_p` (0, 1, 0: off), applied to sampled rows before the draw.
+    filters: tuple[int, float, float] = (0, 1.0, 0.0)
     #: Denoising steps taken so far: the counter of the request's random numbers.
     steps: int = 0
     emitted: int = 0
@@ -73,12 +77,23 @@ class RequestState:
 
     @property
     def remasks_randomly(self) -> bool:
-        return self.params.remasking == "random"
+        """Scored by uniform random numbers: `random` remasking, Dream's `origin`."""
+        return self.params.remasking == "random" or self.params.alg == "origin"
 
     @property
     def threshold(self) -> float:
         """The threshold as the selection compares it (`>=` in float32)."""
         return self.params.threshold or 1.0
+
+    @property
+    def score_kind(self) -> ScoreKind:
+        """What scores this request's candidates: the entropy-bounded rule and Dream's `entropy`
+        score by negative entropy, Dream's `topk_margin` by the top-2 margin."""
+        if self.params.remasking == "entropy_bounded" or self.params.alg == "entropy":
+            return ScoreKind.NEG_ENTROPY
+        if self.params.alg == "topk_margin":
+            return ScoreKind.MARGIN
+        return ScoreKind.PROBABILITY
 
     def plan(self) -> StepPlan:
         raise NotImplementedError
@@ -131,7 +146,11 @@ class BidirectionalState(RequestState):
 
     def __post_init__(self) -> None:
         self.num_masked = self.params.block_length
-        self.rule_id = SelectionRule[self.params.rule.upper()]
+        self.rule_id = (
+            SelectionRule.ENTROPY_BOUNDED
+            if self.params.remasking == "entropy_bounded"
+            else SelectionRule[self.params.rule.upper()]
+        )
         self.cache_mode = CacheMode(self.params.cache)
 
     @property
@@ -319,12 +338,12 @@ class FastDllmV2State(_BlockDiffusionState):
 class SdarState(_BlockDiffusionState):
     """SDAR's block loop (its evaluation code's greedy path; docs/design.md).
 
-    Step `i` of a block has the quota `k = B // m + (i < B % m)` (`m` steps per block, default
-    `B`); `low_confidence_dynamic` commits every masked position strictly above the threshold if
-    there are at least `k` of them, else the `k` most confident; `low_confidence_static` the
-    `k` most confident. A finished block's exact K/V are written by the next block's first
-    step, as a second window of the same forward (the same logits as a separate forward, one
-    forward fewer per block).
+    Step `i` of a block has the quota `k = B // m + (i < B % m)` (`m` = `dllm_steps`, steps per
+    block as released, default `B`); `low_confidence_dynamic` commits every masked position
+    strictly above the threshold if there are at least `k` of them, else the `k` most
+    confident; `low_confidence_static` the `k` most confident. A finished block's exact K/V
+    are written by the next block's first step, as a second window of the same forward (the
+    same logits as a separate forward, one forward fewer per block).
     """
 
     rule_step: int = 0
@@ -333,10 +352,7 @@ class SdarState(_BlockDiffusionState):
 
     @property
     def _steps_per_block(self) -> int:
-        steps = self.params.steps
-        if steps is None:
-            return self.params.block_length
-        return steps // self.params.decoded_blocks(self.prompt_len)
+        return self.params.steps_per_block or self.params.block_length
 
     @property
     def _dynamic(self) -> bool:
@@ -357,9 +373,14 @@ class SdarState(_BlockDiffusionState):
             return Targets(self.block_start, block, 0, 0, 0, SelectionRule.THRESHOLD)
         quota = int(steps_quota(block, self._steps_per_block, self.rule_step))
         return Targets(
-            self.block_start, block, 0, block, int(self.masked.sum()),
-            SelectionRule.DYNAMIC if self._dynamic else SelectionRule.STEPS, quota,
+            self.block_start, block, 0, block, int(self.masked.sum()), self._rule, quota,
         )  # fmt: skip
+
+    @property
+    def _rule(self) -> SelectionRule:
+        if self.params.remasking == "entropy_bounded":
+            return SelectionRule.ENTROPY_BOUNDED
+        return SelectionRule.DYNAMIC if self._dynamic else SelectionRule.STEPS
 
     def advance(self, committed: np.ndarray, first_masked: int) -> int:
         final_end = self._record(committed, first_masked)
@@ -449,9 +470,14 @@ _STATES: dict[Loop, type[RequestState]] = {
 
 
 def new_state(**fields: object) -> RequestState:
-    """The loop state of a new request, of its family's kind (`params.family`)."""
+    """The loop state of a new request, of its family's kind (`params.family`), or Dream's own
+    loop when it asks for Dream's sampler (`dllm_alg`)."""
     params = fields["params"]
     assert isinstance(params, DllmParams)
+    if params.alg is not None:
+        from vllm_dllm.denoising.dream_alg import DreamAlgState
+
+        return DreamAlgState(**fields)  # type: ignore[arg-type]
     return _STATES[params.family.loop](**fields)  # type: ignore[arg-type]
 
 

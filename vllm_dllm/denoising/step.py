@@ -19,7 +19,16 @@ from torch import Tensor
 
 from vllm_dllm.denoising.canvases import Canvases
 from vllm_dllm.denoising.request import RequestState
-from vllm_dllm.sampling import GUMBEL_STREAM, REMASK_STREAM, row_keys, select, uniform
+from vllm_dllm.sampling import (
+    GUMBEL_STREAM,
+    REMASK_STREAM,
+    Filters,
+    ScoreKind,
+    SelectionRule,
+    row_keys,
+    select,
+    uniform,
+)
 
 
 class WindowField(IntEnum):
@@ -54,17 +63,30 @@ class Field(IntEnum):
     SEED_LO = 10
     SEED_HI = 11
     STEP = 12
+    #: Sampling filters (0 / 1 / 0: off; always off for greedy rows).
+    TOP_K = 13
+    #: What scores the candidates (`vllm_dllm.sampling.ScoreKind`).
+    SCORE = 14
     # float32 bit patterns:
-    TEMPERATURE = 13
-    THRESHOLD = 14
-    FACTOR = 15
+    TEMPERATURE = 15
+    THRESHOLD = 16
+    FACTOR = 17
     #: LLaDA 2.1's editing: committed positions may be rewritten above it (> 1: no editing).
-    EDIT_THRESHOLD = 16
+    EDIT_THRESHOLD = 18
+    TOP_P = 19
+    MIN_P = 20
+    #: The entropy-bounded rule's bound on the summed entropy of a step's commits.
+    ENTROPY_BOUND = 21
+    #: Dream's `alg_temp` (0: the top scores; > 0: drawn in proportion to softmax(score / it)).
+    ALG_TEMP = 22
 
 
 NUM_WINDOW_FIELDS = len(WindowField)
 NUM_FIELDS = len(Field)
-_FLOATS = (Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR, Field.EDIT_THRESHOLD)
+_FLOATS = (
+    Field.TEMPERATURE, Field.THRESHOLD, Field.FACTOR, Field.EDIT_THRESHOLD, Field.TOP_P,
+    Field.MIN_P, Field.ENTROPY_BOUND, Field.ALG_TEMP,
+)  # fmt: skip
 
 
 def packed_size(num_reqs: int, num_windows: int) -> int:
@@ -83,6 +105,14 @@ class StepShape:
     max_query_len: int
     any_samples: bool
     any_random: bool
+    #: Some sampled row has a top-k / top-p / min-p filter.
+    any_filters: bool
+    #: Some request scores by something other than probability (`ScoreKind`).
+    any_score_kinds: bool
+    #: Some request selects by the entropy-bounded rule.
+    any_entropy: bool
+    #: Some request draws its selection (Dream's `alg_temp`).
+    any_alg_temp: bool
     # Views of the packed host array (valid until the next step packs):
     query_start: np.ndarray  # [S + 1] int32
     key_ends: np.ndarray  # [S] int32
@@ -118,11 +148,16 @@ def pack(
         fields[:, i] = (
             slots[i], query_start[last_window[i]], p.windows[-1].start, t.block_start,
             t.block_len, t.lo, t.hi, t.rule, t.quota, s.remasks_randomly, _low_word(s.seed),
-            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, 0, 0, 0,
+            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, int(s.score_kind), 0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
         temperature = 0.0 if t.greedy else s.temperature
         edit = 2.0 if t.edit_threshold is None else t.edit_threshold
-        floats[:, i] = (temperature, s.threshold, s.params.factor or 1.0, edit)
+        # Filters change only a draw (greedy rows are left alone): no filter work without one.
+        top_k, top_p, min_p = s.filters if temperature > 0 else (0, 1.0, 0.0)
+        fields[Field.TOP_K, i] = top_k
+        floats[:, i] = (temperature, t.threshold if t.threshold is not None else s.threshold,
+                        s.params.factor or 1.0, edit, top_p, min_p, s.params.eb_threshold or 0.0,
+                        s.params.alg_temp or 0.0)  # fmt: skip
     fields[Field.TEMPERATURE :] = floats.view(np.int32)
     return StepShape(
         num_reqs=n,
@@ -133,6 +168,13 @@ def pack(
         max_query_len=max(w.num_tokens for _, w in windows),
         any_samples=bool((floats[0] > 0).any()),
         any_random=any(s.remasks_randomly for s in states),
+        any_filters=bool(
+            ((fields[Field.TOP_K] > 0) | (floats[_FLOATS.index(Field.TOP_P)] < 1.0)
+             | (floats[_FLOATS.index(Field.MIN_P)] > 0.0)).any()
+        ),  # fmt: skip
+        any_score_kinds=any(s.score_kind != ScoreKind.PROBABILITY for s in states),
+        any_entropy=any(t.rule == SelectionRule.ENTROPY_BOUNDED for t in targets),
+        any_alg_temp=any(s.params.alg_temp for s in states),
         query_start=query_start,
         key_ends=per_window[WindowField.KEY_END],
         block_starts=fields[Field.BLOCK_START],
@@ -279,6 +321,28 @@ def sampling_inputs(
     return meta[Field.TEMPERATURE][request], keys
 
 
+def filters(
+    meta: StepTensors, cand: Candidates, shape: StepShape, top_p_first: bool
+) -> Filters | None:
+    """Per-candidate top-k / top-p / min-p (None when no request filters: nothing to do)."""
+    if not shape.any_filters:
+        return None
+    request = cand.rows // shape.block_width
+    return Filters(
+        meta[Field.TOP_K].to(torch.int64)[request],
+        meta[Field.TOP_P][request],
+        meta[Field.MIN_P][request],
+        top_p_first,
+    )
+
+
+def score_kinds(meta: StepTensors, cand: Candidates, shape: StepShape) -> Tensor | None:
+    """Per-candidate `ScoreKind` (None when every request scores by probability)."""
+    if not shape.any_score_kinds:
+        return None
+    return meta[Field.SCORE].to(torch.int64)[cand.rows // shape.block_width]
+
+
 def commit(
     canvases: Canvases,
     meta: StepTensors,
@@ -296,9 +360,15 @@ def commit(
     nothing was committed), then the block offset of the first position still masked (the block
     length when none is left). That is all the host needs to advance every request.
     """
-    if shape.any_random:
+    if shape.any_random or shape.any_alg_temp:
         request, keys = noise_keys(meta, cand, shape, REMASK_STREAM)
-        confidence = torch.where(meta[Field.RANDOM][request].bool(), uniform(keys), confidence)
+        draws = uniform(keys)
+        confidence = torch.where(meta[Field.RANDOM][request].bool(), draws, confidence)
+        # Dream's alg_temp: drawing the quota in proportion to softmax(score / alg_temp) without
+        # replacement is taking the top quota of score / alg_temp + Gumbel noise.
+        alg_temp = meta[Field.ALG_TEMP][request]
+        drawn = confidence / torch.where(alg_temp > 0, alg_temp, 1.0) - draws.log().neg().log()
+        confidence = torch.where(alg_temp > 0, drawn, confidence)
     flat_shape = (shape.num_reqs * shape.block_width,)
     dense_conf = torch.zeros(flat_shape, device=confidence.device).index_copy_(
         0, cand.rows, confidence
@@ -315,6 +385,7 @@ def commit(
         meta[Field.THRESHOLD],
         meta[Field.FACTOR],
         meta[Field.QUOTA].to(torch.int64),
+        meta[Field.ENTROPY_BOUND] if shape.any_entropy else None,
     )
     chosen |= (
         cand.mask

@@ -46,15 +46,17 @@ from vllm_dllm.denoising.step import (
     WindowField,
     candidates,
     commit,
+    filters,
     hidden_rows,
     pack,
     packed_size,
     sampling_inputs,
+    score_kinds,
     window_inputs,
 )
 from vllm_dllm.engine.compat import build_attn_metadata
 from vllm_dllm.engine.outputs import DllmRunnerOutput
-from vllm_dllm.families import family_of
+from vllm_dllm.families import family_of, sampling_convention
 from vllm_dllm.sampling import propose_rows, rows_per_chunk, sampler_profile_bytes
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class Denoiser:
         self.logits_shift: int = model.logits_shift
         self.compute_logits = model.compute_logits
         self.family = family_of(runner.model_config.hf_config)
+        self.sampling = sampling_convention(runner.model_config.hf_config)
         self.device = runner.device
         groups = runner.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
@@ -112,6 +115,7 @@ class Denoiser:
             logits_shift=self.logits_shift,
             end_token_ids=frozenset(end_ids),
             temperature=float(sp.temperature),
+            filters=(max(sp.top_k, 0), float(sp.top_p), float(sp.min_p)),
             seed=(sp.seed if sp.seed is not None else self._unseeded_seed(new)) & (2**63 - 1),
         )
         self.states[new.req_id] = state
@@ -178,11 +182,14 @@ class Denoiser:
             self.mask_token_id,
             temperature,
             noise_keys,
+            # A step that filters, or scores by margin or entropy, holds more temporaries.
             rows_per_chunk(
-                self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None
+                self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None,
+                shape.any_filters or shape.any_score_kinds,
             ),
-            # Block-diffusion releases compare the tempered probability to their thresholds.
-            tempered_confidence=self.family.block_causal,
+            tempered_confidence=self.sampling.tempered_confidence,
+            filters=filters(meta, cand, shape, self.sampling.top_p_first),
+            score_kinds=score_kinds(meta, cand, shape),
         )
         packed = commit(self.canvases, meta, cand, shape, x0, confidence)
         result = packed.cpu().numpy()  # the step's one device-to-host transfer
@@ -310,6 +317,8 @@ class Denoiser:
                 shape = StepShape(
                     num_reqs=1, num_windows=1, num_tokens=end - start, num_rows=0, block_width=1,
                     max_query_len=end - start, any_samples=False, any_random=False,
+                    any_filters=False, any_score_kinds=False, any_entropy=False,
+                    any_alg_temp=False,
                     query_start=packed[:2], key_ends=per_window[WindowField.KEY_END :],
                     block_starts=fields[Field.BLOCK_START], block_lens=fields[Field.BLOCK_LEN],
                 )  # fmt: skip

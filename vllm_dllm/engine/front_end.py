@@ -49,7 +49,6 @@ def fitted_max_tokens(
     try:
         dllm = parse_dllm_params(params.extra_args, params.max_tokens, server_defaults(), family)
         if dllm.canvas_length(prompt_len) <= max_canvas_len:
-            dllm.check_prompt(prompt_len)
             return params.max_tokens
         block = dllm.block_length
         fitting = dllm.fitting_max_tokens(prompt_len, max_canvas_len)
@@ -61,9 +60,7 @@ def fitted_max_tokens(
                 parameter="dllm_block_length",
                 value=block,
             )
-        parse_dllm_params(params.extra_args, fitting, server_defaults(), family).check_prompt(
-            prompt_len
-        )
+        parse_dllm_params(params.extra_args, fitting, server_defaults(), family)
     except DllmParamError as err:
         message = str(err)
         raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err

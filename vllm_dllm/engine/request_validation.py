@@ -16,9 +16,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm_dllm.config import DllmParamError, check_dllm_args
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
+# (`top_k`, `top_p` and `min_p` are implemented: `vllm_dllm.sampling.filtering`.)
 _UNSUPPORTED = {
-    "top_p": 1.0,
-    "min_p": 0.0,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
@@ -42,12 +41,6 @@ def validate_request(params: SamplingParams) -> None:
                 parameter=name,
                 value=value,
             )
-    if params.top_k not in (0, -1):
-        raise VLLMValidationError(
-            f"top_k={params.top_k!r} is not supported by diffusion models (vllm-dllm)",
-            parameter="top_k",
-            value=params.top_k,
-        )
     # Checks that need the model's family or the prompt run right after vLLM's own input
     # processing (`vllm_dllm.engine.front_end`), which knows both; the scheduler re-checks.
     try:

@@ -139,7 +139,6 @@ class DllmScheduler(Scheduler):
             dllm = parse_dllm_params(
                 params.extra_args, request.max_tokens, server_defaults(), self._family
             )
-            dllm.check_prompt(prompt_len)
         except DllmParamError as err:
             self._reject(request, str(err))
             return None

@@ -1,8 +1,8 @@
 """ASGI middleware for the OpenAI server: checks request bodies as the client sent them.
 
-vLLM turns a request into `SamplingParams`, which normalise greedy requests (`temperature` 0
-resets `top_p`, `top_k`, `min_p`) and map chat's `"logprobs": true` to `logprobs=0`; by then a
-field the denoiser does not implement can no longer be told from one the client never sent. So
+vLLM turns a request into `SamplingParams`, which normalise some fields (chat's
+`"logprobs": true` becomes `logprobs=0`); by then a field the denoiser does not implement can no
+longer be told from one the client never sent. (`top_p`, `top_k` and `min_p` are implemented.) So
 the fields are checked here, on the JSON body, whatever the temperature, and the 400 names the
 field with the value the client sent. Malformed JSON gets a one-line 400 instead of vLLM's
 pydantic dump. Everything else passes through untouched, body included.
@@ -28,9 +28,6 @@ CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions")
 #: Request fields the denoiser does not implement -> the values that leave them unused (what
 #: clients send by default). Any other value is rejected.
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "top_p": (None, 1),
-    "top_k": (None, 0, -1),
-    "min_p": (None, 0),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1),

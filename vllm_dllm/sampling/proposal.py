@@ -11,11 +11,25 @@ memory of a step stays within the budget that vLLM profiled for its own sampler
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 
 import torch
 from torch import Tensor
 
+from vllm_dllm.sampling.filtering import FILTER_BYTES_PER_LOGIT, Filters, apply_filters_
 from vllm_dllm.sampling.noise import gumbel
+
+
+class ScoreKind(IntEnum):
+    """What scores a candidate row for selection (the `score_kinds` of `propose`)."""
+
+    #: The proposal's probability (`low_confidence`, Dream's `maskgit_plus`).
+    PROBABILITY = 0
+    #: Top-1 minus top-2 probability (Dream's `topk_margin`).
+    MARGIN = 1
+    #: Negative entropy of the distribution (Dream's `entropy`, the entropy-bounded rule).
+    NEG_ENTROPY = 2
+
 
 #: Vocabulary-sized bytes per logit of a proposal chunk beyond the logits themselves. Greedy:
 #: their float32 copy (4) and the two temporaries of `torch.logsumexp` (8). Sampling adds the
@@ -25,9 +39,12 @@ GREEDY_BYTES = 12
 SAMPLING_BYTES = 24
 
 
-def bytes_per_logit(logits_itemsize: int, sampling: bool) -> int:
-    """Peak vocabulary-sized bytes per logit of a chunk, the logits included."""
-    return logits_itemsize + (SAMPLING_BYTES if sampling else GREEDY_BYTES)
+def bytes_per_logit(logits_itemsize: int, sampling: bool, filtering: bool = False) -> int:
+    """Peak vocabulary-sized bytes per logit of a chunk, the logits included; a chunk that
+    filters (top-k / top-p / min-p) or scores by margin or entropy holds the filters'
+    temporaries too (`FILTER_BYTES_PER_LOGIT`)."""
+    extra = FILTER_BYTES_PER_LOGIT if filtering else 0
+    return logits_itemsize + (SAMPLING_BYTES if sampling else GREEDY_BYTES) + extra
 
 
 def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> int:
@@ -46,13 +63,15 @@ def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> i
 
 
 def rows_per_chunk(
-    vocab_size: int, budget_bytes: int, logits_itemsize: int, sampling: bool
+    vocab_size: int, budget_bytes: int, logits_itemsize: int, sampling: bool,
+    filtering: bool = False,
 ) -> int:
     """Rows proposed at once so that a chunk's vocabulary-sized memory stays within the budget.
 
     Where every row of a step fits, the step computes its logits in one GEMM.
     """
-    return max(1, budget_bytes // (vocab_size * bytes_per_logit(logits_itemsize, sampling)))
+    per_logit = bytes_per_logit(logits_itemsize, sampling, filtering)
+    return max(1, budget_bytes // (vocab_size * per_logit))
 
 
 def propose(
@@ -61,6 +80,8 @@ def propose(
     temperature: Tensor,
     noise_keys: Tensor | None = None,
     tempered_confidence: bool = False,
+    filters: Filters | None = None,
+    score_kinds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -76,29 +97,66 @@ def propose(
         noise_keys: `[N]` int64 keys of the rows' Gumbel noise (`vllm_dllm.sampling.noise`), or
             None when the caller knows from host-side request metadata that every row is greedy:
             then no noise is made at all.
-        tempered_confidence: score a sampled row by the probability of `logits / T` (what the
-            block-diffusion releases compare to their thresholds) instead of `logits`'.
+        tempered_confidence: score a sampled row by the probability of `logits / T` after the
+            filters (what Dream and the block-diffusion releases compare to their thresholds)
+            instead of by the probability under the raw, unfiltered logits (LLaDA's).
+        filters: per-row top-k / top-p / min-p (`vllm_dllm.sampling.filtering`), applied before
+            the draw, or None when no row filters. Only sampled rows may filter (greedy rows
+            carry neutral values): the argmax is never filtered out anyway.
+        score_kinds: `[N]` int64 `ScoreKind` per row, or None when every row is scored by
+            probability. The other kinds score a row by its distribution (after temperature
+            and filters, at temperature 0 the raw softmax): Dream's `topk_margin` (top-1 minus
+            top-2 probability) and its `entropy` (negative entropy, also the entropy-bounded
+            rule's score).
 
     Returns:
-        `x0` (`[N]` int64) and `confidence` (`[N]` float32). The confidence uses the raw logits
-        (no temperature, unless `tempered_confidence`), computed as
-        `exp(logit[x0] - logsumexp(logits without MASK))` in float32; float64 is never used on
+        `x0` (`[N]` int64) and `confidence` (`[N]` float32), computed as
+        `exp(logit[x0] - logsumexp(logits without MASK))` in float32 over the raw logits, or
+        over the filtered, tempered ones with `tempered_confidence`; float64 is never used on
         `[N, V]` data.
     """
     scores = logits.to(torch.float32, copy=True)
     scores[:, mask_token_id] = float("-inf")
+    log_normaliser: Tensor | None = None
     if noise_keys is None:
         x0 = scores.argmax(dim=-1)
     else:
+        if filters is not None:
+            if not tempered_confidence:
+                log_normaliser = torch.logsumexp(scores, dim=-1)
+            # The draw's tokens keep their logits, so the chosen logit is the raw one.
+            apply_filters_(scores, temperature, filters)
         temperature = temperature.to(torch.float32).unsqueeze(-1)
         noise = gumbel(noise_keys, scores.shape[-1])
         x0 = noise.mul_(temperature).add_(scores).argmax(dim=-1)
         del noise
         if tempered_confidence:
             scores.div_(torch.where(temperature > 0, temperature, 1.0))
-    log_normaliser = torch.logsumexp(scores, dim=-1)
+    if log_normaliser is None:
+        log_normaliser = torch.logsumexp(scores, dim=-1)
     chosen_logit = scores.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    return x0, (chosen_logit - log_normaliser).exp()
+    confidence = (chosen_logit - log_normaliser).exp()
+    if score_kinds is not None:
+        tempered = scores if tempered_confidence or noise_keys is None else scores.div(
+            torch.where(temperature > 0, temperature, 1.0))  # fmt: skip
+        confidence = torch.where(score_kinds == ScoreKind.MARGIN, margin(tempered), confidence)
+        confidence = torch.where(score_kinds == ScoreKind.NEG_ENTROPY, -entropy(tempered),
+                                 confidence)  # fmt: skip
+    return x0, confidence
+
+
+def entropy(scores: Tensor) -> Tensor:
+    """Entropy of `softmax(scores)` per row, in float32 (`-inf` scores have probability 0)."""
+    log_normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+    log_probs = scores - log_normaliser
+    weighted = log_probs.exp().mul_(log_probs).nan_to_num_(nan=0.0)
+    return -weighted.sum(dim=-1)
+
+
+def margin(scores: Tensor) -> Tensor:
+    """Top-1 minus top-2 probability of `softmax(scores)` per row (Dream's `topk_margin`)."""
+    top = scores.topk(2, dim=-1).values
+    return (top - torch.logsumexp(scores, dim=-1, keepdim=True)).exp().diff(dim=-1).neg()[:, 0]
 
 
 def propose_rows(
@@ -109,6 +167,8 @@ def propose_rows(
     noise_keys: Tensor | None,
     max_rows: int,
     tempered_confidence: bool = False,
+    filters: Filters | None = None,
+    score_kinds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -123,6 +183,7 @@ def propose_rows(
         keys = None if noise_keys is None else noise_keys[rows]
         x0[rows], confidence[rows] = propose(
             compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys,
-            tempered_confidence,
+            tempered_confidence, None if filters is None else filters.rows(rows),
+            None if score_kinds is None else score_kinds[rows],
         )  # fmt: skip
     return x0, confidence

@@ -20,6 +20,14 @@ class SelectionRule(IntEnum):
     STEPS = 2
     #: SDAR's `low_confidence_dynamic`: the threshold rule when it commits at least the quota.
     DYNAMIC = 3
+    #: The EB-sampler: scores are negative entropies; the longest run of lowest entropies whose
+    #: sum stays within the bound.
+    ENTROPY_BOUNDED = 4
+    #: Dream's schedule: exactly the `quota` highest scores, which may be none.
+    QUOTA = 5
+    #: Dream's `origin`: every candidate whose (uniform random) score is >= the threshold, none
+    #: forced.
+    BERNOULLI = 6
 
 
 def select(
@@ -29,6 +37,7 @@ def select(
     threshold: Tensor,
     factor: Tensor,
     quota: Tensor,
+    entropy_bound: Tensor | None = None,
 ) -> Tensor:
     """Return the `[R, B]` bool mask of positions to commit this step.
 
@@ -48,9 +57,17 @@ def select(
             clipped to the number of candidates and raised to 1. DYNAMIC rows: every candidate
             with `conf >= t` if there are at least `quota` of them (clipped as for STEPS), else
             the `quota` most confident.
+        entropy_bound: `[R]` float, used by ENTROPY_BOUNDED rows, whose `confidence` is the
+            negative entropy of each position's distribution: with entropies sorted ascending
+            `h1 <= h2 <= ...`, select the longest prefix with `h1 + ... + hn <= bound`, and
+            always the first. None when no row uses it.
 
-    Every row with at least one candidate selects at least one; a row without candidates selects
-    nothing. Ties in confidence go to the lower position (stable sort on descending confidence).
+    QUOTA rows select exactly their `quota` best (possibly none); BERNOULLI rows select every
+    candidate with `conf >= t`, possibly none.
+
+    Every row with at least one candidate selects at least one (except QUOTA and BERNOULLI
+    rows); a row without candidates selects nothing. Ties in confidence go to the lower
+    position (stable sort on descending confidence).
     Comparisons are made in the dtype of `confidence`: `t` and the factor bounds are rounded to
     it once, as a Python float compared with a float32 tensor is in the reference code.
     """
@@ -89,5 +106,14 @@ def select(
             torch.where(rule == SelectionRule.DYNAMIC, by_dynamic, by_steps),
         ),
     )
+    chosen_sorted = torch.where(rule == SelectionRule.QUOTA, rank < quota.unsqueeze(-1),
+                                chosen_sorted)  # fmt: skip
+    chosen_sorted = torch.where(rule == SelectionRule.BERNOULLI, above, chosen_sorted)
+    if entropy_bound is not None:
+        # Candidates come first in the sorted order, so the running sum covers only them.
+        entropy = torch.where(is_candidate, -sorted_conf, 0.0).cumsum(dim=-1)
+        by_entropy = (entropy <= entropy_bound.to(entropy.dtype).unsqueeze(-1)) | is_first
+        chosen_sorted = torch.where(rule == SelectionRule.ENTROPY_BOUNDED, by_entropy,
+                                    chosen_sorted)  # fmt: skip
     chosen_sorted &= is_candidate
     return torch.zeros_like(candidate_mask).scatter_(-1, order, chosen_sorted)
