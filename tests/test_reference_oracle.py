@@ -25,7 +25,8 @@ from transformers import (
 
 from tests.reference import ReferenceModel, generate
 from tests.reference.generate import Rule, _select
-from tests.tolerances import forward_tolerance
+from tests.reference.margins import Margins, top2_gaps
+from tests.tolerances import assert_decisive, forward_tolerance
 from vllm_dllm.testing.checkpoints import DREAM_TINY, LLADA_TINY
 from vllm_dllm.transformers_utils.configs import DreamConfig, LLaDAConfig
 
@@ -402,3 +403,23 @@ def test_steps_rule_quota_and_ties() -> None:
     assert sorted(_select(confidence, rule, step=0, masked_at_start=7).tolist()) == [0, 1, 3]
     assert sorted(_select(confidence, rule, step=1, masked_at_start=7).tolist()) == [1, 3]
     assert _select(confidence[:1], rule, step=2, masked_at_start=7).tolist() == [0]  # clipped
+
+
+def test_decision_margins_catch_near_ties(llada: ReferenceModel) -> None:
+    """The margins every engine comparison relies on: a near-tie in the ranking, a confidence
+    next to its threshold and a near-equal top-2 proposal are each recorded, in logit units,
+    and `assert_decisive` refuses a run that took one; a clear run passes."""
+    near = Margins(scale=4.0)
+    _select(torch.tensor([0.30, 0.3000003, 0.1]), Rule(steps_per_block=4), 0, 4, near)
+    assert near.where == "confidence ranking at the cut" and near.smallest < 1e-6
+    with pytest.raises(AssertionError, match="ranking at the cut"):
+        assert_decisive(near, llada)
+    at_threshold = Margins(scale=4.0)
+    _select(torch.tensor([0.9000001, 0.2]), Rule(threshold=0.9), 0, 2, at_threshold)
+    assert at_threshold.where == "confidence vs threshold" and at_threshold.smallest < 1e-6
+    top2 = Margins(scale=4.0)
+    top2.proposals(top2_gaps(torch.tensor([[1.0, 1.0 + 1e-6, -2.0], [3.0, 0.0, 1.0]])))
+    assert top2.smallest == pytest.approx(1e-6, abs=1e-7)
+    clear = Margins(scale=4.0)
+    _select(torch.tensor([0.6, 0.3, 0.1]), Rule(steps_per_block=4), 0, 4, clear)
+    assert_decisive(clear, llada)

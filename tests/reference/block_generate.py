@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from tests.reference.block_model import BlockKV, BlockReferenceModel
-from tests.reference.margins import Margins, entropy_cut, top2_gaps
+from tests.reference.margins import Margins, top2_gaps
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
 # Default threshold of both loops: Fast-dLLM v2's batch_sample default, and the value of SDAR's
@@ -395,7 +395,7 @@ def generate_sdar(
                 entropy = request.entropies(logits[candidates - start])
                 order = torch.sort(entropy, stable=True).indices
                 cumulative = entropy[order].cumsum(dim=0)
-                entropy_cut(request.margins, cumulative, eb_threshold)
+                request.margins.entropy_cut(cumulative, eb_threshold)
                 chosen = order[: max(1, int((cumulative <= eb_threshold).sum()))]
             elif remasking == "low_confidence_dynamic" and len(above) >= quota:
                 chosen = above

@@ -84,7 +84,7 @@ def generate_dream_alg(
             # Probabilities, their differences and entropies move less than their logits: the
             # raw gap at the cut understates the margin, never overstates it.
             if 0 < count < len(masked):
-                decoder.margins._record(float(ranked.values[count - 1] - ranked.values[count]),
+                decoder.margins.record(float(ranked.values[count - 1] - ranked.values[count]),
                                         f"{alg} score ranking at the cut")
         decoder.margins.proposals(gaps[chosen])
         decoder.canvas[masked[chosen]] = x0[chosen]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from tests.reference.block_generate import _filtered_probs
-from tests.reference.margins import Margins, entropy_cut, top2_gaps
+from tests.reference.margins import Margins, top2_gaps
 from tests.reference.model import KVCache, ReferenceModel
 from vllm_dllm.sampling.noise import GUMBEL_STREAM, gumbel, row_keys
 
@@ -189,7 +189,7 @@ class _Decoder:
             entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(dim=-1)
             order = torch.sort(entropy, stable=True).indices
             cumulative = entropy[order].cumsum(dim=0)
-            entropy_cut(self.margins, cumulative, self.eb_threshold)
+            self.margins.entropy_cut(cumulative, self.eb_threshold)
             chosen = order[: max(1, int((cumulative <= self.eb_threshold).sum()))]
         else:
             margins = self.margins if self.remasking == "low_confidence" else Margins()

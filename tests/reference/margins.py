@@ -43,14 +43,15 @@ class Margins:
         if finite.numel():
             self.scale = max(self.scale, float(finite.abs().max()))
 
-    def _record(self, value: float, what: str) -> None:
+    def record(self, value: float, what: str) -> None:
+        """Keep ``value`` (logit units) if it is the run's smallest margin so far."""
         if value < self.smallest:
             self.smallest, self.where = value, what
 
     def proposals(self, gaps: Tensor) -> None:
         """`top2_gaps` of the rows whose proposal was committed."""
         if gaps.numel():
-            self._record(float(gaps.min()), "proposal top-2 gap")
+            self.record(float(gaps.min()), "proposal top-2 gap")
 
     def against(self, confidence: Tensor, bound: float | Tensor, temperature: float = 1.0,
                 what: str = "threshold") -> None:
@@ -60,24 +61,23 @@ class Margins:
         live = (bound > 0) & (bound <= 1)
         if live.any():
             gap = (confidence.double()[live].log() - bound[live].log()).abs().min()
-            self._record(float(gap) * _scale(temperature), f"confidence vs {what}")
+            self.record(float(gap) * _scale(temperature), f"confidence vs {what}")
 
     def ranking(self, ranked: Tensor, cut: int, temperature: float = 1.0) -> None:
         """Confidences sorted descending, of which the first ``cut`` are committed: the gap at
         the cut decides which ones."""
         if 0 < cut < len(ranked):
             gap = ranked[cut - 1].double().log() - ranked[cut].double().log()
-            self._record(float(gap) * _scale(temperature), "confidence ranking at the cut")
+            self.record(float(gap) * _scale(temperature), "confidence ranking at the cut")
 
-
-def entropy_cut(margins: Margins, cumulative: Tensor, bound: float) -> None:
-    """The entropy-bounded rule's comparisons of cumulative entropies (nats, sorted ascending)
-    with its bound. An entropy moves by at most about its logits' error times the spread of
-    its log-probabilities; rows near the bound are what rounding could move across it, so the
-    distance is recorded as is, like a logit gap."""
-    if cumulative.numel():
-        gap = (cumulative.double() - bound).abs().min()
-        margins._record(float(gap), "cumulative entropy vs bound")
+    def entropy_cut(self, cumulative: Tensor, bound: float) -> None:
+        """The entropy-bounded rule's cumulative entropies (nats, sorted ascending) compared
+        with its bound. An entropy moves by about its logits' error (times the spread of its
+        log-probabilities, which is O(1) for the rows near the bound), so the distance is
+        recorded as a logit gap."""
+        if cumulative.numel():
+            gap = (cumulative.double() - bound).abs().min()
+            self.record(float(gap), "cumulative entropy vs bound")
 
 
 def top2_gaps(scores: Tensor) -> Tensor:
