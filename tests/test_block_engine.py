@@ -134,7 +134,7 @@ SDAR_CASES = {
     "dynamic-3-steps-0.3": {"dllm_threshold": 0.3, "dllm_steps": 3},
     # More steps than positions: one token per step, as the release's quota-0 steps never run.
     "static-9-steps": {"dllm_remasking": "low_confidence_static", "dllm_steps": 9},
-    "block-8": {"dllm_block_length": 8, "dllm_threshold": 0.5},
+    "block-8": {"dllm_block_length": 8, "dllm_threshold": 0.02},
     # The EB-sampler: per-position entropies of the full distribution, summed within the bound.
     "entropy-bounded": {"dllm_remasking": "entropy_bounded"},
     "entropy-bounded-2": {"dllm_remasking": "entropy_bounded", "dllm_eb_threshold": 2.0},

@@ -77,15 +77,11 @@ def generate_dream_alg(
             bound = 0.0 if last else float(1 - (1 - ratio))
             chosen = torch.nonzero(uniform(keys) >= bound).flatten()
         else:
-            score = _score(logits[masked], mask, alg)
+            score, sensitivity = _score(logits[masked], mask, alg)
             count = len(masked) if last else int(torch.tensor(len(masked)) / 1 * (1 - ratio))
             ranked = torch.sort(score, descending=True, stable=True)
             chosen = ranked.indices[:count]
-            # Probabilities, their differences and entropies move less than their logits: the
-            # raw gap at the cut understates the margin, never overstates it.
-            if 0 < count < len(masked):
-                decoder.margins.record(float(ranked.values[count - 1] - ranked.values[count]),
-                                        f"{alg} score ranking at the cut")
+            decoder.margins.score_ranking(ranked.values, sensitivity[ranked.indices], count, alg)
         decoder.margins.proposals(gaps[chosen])
         decoder.canvas[masked[chosen]] = x0[chosen]
         if decoder.finished():
@@ -93,14 +89,21 @@ def generate_dream_alg(
     return Result(decoder.output(), decoder.num_forwards, decoder.canvas, decoder.margins)
 
 
-def _score(logits: Tensor, mask: int, alg: str) -> Tensor:
-    """The release's confidence of each row at temperature 0 (MASK outside the softmax)."""
+def _score(logits: Tensor, mask: int, alg: str) -> tuple[Tensor, Tensor]:
+    """The release's confidence of each row at temperature 0 (MASK outside the softmax), and
+    how much it can move per unit of error in every logit (for the decision margins): a
+    probability ``p`` by ``2p``, a top-2 difference by ``2(p1 + p2)``, an entropy by
+    ``2 * sum_j p_j |log p_j + H|``."""
     logits = logits.float().clone()
     logits[:, mask] = float("-inf")
     probs = logits.softmax(dim=-1)
     if alg == "maskgit_plus":
-        return probs.max(dim=-1).values
+        top = probs.max(dim=-1).values
+        return top, 2 * top
     if alg == "topk_margin":
         top = probs.sort(dim=-1, descending=True).values
-        return top[:, 0] - top[:, 1]
-    return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+        return top[:, 0] - top[:, 1], 2 * (top[:, 0] + top[:, 1])
+    plogp = probs * torch.log(probs + 1e-10)
+    negative_entropy = plogp.sum(dim=-1)
+    spread = probs * (torch.log(probs + 1e-10) - negative_entropy[:, None]).abs()
+    return negative_entropy, 2 * spread.sum(dim=-1)

@@ -70,6 +70,15 @@ class Margins:
             gap = ranked[cut - 1].double().log() - ranked[cut].double().log()
             self.record(float(gap) * _scale(temperature), "confidence ranking at the cut")
 
+    def score_ranking(self, ranked: Tensor, sensitivity: Tensor, cut: int, what: str) -> None:
+        """Scores sorted descending, of which the first ``cut`` are committed, with each row's
+        ``sensitivity``: how much its score moves per unit of error in every logit. The two
+        rows at the cut trade places only if the logits move by ``gap / (s_a + s_b)``."""
+        if 0 < cut < len(ranked):
+            gap = float(ranked[cut - 1] - ranked[cut])
+            spread = float(sensitivity[cut - 1] + sensitivity[cut])
+            self.record(2 * gap / spread if spread > 0 else math.inf, f"{what} ranking at the cut")
+
     def entropy_cut(self, cumulative: Tensor, bound: float) -> None:
         """The entropy-bounded rule's cumulative entropies (nats, sorted ascending) compared
         with its bound. An entropy moves by about its logits' error (times the spread of its
