@@ -38,14 +38,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if where_forward == where_decision == "none":
         return
     terminalreporter.write_sep("-", "fp32 rounding: what the comparisons relied on")
-    terminalreporter.write_line(
-        f"largest fp32 forward difference: {forward:.2f} rounding bounds "
-        f"(tolerance {SAFETY}) in {where_forward}"
-    )
-    terminalreporter.write_line(
-        f"smallest decision margin: {decision:.2f} rounding bounds "
-        f"(required {DECISION_SAFETY}) in {where_decision}"
-    )
+    if where_forward != "none":
+        terminalreporter.write_line(
+            f"largest fp32 forward difference: {forward:.2f} rounding bounds "
+            f"(tolerance {SAFETY}) in {where_forward}"
+        )
+    if where_decision != "none":
+        terminalreporter.write_line(
+            f"smallest decision margin: {decision:.2f} rounding bounds "
+            f"(required {DECISION_SAFETY}) in {where_decision}"
+        )
 
 
 @pytest.fixture(scope="session")
