@@ -29,6 +29,9 @@ from torch import Tensor
 
 
 class Canvases:
+    """The device token table by KV slot, its host mirror, and the block table by batch slot
+    (see the module docstring for why the table is indexed by KV slot)."""
+
     def __init__(
         self,
         num_slots: int,
