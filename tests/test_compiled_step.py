@@ -106,7 +106,10 @@ def test_one_host_sync_per_step(llada_compiled_engine):
     finally:
         (records,) = llm.collective_rpc(stop_counting_host_reads)
     steps = [calls for num_reqs, calls in records if num_reqs]
-    assert max(num_reqs for num_reqs, _ in records) == len(mixed)
+    # The engine core steps while the requests arrive one by one, so a short one may finish
+    # before the last is added. Greedy and sampled requests alternate: any step that held more
+    # than half of them held both kinds.
+    assert max(num_reqs for num_reqs, _ in records) > len(mixed) // 2, records
     assert steps and all(calls == ["cpu"] for calls in steps), records
 
 
@@ -206,5 +209,8 @@ def test_block_diffusion_step_reads_the_device_once(block_compiled):
     finally:
         (records,) = llm.collective_rpc(stop_counting_host_reads)
     steps = [calls for num_reqs, calls in records if num_reqs]
-    assert max(num_reqs for num_reqs, _ in records) == len(mixed)
+    # The engine core steps while the requests arrive one by one, so a short one may finish
+    # before the last is added. Greedy and sampled requests alternate: any step that held more
+    # than half of them held both kinds.
+    assert max(num_reqs for num_reqs, _ in records) > len(mixed) // 2, records
     assert steps and all(calls == ["cpu"] for calls in steps), records
