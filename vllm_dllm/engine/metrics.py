@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
-from vllm.logger import init_logger
 
-# Under vLLM's logger so the line gets vLLM's handler, format and level (`VLLM_LOGGING_LEVEL`):
-# vLLM configures the `vllm` logger tree only, where a plain `vllm_dllm` INFO line would vanish.
-logger = init_logger(f"vllm.{__name__}")
+from vllm_dllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 _TOKENS_PER_FORWARD_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 _FORWARDS_PER_REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 from vllm import envs
-from vllm.logger import init_logger
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
@@ -36,6 +35,7 @@ from vllm_dllm.engine.compat import scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 from vllm_dllm.families import family_of
+from vllm_dllm.logger import init_logger
 
 logger = init_logger(__name__)
 
