@@ -6,7 +6,9 @@ an engine, so they take seconds each (mostly vLLM's import).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +20,9 @@ import pytest
 from tests.scripts import EXAMPLES
 
 VLLM_DLLM = str(Path(sys.executable).with_name("vllm-dllm"))
+#: A command that reaches vLLM's configuration: its CPU KV-cache size skips vLLM's check that
+#: most of the machine's memory is free (the refusals come before any engine starts).
+CLI_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -63,7 +68,7 @@ def test_bad_dllm_defaults_is_a_one_line_error():
 
 def test_bad_defaults_variable_is_a_one_line_error():
     result = run(VLLM_DLLM, "serve", "some-model", env={"VLLM_DLLM_DEFAULTS": "{not json"})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "vllm-dllm serve: error: VLLM_DLLM_DEFAULTS must be a JSON object"
@@ -112,17 +117,53 @@ def engine_config(checkpoint: Path, **kwargs):
     ).create_engine_config()
 
 
+def refusal(checkpoint: Path, **kwargs) -> str:
+    """The message of the start-up refusal `engine_config` raises: one line, and the plugin's
+    own error, not pydantic's wrapping of it (what `LLM(...)` raises, since it builds its
+    configuration the same way)."""
+    from vllm_dllm.engine.config_hook import StartUpRefusal
+
+    with pytest.raises(StartUpRefusal) as info:
+        engine_config(checkpoint, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
 def test_kv_transfer_config_is_refused_at_start_up(llada_tiny_dir):
-    with pytest.raises(ValueError, match="kv_transfer_config: vllm-dllm does not support KV"):
-        engine_config(
-            llada_tiny_dir,
-            kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"},
-        )
+    kv = {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}
+    assert refusal(llada_tiny_dir, kv_transfer_config=kv) == (
+        f"kv_transfer_config={json.dumps(kv)}: vllm-dllm does not support KV transfer "
+        "(disaggregated prefill, KV connectors) for diffusion models; leave it unset"
+    )
 
 
 def test_diffusion_config_is_refused_at_start_up(llada_tiny_dir):
-    with pytest.raises(ValueError, match="diffusion_config: --diffusion-config configures"):
-        engine_config(llada_tiny_dir, diffusion_config={"canvas_length": 32})
+    assert refusal(llada_tiny_dir, diffusion_config={"canvas_length": 32}).startswith(
+        'diffusion_config={"canvas_length": 32}: it configures vLLM\'s own diffusion path'
+    )
+
+
+def test_a_scheduler_class_is_refused_at_start_up(llada_tiny_dir):
+    assert refusal(llada_tiny_dir, scheduler_cls="my.Scheduler") == (
+        "scheduler_cls=my.Scheduler: vllm-dllm drives diffusion models with its own "
+        "scheduler; leave it unset"
+    )
+
+
+def test_defaults_of_another_family_are_refused_at_start_up(sdar_tiny_dir, monkeypatch):
+    from vllm_dllm.config import server_defaults
+
+    monkeypatch.setenv("VLLM_DLLM_DEFAULTS", '{"dllm_cache": "dual"}')
+    server_defaults.cache_clear()
+    try:
+        message = refusal(sdar_tiny_dir)
+    finally:
+        monkeypatch.delenv("VLLM_DLLM_DEFAULTS")
+        server_defaults.cache_clear()
+    assert message.startswith(
+        'VLLM_DLLM_DEFAULTS={"dllm_cache": "dual"}: dllm_cache does not apply to SDAR models'
+    )
 
 
 def test_sliding_window_is_refused_at_start_up(dream_tiny_dir, tmp_path):
@@ -131,8 +172,7 @@ def test_sliding_window_is_refused_at_start_up(dream_tiny_dir, tmp_path):
     config = json.loads((checkpoint / "config.json").read_text())
     config.update(use_sliding_window=True, sliding_window=64)
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="sliding_window=64: vllm-dllm runs diffusion models"):
-        engine_config(checkpoint)
+    assert refusal(checkpoint).startswith("sliding_window=64: vllm-dllm runs diffusion models")
 
 
 
@@ -141,21 +181,22 @@ def test_legacy_ray_executor_is_refused_at_start_up(llada_tiny_dir, monkeypatch)
     config = engine_config(llada_tiny_dir, distributed_executor_backend="ray")
     assert config.parallel_config.distributed_executor_backend == "ray"  # the default executor
     monkeypatch.setenv("VLLM_USE_RAY_V2_EXECUTOR_BACKEND", "0")
-    with pytest.raises(ValueError, match="VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0: vLLM's older Ray"):
-        engine_config(llada_tiny_dir, distributed_executor_backend="ray")
+    message = refusal(llada_tiny_dir, distributed_executor_backend="ray")
+    assert message.startswith("VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0: vLLM's older Ray")
     engine_config(llada_tiny_dir)  # the variable alone (no Ray executor) is harmless
     monkeypatch.delenv("VLLM_USE_RAY_V2_EXECUTOR_BACKEND")
     from vllm.v1.executor.ray_executor import RayDistributedExecutor
 
-    with pytest.raises(ValueError, match="distributed_executor_backend=RayDistributedExecutor"):
-        engine_config(llada_tiny_dir, distributed_executor_backend=RayDistributedExecutor)
+    message = refusal(llada_tiny_dir, distributed_executor_backend=RayDistributedExecutor)
+    assert message.startswith("distributed_executor_backend=RayDistributedExecutor: ")
 
 
 
 def test_flex_attention_is_refused_for_block_diffusion(sdar_tiny_dir):
     """Its buffers hold `max_num_seqs` sequences; a block-diffusion prefill has one per block."""
-    with pytest.raises(ValueError, match="attention backend FLEX_ATTENTION: its metadata holds"):
-        engine_config(sdar_tiny_dir, attention_backend="FLEX_ATTENTION")
+    assert refusal(sdar_tiny_dir, attention_backend="FLEX_ATTENTION").startswith(
+        "attention_backend=FLEX_ATTENTION: its metadata holds at most max_num_seqs"
+    )
 
 def test_cuda_graph_modes_for_diffusion_models():
     """Only the mixed-batch part of a mode applies, and full graphs become piecewise ones."""
@@ -194,11 +235,105 @@ def test_config_hook_sets_the_cuda_graph_mode(
     config = engine_config(sdar_tiny_dir)
     config.compilation_config.cudagraph_mode = requested and CUDAGraphMode[requested]
     config.optimization_level = level
-    with caplog.at_level("WARNING", logger="vllm_dllm"):
+    with plugin_log(caplog):
         _use_piecewise_cuda_graphs(config)
     mode = config.compilation_config.cudagraph_mode
     assert (mode and mode.name) == expected
     assert ("cudagraph_mode=FULL_AND_PIECEWISE is replaced" in caplog.text) == warned
+
+
+@contextlib.contextmanager
+def plugin_log(caplog):
+    """Capture the plugin's log records (once each). Its loggers are under vLLM's `vllm`
+    logger, which vLLM may have configured not to propagate to the root logger, where `caplog`
+    listens."""
+    from vllm_dllm.logger import ROOT
+
+    logger = logging.getLogger(ROOT)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def test_start_up_says_what_the_plugin_set_and_what_it_overrode(llada_tiny_dir, caplog):
+    """One INFO line with the plugin's settings; a WARNING naming an explicit setting it turns
+    off (vLLM's `--enable-prefix-caching`)."""
+    from vllm_dllm.logger import ROOT
+
+    def lines(level: int) -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records
+            if r.name.startswith(ROOT) and r.levelno == level
+        ]  # fmt: skip
+
+    with plugin_log(caplog):
+        engine_config(llada_tiny_dir)
+    info = lines(logging.INFO)
+    assert len(info) == 1
+    assert info[0].startswith(
+        "vllm-dllm: LLaDAModelLM is a bidirectional (LLaDA, Dream) diffusion model: scheduler "
+        "vllm_dllm.engine.scheduler.DllmScheduler, worker vllm_dllm.engine.worker.DllmCPUWorker, "
+        "prefix caching off (a diffusion step rewrites"
+    )
+    assert not lines(logging.WARNING)
+    caplog.clear()
+    with plugin_log(caplog):
+        engine_config(llada_tiny_dir, enable_prefix_caching=True)
+    assert lines(logging.WARNING) == [
+        "vllm-dllm: enable_prefix_caching=True (--enable-prefix-caching) is overridden: prefix "
+        "caching is off for diffusion models (a diffusion step rewrites the K/V of earlier "
+        "canvas positions, which a cached prefix would share)"
+    ]
+
+
+def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """stderr without the notice vLLM's import prints on CPU machines (not ours to change)."""
+    return [
+        line for line in result.stderr.splitlines()
+        if not line.startswith("Triton is installed, but doesn't include CPU backend")
+    ]  # fmt: skip
+
+
+def test_defaults_of_another_family_are_one_line_on_the_command_line(sdar_tiny_dir):
+    """`--dllm-defaults` that the served checkpoint's family does not take: one line naming the
+    flag, the value and what the family accepts, exit status 2 (vLLM builds its configuration,
+    no engine starts)."""
+    result = run(VLLM_DLLM, "serve", str(sdar_tiny_dir), "--dllm-defaults",
+                 '{"dllm_cache": "dual"}', env=CLI_ENV)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert stderr_lines(result) == [
+        "vllm-dllm serve: error: --dllm-defaults '{\"dllm_cache\": \"dual\"}': dllm_cache "
+        "does not apply to SDAR models (they accept dllm_block_length, dllm_threshold, "
+        "dllm_steps, dllm_remasking, dllm_eb_threshold)"
+    ]
+
+
+def test_vllm_serve_prints_a_refusal_as_one_line(llada_tiny_dir):
+    """vLLM's own `vllm serve` with the plugin loaded through its entry point (the `vllm`
+    script's argv; on vllm-cpu the version lookup answered as `vllm-dllm` does):
+    `--diffusion-config` is one line, exit status 2."""
+    script = (
+        "import sys\n"
+        "from vllm_dllm.cli import _answer_vllm_version_lookup\n"
+        "_answer_vllm_version_lookup()\n"
+        "from vllm.entrypoints.cli.main import main\n"
+        f"sys.argv = ['vllm', 'serve', {str(llada_tiny_dir)!r}, '--diffusion-config', '{{}}']\n"
+        "main()\n"
+    )
+    result = run(sys.executable, "-c", script, env=CLI_ENV)
+    assert result.returncode == 2, result.stderr
+    assert stderr_lines(result) == [
+        "vllm serve: error: --diffusion-config '{}': it configures vLLM's own diffusion path "
+        "(Model Runner V2, GPU only), which vllm-dllm does not use; leave it unset and set the "
+        "dllm_* parameters per request (vllm_xargs) or server-wide with --dllm-defaults"
+    ]
 
 @pytest.fixture
 def defaults_variable(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 
 import openai
@@ -395,6 +396,21 @@ def test_invalid_utf8_body_is_400(llada_server):
     )
     assert response.status_code == 400, response.text
     assert requests.get(f"{llada_server.url}/health", timeout=5).status_code == 200
+
+
+def test_start_up_log_says_what_the_plugin_set(llada_server):
+    """The plugin's start-up line goes through vLLM's logging (format, level) like vLLM's own:
+    family, scheduler, worker, prefix caching and why, the CUDA-graph mode."""
+    log = llada_server.log_path.read_text()
+    line = re.search(r"^\(APIServer pid=\d+\) INFO .*\[config_hook\.py:\d+\] (vllm-dllm: .*)$",
+                     log, re.MULTILINE)  # fmt: skip
+    assert line, log[-5000:]
+    assert line.group(1).startswith(
+        "vllm-dllm: LLaDAModelLM is a bidirectional (LLaDA, Dream) diffusion model: scheduler "
+        "vllm_dllm.engine.scheduler.DllmScheduler, worker vllm_dllm.engine.worker.DllmCPUWorker, "
+        "prefix caching off (a diffusion step rewrites the K/V of earlier canvas positions"
+    )
+    assert line.group(1).endswith("cudagraph_mode NONE")
 
 
 def test_models_and_health(client, llada_server):

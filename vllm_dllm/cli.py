@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import types
+from typing import NoReturn
 
 from vllm_dllm.config import DEFAULTS_ENV, DllmParamError, server_defaults
 
@@ -140,12 +141,28 @@ def _install_serve_flags() -> None:
             try:
                 server_defaults()  # also a malformed VLLM_DLLM_DEFAULTS set outside the flag
             except DllmParamError as err:
-                sys.exit(f"vllm-dllm serve: error: {err}")
+                _refuse(str(err))
             if MIDDLEWARE not in args.middleware:
                 args.middleware.append(MIDDLEWARE)
-            base.cmd(args)
+            try:
+                base.cmd(args)
+            except ValueError as err:
+                from vllm_dllm.engine.config_hook import start_up_refusal
+
+                refusal = start_up_refusal(err)
+                if refusal is None:
+                    raise
+                if refusal.argument == DEFAULTS_ENV and args.dllm_defaults is None:
+                    _refuse(str(refusal))  # the defaults came from the environment, not the flag
+                _refuse(refusal.cli_message())
 
     serve.cmd_init = lambda: [DllmServeSubcommand()]
+
+
+def _refuse(message: str) -> NoReturn:
+    """A start-up refusal: one line on stderr, exit status 2 (argparse's for a bad flag)."""
+    print(f"vllm-dllm serve: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _exit_after_serving() -> None:

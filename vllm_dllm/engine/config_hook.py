@@ -4,16 +4,29 @@ vLLM consults `MODELS_CONFIG_MAP` (architecture -> `VerifyAndUpdateConfig`) whil
 `VllmConfig`, before the platform picks a worker or the engine picks a scheduler. Registering our
 architectures there lets the plugin install its scheduler, worker and request validator, and turn
 off what would corrupt a diffusion request, without any dLLM-specific flag from the user.
+
+Start-up refusals are `StartUpRefusal`s: one line naming the argument, the value and what is
+allowed. vLLM builds its `VllmConfig` as a pydantic dataclass, which wraps an error raised here in
+a multi-line `ValidationError`; `EngineArgs.create_engine_config` is wrapped to raise the
+refusal itself (offline `LLM(...)` and the servers alike), which `vllm-dllm serve` (and `vllm
+serve`, through `install_cli_refusal_hook`) print as one line with exit status 2. The same
+wrapper logs, once the configuration is complete, what the plugin set (one INFO line) and every
+explicit user setting it overrode (a WARNING each).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
-from typing import TYPE_CHECKING
+import shlex
+import sys
+from typing import TYPE_CHECKING, Any
 
 from vllm.config import CUDAGraphMode
-from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_dllm.logger import init_logger
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -21,6 +34,43 @@ if TYPE_CHECKING:
     from vllm_dllm.families import Family
 
 logger = init_logger(__name__)
+
+
+class StartUpRefusal(ValueError):
+    """A setting the plugin refuses at start-up, described in one line.
+
+    `argument` is the offline spelling (an `LLM(...)` / `EngineArgs` keyword, an environment
+    variable or a checkpoint key), `flag` the command line's where there is one, `value` what
+    was given and `reason` why it is refused and what is allowed instead. Offline the message is
+    `argument=value: reason`; `cli_message` gives `flag value: reason` for the servers' CLIs.
+    """
+
+    def __init__(self, argument: str, value: Any, reason: str, flag: str | None = None) -> None:
+        self.argument = argument
+        self.value = value
+        self.reason = reason
+        self.flag = flag
+        super().__init__(argument, value, reason)
+
+    def __str__(self) -> str:
+        return f"{self.argument}={_offline_text(self.value)}: {self.reason}"
+
+    def cli_message(self) -> str:
+        """The line a CLI prints: the flag and the value as typed (the offline line where the
+        setting has no flag)."""
+        if self.flag is None:
+            return str(self)
+        return f"{self.flag} {_cli_text(self.value)}: {self.reason}"
+
+
+def _offline_text(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _cli_text(value: Any) -> str:
+    return shlex.quote(_offline_text(value))
 
 SCHEDULER_CLS = "vllm_dllm.engine.scheduler.DllmScheduler"
 CPU_WORKER_CLS = "vllm_dllm.engine.worker.DllmCPUWorker"
@@ -35,20 +85,22 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
         from vllm.platforms import current_platform
 
-        from vllm_dllm.config import check_server_defaults
         from vllm_dllm.families import family_of
 
         # A malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request.
         family = family_of(vllm_config.model_config.hf_config)
-        check_server_defaults(family)
+        _check_server_defaults(family)
         _refuse_unsupported(vllm_config, family)
         _use_piecewise_cuda_graphs(vllm_config)
 
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
-            raise ValueError(
-                f"vllm-dllm drives diffusion models with its own scheduler; "
-                f"scheduler_cls={scheduler_config.scheduler_cls!r} cannot be used with them."
+            cls = scheduler_config.scheduler_cls
+            raise StartUpRefusal(
+                "scheduler_cls",
+                cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}",
+                "vllm-dllm drives diffusion models with its own scheduler; leave it unset",
+                flag="--scheduler-cls",
             )
         scheduler_config.scheduler_cls = SCHEDULER_CLS
         # The denoising step needs the previous step's commits before it can plan the next.
@@ -66,6 +118,12 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
 
         # Our step runs on the V1 worker; Model Runner V2 (default where Triton exists) has its
         # own, incompatible, diffusion path. The variable reaches the workers spawned later.
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+            logger.warning(
+                "vllm-dllm: VLLM_USE_V2_MODEL_RUNNER=%s is overridden: diffusion models run on "
+                "vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)",
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"],
+            )
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
         # vLLM runs `validate_params` of the configured logits processors on every request in
@@ -79,12 +137,21 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         from vllm_dllm.engine.front_end import install
 
         install(SCHEDULER_CLS)
-        logger.info(
-            "vllm-dllm: diffusion engine enabled for %s (scheduler %s, worker %s)",
-            model_config.architecture,
-            SCHEDULER_CLS,
-            parallel_config.worker_cls,
-        )
+
+
+def _check_server_defaults(family: Family) -> None:
+    """`VLLM_DLLM_DEFAULTS` (`--dllm-defaults`) must suit the served model's family."""
+    from vllm_dllm.config import DEFAULTS_ENV, DllmParamError, check_server_defaults
+
+    try:
+        check_server_defaults(family)
+    except DllmParamError as err:
+        raise StartUpRefusal(
+            DEFAULTS_ENV,
+            os.environ.get(DEFAULTS_ENV, "").strip(),
+            str(err).removeprefix("server default "),
+            flag="--dllm-defaults",
+        ) from None
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, family: Family) -> None:
@@ -107,28 +174,55 @@ def _refuse_unsupported(vllm_config: VllmConfig, family: Family) -> None:
     _refuse_legacy_ray_executor(vllm_config)
     backend = vllm_config.attention_config.backend
     if family.block_causal and backend is not None and backend.name == "FLEX_ATTENTION":
-        raise ValueError(
-            "attention backend FLEX_ATTENTION: its metadata holds at most max_num_seqs attention "
-            "sequences per forward, and a block-diffusion prompt is one sequence per block; use "
-            "FLASH_ATTN or TRITON_ATTN for this model."
+        raise StartUpRefusal(
+            "attention_backend",
+            "FLEX_ATTENTION",
+            f"its metadata holds at most max_num_seqs attention sequences per forward, and a "
+            f"block-diffusion prompt ({family.name}) is one sequence per block; use FLASH_ATTN "
+            f"or TRITON_ATTN",
+            flag="--attention-backend",
         )
     window = vllm_config.model_config.get_sliding_window()
     if window is not None:
-        raise ValueError(
-            f"sliding_window={window}: vllm-dllm runs diffusion models with full attention over "
-            "the canvas; sliding-window attention (use_sliding_window=true) is not supported."
+        raise StartUpRefusal(
+            "sliding_window",
+            window,
+            "vllm-dllm runs diffusion models with full attention over the canvas; the "
+            "checkpoint's sliding-window attention (use_sliding_window=true in its config.json) "
+            "is not supported",
         )
     if vllm_config.kv_transfer_config is not None:
-        raise ValueError(
-            "kv_transfer_config: vllm-dllm does not support KV transfer (disaggregated prefill, "
-            "KV connectors) for diffusion models; remove --kv-transfer-config."
+        raise StartUpRefusal(
+            "kv_transfer_config",
+            _config_dict(vllm_config.kv_transfer_config),
+            "vllm-dllm does not support KV transfer (disaggregated prefill, KV connectors) for "
+            "diffusion models; leave it unset",
+            flag="--kv-transfer-config",
         )
     if getattr(vllm_config, "diffusion_config", None) is not None:
-        raise ValueError(
-            "diffusion_config: --diffusion-config configures vLLM's own diffusion path "
-            "(Model Runner V2, GPU only), which vllm-dllm does not use; set the dllm_* "
-            "parameters per request (vllm_xargs) or server-wide with --dllm-defaults instead."
+        raise StartUpRefusal(
+            "diffusion_config",
+            _config_dict(vllm_config.diffusion_config),
+            "it configures vLLM's own diffusion path (Model Runner V2, GPU only), which "
+            "vllm-dllm does not use; leave it unset and set the dllm_* parameters per request "
+            "(vllm_xargs) or server-wide with --dllm-defaults",
+            flag="--diffusion-config",
         )
+
+
+def _config_dict(config: Any) -> dict[str, Any] | str:
+    """The fields of a vLLM config that differ from their defaults (what the user set)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return str(config)
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name, None)
+        plain = value is None or isinstance(value, int | float | str | bool)
+        if plain and value != field.default and not field.name.startswith("_"):
+            out[field.name] = value
+    return out
 
 
 #: The variable that makes vLLM pick its older Ray executor, which bypasses `execute_model`.
@@ -152,16 +246,20 @@ def _refuse_legacy_ray_executor(vllm_config: VllmConfig) -> None:
         "denoising step"
     )
     if backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
-        raise ValueError(
-            f"{RAY_V2_ENV}=0: {why}; unset it (or set it to 1) to use vLLM's default Ray "
-            "executor (RayExecutorV2) with diffusion models."
+        raise StartUpRefusal(
+            RAY_V2_ENV,
+            os.environ.get(RAY_V2_ENV, "0"),
+            f"{why}; unset it (or set it to 1) to use vLLM's default Ray executor "
+            "(RayExecutorV2) with diffusion models",
         )
     if isinstance(backend, type) and any(
         cls.__name__ == "RayDistributedExecutor" for cls in backend.__mro__
     ):
-        raise ValueError(
-            f"distributed_executor_backend={backend.__name__}: {why}; use "
-            'distributed_executor_backend="ray" (RayExecutorV2) with diffusion models.'
+        raise StartUpRefusal(
+            "distributed_executor_backend",
+            backend.__name__,
+            f'{why}; use distributed_executor_backend="ray" (RayExecutorV2) with diffusion '
+            "models",
         )
 
 
@@ -204,12 +302,138 @@ def _use_piecewise_cuda_graphs(vllm_config: VllmConfig) -> None:
         compilation.cudagraph_mode = mode
 
 
+#: Why prefix caching is off, as the start-up line says it.
+PREFIX_CACHING_WHY = (
+    "a diffusion step rewrites the K/V of earlier canvas positions, which a cached prefix would "
+    "share"
+)
+
+
+def start_up_refusal(err: BaseException) -> StartUpRefusal | None:
+    """The `StartUpRefusal` that `err` is or wraps (pydantic's `ValidationError` keeps the error
+    raised inside a validator in each error's `ctx`), else None."""
+    if isinstance(err, StartUpRefusal):
+        return err
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return None
+    try:
+        details = errors()
+    except Exception:  # noqa: BLE001 - not pydantic's ValidationError after all
+        return None
+    for detail in details:
+        cause = (detail.get("ctx") or {}).get("error")
+        if isinstance(cause, StartUpRefusal):
+            return cause
+    return None
+
+
+def _explicit_overrides(engine_args: Any) -> dict[str, tuple[Any, str]]:
+    """Settings the user asked for that a diffusion engine turns off: name -> (value, flag)."""
+    out = {}
+    if engine_args.enable_prefix_caching is True:
+        out["enable_prefix_caching"] = (True, "--enable-prefix-caching")
+    if getattr(engine_args, "async_scheduling", None) is True:
+        out["async_scheduling"] = (True, "--async-scheduling")
+    return out
+
+
+def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> None:
+    """One INFO line with what the plugin set; a WARNING for each explicit setting it undid."""
+    from vllm_dllm.families import family_of
+
+    family = family_of(config.model_config.hf_config)
+    prefix_caching = config.cache_config.enable_prefix_caching
+    mode = config.compilation_config.cudagraph_mode
+    logger.info(
+        "vllm-dllm: %s is a %s diffusion model: scheduler %s, worker %s, prefix caching %s, "
+        "async scheduling %s, cudagraph_mode %s",
+        config.model_config.architecture,
+        family.name,
+        config.scheduler_config.scheduler_cls,
+        config.parallel_config.worker_cls,
+        "on" if prefix_caching else f"off ({PREFIX_CACHING_WHY})",
+        "on" if config.scheduler_config.async_scheduling else "off (each step plans from the "
+        "previous step's commits)",
+        mode.name if mode is not None else "NONE",
+    )
+    if "enable_prefix_caching" in explicit and not prefix_caching:
+        logger.warning(
+            "vllm-dllm: enable_prefix_caching=True (%s) is overridden: prefix caching is off "
+            "for diffusion models (%s)",
+            explicit["enable_prefix_caching"][1],
+            PREFIX_CACHING_WHY,
+        )
+    if "async_scheduling" in explicit and not config.scheduler_config.async_scheduling:
+        logger.warning(
+            "vllm-dllm: async_scheduling=True (%s) is overridden: diffusion models schedule "
+            "synchronously (each denoising step plans from the previous step's commits)",
+            explicit["async_scheduling"][1],
+        )
+
+
+def _wrap_create_engine_config() -> None:
+    """Wrap `EngineArgs.create_engine_config` (once per process): refusals come out as the
+    one-line `StartUpRefusal`, not pydantic's wrapping, and a diffusion engine's configuration
+    is logged (`_log_start_up`). vLLM loads plugins (`register`) in `EngineArgs.__post_init__`,
+    so the wrapper is in place before any configuration is created."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_vllm_dllm", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> VllmConfig:
+        explicit = _explicit_overrides(self)
+        try:
+            config = original(self, *args, **kwargs)
+        except ValueError as err:
+            refusal = start_up_refusal(err)
+            if refusal is None:
+                raise
+            given = getattr(self, refusal.argument, None)
+            if isinstance(given, dict | str | int | float):  # as the user wrote it
+                refusal.value = given
+            if refusal is err:
+                raise
+            raise refusal from None
+        if config.scheduler_config.scheduler_cls == SCHEDULER_CLS:
+            _log_start_up(config, explicit)
+        return config
+
+    create_engine_config._vllm_dllm = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+
+
+def install_cli_refusal_hook(program: str) -> None:
+    """In a command-line process (`program`, e.g. `vllm serve`): an uncaught `StartUpRefusal`
+    (or a pydantic error wrapping one) is printed as `program: error: LINE` on stderr and the
+    process exits with status 2, as argparse does for a bad flag; anything else reaches the
+    previous hook (Python's traceback) unchanged."""
+    previous = sys.excepthook
+    if getattr(previous, "_vllm_dllm", False):
+        return
+
+    def hook(kind: type[BaseException], err: BaseException, traceback: Any) -> None:
+        refusal = start_up_refusal(err)
+        if refusal is None:
+            previous(kind, err, traceback)
+            return
+        print(f"{program}: error: {refusal.cli_message()}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    hook._vllm_dllm = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
 def install_config_hooks(architectures: object) -> None:
     """Register `DllmEngineConfig` for each diffusion architecture name, and our variable.
 
     vLLM warns about (or, with `--fail-on-environ-validation`, refuses) every `VLLM_*`
     environment variable it does not know; `VLLM_DLLM_DEFAULTS` is ours, so it is declared in
-    vLLM's table of variables.
+    vLLM's table of variables. In vLLM's own command (`vllm serve ...`, the `vllm` script),
+    start-up refusals become one line (`install_cli_refusal_hook`).
     """
     from vllm import envs
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -219,3 +443,7 @@ def install_config_hooks(architectures: object) -> None:
     for arch in architectures:  # type: ignore[attr-defined]
         MODELS_CONFIG_MAP.setdefault(arch, DllmEngineConfig)
     envs.environment_variables.setdefault(DEFAULTS_ENV, lambda: os.environ.get(DEFAULTS_ENV))
+    _wrap_create_engine_config()
+    argv = getattr(sys, "argv", None) or [""]
+    if os.path.basename(argv[0]) == "vllm" and argv[1:2]:
+        install_cli_refusal_hook(f"vllm {argv[1]}")
