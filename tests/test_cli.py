@@ -61,7 +61,8 @@ def test_bad_dllm_defaults_is_a_one_line_error():
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == [
         "vllm-dllm serve: error: argument --dllm-defaults: server default dllm_cache must be "
-        "one of none, prefix, dual, got 'triple'"
+        "one of none, prefix, dual for bidirectional (LLaDA, Dream) models; none, dual for "
+        "Fast-dLLM v2 models, got 'triple'"
     ]
     assert "Traceback" not in result.stderr
 

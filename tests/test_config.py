@@ -12,8 +12,12 @@ from vllm_dllm.config import (
     DLLM_PARAM_NAMES,
     DllmParamError,
     DllmParams,
+    check_dllm_args,
+    check_extra_args,
     parse_dllm_params,
+    server_defaults,
 )
+from vllm_dllm.families import BIDIRECTIONAL, fast_dllm_v2, llada2, sdar
 
 
 def test_defaults() -> None:
@@ -105,7 +109,9 @@ def test_numeric_strings_and_integral_floats_are_accepted() -> None:
     assert parse_dllm_params({"dllm_threshold": ".5"}, 32).threshold == 0.5
 
 
-def test_non_dllm_keys_are_ignored_and_none_is_absent() -> None:
+def test_parsing_ignores_other_keys_and_none_is_absent() -> None:
+    """Keys that are not `dllm_*` are not the parser's (`check_extra_args` refuses those that
+    nothing reads)."""
     args = {"kv_transfer_params": {"a": 1}, "session_id": "x", "diffusion_steps": 3}
     assert parse_dllm_params(args, 64) == parse_dllm_params(None, 64)
     args = {"dllm_factor": None, "dllm_threshold": 0.5, "dllm_cache": None}
@@ -124,7 +130,12 @@ def test_non_dllm_keys_are_ignored_and_none_is_absent() -> None:
         ({"dllm_steps": 0}, 64, "dllm_steps must be >= 1, got 0"),
         ({"dllm_block_length": 0}, 64, "dllm_block_length must be >= 1, got 0"),
         ({"dllm_block_length": -32}, 64, "dllm_block_length must be >= 1, got -32"),
-        ({"dllm_cache": "full"}, 64, "dllm_cache must be one of none, prefix, dual, got 'full'"),
+        (
+            {"dllm_cache": "full"},
+            64,
+            "dllm_cache must be one of none, prefix, dual for bidirectional (LLaDA, Dream) "
+            "models, got 'full'",
+        ),
         ({"dllm_cache": "Dual"}, 64, "dllm_cache must be one of none, prefix, dual"),
         ({"dllm_remasking": "entropy"}, 64, "dllm_remasking must be one of low_confidence, random"),
         (
@@ -202,6 +213,92 @@ def test_unknown_dllm_keys_are_errors_with_a_hint() -> None:
         parse_dllm_params({"dllm_xyzzyqwv": 1}, 64)
     assert str(info.value).startswith("dllm_xyzzyqwv is not a known parameter")
     assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "family", "meant"),
+    [
+        ("alg", BIDIRECTIONAL, "dllm_alg"),
+        ("block_length", BIDIRECTIONAL, "dllm_block_length"),
+        ("threshold", sdar(4), "dllm_threshold"),
+        ("diffusion_steps", sdar(4), "dllm_steps"),
+        ("dllm_treshold", BIDIRECTIONAL, "dllm_threshold"),
+        ("Block-Length", llada2(32), "dllm_block_length"),
+        ("alg", sdar(4), None),  # Dream's sampler is not SDAR's: nothing close that applies
+        ("session_id", BIDIRECTIONAL, None),
+    ],
+)
+def test_keys_nothing_reads_are_refused_naming_the_parameter_meant(key, family, meant) -> None:
+    with pytest.raises(DllmParamError) as info:
+        check_extra_args({key: 1}, family)
+    message = str(info.value)
+    assert message.startswith(f"{key} is not a known parameter"), message
+    if meant is None:
+        assert "did you mean" not in message
+    else:
+        assert f"; did you mean {meant}?" in message
+    assert "\n" not in message
+
+
+def test_keys_vllm_or_another_logits_processor_reads_pass() -> None:
+    vllm_keys = {"kv_transfer_params": {"do_remote_prefill": False}, "ec_transfer_params": {},
+                 "kv_cache_report_mode": "incremental"}  # fmt: skip
+    check_extra_args({**vllm_keys, "dllm_steps": 8}, BIDIRECTIONAL)
+    # Another logits processor may read any key; `dllm_*` keys are still checked.
+    check_extra_args({"target_token": 5}, BIDIRECTIONAL, other_readers=True)
+    with pytest.raises(DllmParamError, match="^dllm_treshold is not a known parameter"):
+        check_extra_args({"dllm_treshold": 0.5}, BIDIRECTIONAL, other_readers=True)
+    check_extra_args(None, BIDIRECTIONAL)
+
+
+@pytest.mark.parametrize(
+    ("family", "args", "message"),
+    [
+        (
+            BIDIRECTIONAL,
+            {"dllm_remasking": "low_confidence_static"},
+            "dllm_remasking must be one of low_confidence, random, entropy_bounded for "
+            "bidirectional (LLaDA, Dream) models, got 'low_confidence_static'",
+        ),
+        (
+            sdar(4),
+            {"dllm_remasking": "random"},
+            "dllm_remasking must be one of low_confidence_dynamic, low_confidence_static, "
+            "entropy_bounded for SDAR models, got 'random'",
+        ),
+        (
+            fast_dllm_v2(32),
+            {"dllm_cache": "prefix"},
+            "dllm_cache must be one of none, dual for Fast-dLLM v2 models, got 'prefix'",
+        ),
+    ],
+)
+def test_value_lists_in_errors_are_the_family_s(family, args, message) -> None:
+    """Where the model is known, an error lists only the values its family takes (the request
+    check and the parser alike); the front end's first check, which has no model, leaves these
+    values to it."""
+    with pytest.raises(DllmParamError) as info:
+        check_extra_args(args, family)
+    assert str(info.value) == message
+    with pytest.raises(DllmParamError) as info:
+        parse_dllm_params(args, 32, family=family)
+    assert str(info.value) == message
+    check_dllm_args(args)
+
+
+def test_server_defaults_hold_dllm_keys_only(monkeypatch) -> None:
+    monkeypatch.setenv("VLLM_DLLM_DEFAULTS", '{"block_length": 8}')
+    server_defaults.cache_clear()
+    try:
+        with pytest.raises(DllmParamError) as info:
+            server_defaults()
+    finally:
+        monkeypatch.delenv("VLLM_DLLM_DEFAULTS")
+        server_defaults.cache_clear()
+    assert str(info.value) == (
+        "server default block_length is not a known parameter; did you mean dllm_block_length? "
+        "(the defaults are dllm_* parameters)"
+    )
 
 
 def test_server_defaults_apply_and_requests_win() -> None:

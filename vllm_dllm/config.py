@@ -11,8 +11,11 @@ typed `str | int | float | list` and clients (e.g. `curl`, form data) often send
 string is accepted when it is exactly a decimal literal (surrounding whitespace allowed); an
 integral float such as `32.0` is accepted for an integer parameter (JSON does not distinguish
 `32` from `32.0`). Bools, lists, non-finite numbers and anything else are rejected. A value of
-`None` counts as not given. Keys that do not start with `dllm_` belong to other extensions and
-are ignored; unknown `dllm_` keys are errors.
+`None` counts as not given. Unknown `dllm_` keys are errors, and so (`check_extra_args`) is any
+other key that nothing reads: not one of the keys vLLM itself reads (`VLLM_EXTRA_ARGS`), while no
+other logits processor, which could read any key, is configured. The errors suggest the
+parameter meant (`alg` -> `dllm_alg`). Where the model's family is known, a value list in an error
+is the family's (`dllm_remasking` on a Dream checkpoint lists no SDAR value).
 
 Every error is a `DllmParamError` (a `ValueError`, which vLLM's server turns into a 400) whose
 message starts with the offending parameter's name.
@@ -34,6 +37,7 @@ from vllm_dllm.families import (
     BIDIRECTIONAL,
     DEFAULT_MAX_POST_STEPS,
     DEFAULT_SUB_BLOCK_LENGTH,
+    FAMILIES,
     Family,
     Loop,
 )
@@ -141,6 +145,12 @@ DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
 #: environment variable because every vLLM process that reads parameters (the front end that
 #: validates, the scheduler that sizes canvases, the workers that decode) inherits it.
 DEFAULTS_ENV = "VLLM_DLLM_DEFAULTS"
+
+#: `extra_args` keys that vLLM itself reads (`vllm/v1/request.py`, `output_processor.py`: the KV
+#: and encoder-cache transfer parameters of disaggregated serving, the KV-cache report mode).
+#: They pass untouched; any other key that is not ours is refused unless another logits
+#: processor is configured (`check_extra_args`).
+VLLM_EXTRA_ARGS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"})
 
 _PREFIX = "dllm_"
 _RULE_KEYS = tuple(_PREFIX + rule for rule in RULES)
@@ -347,8 +357,48 @@ def check_server_defaults(family: Family) -> None:
 
 
 def check_dllm_args(extra_args: Mapping[str, Any] | None) -> None:
-    """The checks that need neither the model nor `max_tokens`: known keys, types, ranges."""
-    _read_dllm_args(extra_args, source="")
+    """The checks that need neither the model nor `max_tokens`: known keys, types, ranges.
+
+    Which names `dllm_cache` and `dllm_remasking` take depends on the family, so those values
+    are left to `check_extra_args`, which lists the family's own in its error.
+    """
+    _read_dllm_args(extra_args, source="", check_choices=False)
+
+
+def check_extra_args(
+    extra_args: Mapping[str, Any] | None, family: Family, other_readers: bool = False
+) -> None:
+    """A request's `extra_args` for a model of `family`: every `dllm_*` key known, taken by the
+    family, of the right type and value; and every other key read by someone.
+
+    `other_readers`: another logits processor is configured, which may read any key, so keys
+    that are not ours pass. Otherwise a key must be ours or one of `VLLM_EXTRA_ARGS`.
+    """
+    _read_dllm_args(extra_args, source="", family=family)
+    if other_readers or not extra_args:
+        return
+    for key in extra_args:
+        if isinstance(key, str) and (key.startswith(_PREFIX) or key in VLLM_EXTRA_ARGS):
+            continue
+        accepted = [k for k in DLLM_PARAM_NAMES if k in family.params]
+        raise DllmParamError(
+            f"{key} is not a known parameter{_did_you_mean(str(key), accepted)} "
+            f"({family.name} models accept {', '.join(accepted)})"
+        )
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    """`; did you mean NAME?` for the parameter of `names` closest to `key`, or `""`.
+
+    `key` is compared with the names and with the names without their `dllm_` prefix, after
+    dropping a prefix of its own (`alg`, `block_length`, `diffusion_steps`, `dllm_treshold`).
+    """
+    bare = {name.removeprefix(_PREFIX): name for name in names}
+    word = key.strip().lower().replace("-", "_")
+    for prefix in (_PREFIX, "diffusion_", "dllm"):
+        word = word.removeprefix(prefix)
+    close = difflib.get_close_matches(word, list(bare), n=1, cutoff=0.75)
+    return f"; did you mean {bare[close[0]]}?" if close else ""
 
 
 def parse_dllm_params(
@@ -363,16 +413,8 @@ def parse_dllm_params(
     `defaults` are reported with a "server default" prefix, since the user cannot fix them.
     A key that the model's `family` does not accept is an error naming it.
     """
-    request = _read_dllm_args(extra_args, source="")
-    server = _read_dllm_args(defaults, source="server default ")
-    for values, source in ((request, ""), (server, "server default ")):
-        for key in values:
-            if key not in family.params:
-                accepted = ", ".join(k for k in DLLM_PARAM_NAMES if k in family.params)
-                raise DllmParamError(
-                    f"{source}{key} does not apply to {family.name} models (they accept "
-                    f"{accepted})"
-                )
+    request = _read_dllm_args(extra_args, source="", family=family)
+    server = _read_dllm_args(defaults, source="server default ", family=family)
     request_rules = [key for key in _RULE_KEYS if key in request]
     if family.block_causal:
         # Threshold and steps combine here (one rule), so request and server values merge key by
@@ -442,24 +484,68 @@ def parse_dllm_params(
     )
 
 
-def _read_dllm_args(args: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
-    """The `dllm_` entries of `args` (None values dropped), converted to their Python types."""
+def _read_dllm_args(
+    args: Mapping[str, Any] | None,
+    source: str,
+    family: Family | None = None,
+    check_choices: bool = True,
+) -> dict[str, Any]:
+    """The `dllm_` entries of `args` (None values dropped), converted to their Python types.
+
+    With the model's `family`: a key the family does not take is an error, and so is a name
+    (`dllm_cache`, `dllm_remasking`) that it does not take, listing the family's. Without it,
+    names are checked against every family's (listed by family) unless `check_choices` is
+    false. Server defaults (`source`) hold `dllm_` keys only: any other key is an error.
+    """
     if not args:
         return {}
     out: dict[str, Any] = {}
     for key, raw in args.items():
         if not isinstance(key, str) or not key.startswith(_PREFIX):
+            if source:
+                hint = _did_you_mean(str(key), list(DLLM_PARAM_NAMES))
+                raise DllmParamError(
+                    f"{source}{key} is not a known parameter{hint} (the defaults are dllm_* "
+                    f"parameters)"
+                )
             continue
         if key not in DLLM_PARAM_DOCS:
-            close = difflib.get_close_matches(key, DLLM_PARAM_NAMES, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            known = ", ".join(DLLM_PARAM_NAMES)
-            raise DllmParamError(f"{source}{key} is not a known parameter{hint} (known: {known})")
-        if raw is not None:
-            convert, _, _ = _PARAM_RULES[key]
-            out[key] = convert(key, raw, source)
+            names = [k for k in DLLM_PARAM_NAMES if family is None or k in family.params]
+            hint = _did_you_mean(key, list(DLLM_PARAM_NAMES))
+            raise DllmParamError(
+                f"{source}{key} is not a known parameter{hint} (known: {', '.join(names)})"
+            )
+        if raw is None:
+            continue
+        if family is not None and key not in family.params:
+            accepted = ", ".join(k for k in DLLM_PARAM_NAMES if k in family.params)
+            raise DllmParamError(
+                f"{source}{key} does not apply to {family.name} models (they accept {accepted})"
+            )
+        convert, _, _ = _PARAM_RULES[key]
+        out[key] = convert(key, raw, source)
+        if key in _NAMED:
+            if family is not None or check_choices:
+                _check_choice(key, out[key], source, family)
+        else:
             _check_value(key, out[key], source)
     return out
+
+
+#: Parameters whose value is one of the names a family takes (`Family.caches`, `.remasking`).
+_NAMED = {"dllm_cache": "caches", "dllm_remasking": "remasking"}
+
+
+def _check_choice(key: str, value: str, source: str, family: Family | None) -> None:
+    """Raise unless `value` is a name that `family` (any family if None) takes for `key`; the
+    error lists the family's names, or each family's."""
+    families = [family] if family is not None else [f for f in FAMILIES if key in f.params]
+    if any(value in getattr(f, _NAMED[key]) for f in families):
+        return
+    allowed = "; ".join(
+        f"{', '.join(getattr(f, _NAMED[key]))} for {f.name} models" for f in families
+    )
+    raise DllmParamError(f"{source}{key} must be one of {allowed}, got {value!r}")
 
 
 def _check_exclusive(rule_keys: list[str], source: str) -> None:

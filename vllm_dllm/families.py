@@ -147,6 +147,16 @@ def llada2(block_length: int) -> Family:
     )  # fmt: skip
 
 
+#: One of each family, at its default block (what it accepts does not depend on the block): for
+#: messages about a parameter when the served model is not known yet.
+FAMILIES: tuple[Family, ...] = (
+    BIDIRECTIONAL,
+    fast_dllm_v2(FAST_DLLM_V2_DEFAULT_BLOCK),
+    sdar(SDAR_DEFAULT_BLOCK),
+    llada2(LLADA2_DEFAULT_BLOCK),
+)
+
+
 def family_of(hf_config: Any) -> Family:
     """The family of a checkpoint, from its Hugging Face config."""
     model_type = getattr(hf_config, "model_type", None)

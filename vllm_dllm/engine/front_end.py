@@ -32,18 +32,29 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
 
 
 def fitted_max_tokens(
-    params: SamplingParams, prompt_len: int, max_canvas_len: int, family: Family = BIDIRECTIONAL
+    params: SamplingParams,
+    prompt_len: int,
+    max_canvas_len: int,
+    family: Family = BIDIRECTIONAL,
+    other_readers: bool = False,
 ) -> int | None:
     """`max_tokens` lowered so the canvas fits `max_canvas_len` (None if unset); or raise.
 
-    This is also where every check that needs the model's family or the prompt runs.
+    This is also where every check that needs the model's family or the prompt runs, and where
+    `extra_args` keys that nothing reads are refused (`check_extra_args`; `other_readers`:
+    another logits processor is configured, which may read any key).
     """
+    try:
+        check_extra_args(params.extra_args, family, other_readers)
+    except DllmParamError as err:
+        message = str(err)
+        raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
     if params.max_tokens is None:
         return None
     try:
@@ -65,6 +76,23 @@ def fitted_max_tokens(
         message = str(err)
         raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
     return fitting
+
+
+@functools.cache
+def _other_logits_processors(configured: tuple[Any, ...]) -> bool:
+    """Whether a logits processor besides the plugin's validator is configured: one given to
+    the engine (`logits_processors`) or installed as a `vllm.logits_processors` plugin. It
+    could read any `extra_args` key."""
+    from vllm.v1.sample.logits_processor import cached_load_custom_logitsprocs
+
+    from vllm_dllm.engine.request_validation import DllmParamsValidator
+
+    loaded = cached_load_custom_logitsprocs(configured or None)
+    return any(cls is not DllmParamsValidator for cls in loaded)
+
+
+def _other_readers(processor: InputProcessor) -> bool:
+    return _other_logits_processors(tuple(processor.model_config.logits_processors or ()))
 
 
 def _max_canvas_len(processor: InputProcessor) -> int:
@@ -95,7 +123,11 @@ def install(scheduler_cls: str) -> None:
         if params is not None and is_diffusion(self):
             prompt_len = len(request.prompt_token_ids or ())
             params.max_tokens = fitted_max_tokens(
-                params, prompt_len, _max_canvas_len(self), family_of(self.model_config.hf_config)
+                params,
+                prompt_len,
+                _max_canvas_len(self),
+                family_of(self.model_config.hf_config),
+                _other_readers(self),
             )
         return request
 
@@ -117,6 +149,7 @@ def install(scheduler_cls: str) -> None:
                 prompt_len,
                 _max_canvas_len(processor),
                 family_of(processor.model_config.hf_config),
+                _other_readers(processor),
             )
         return generate(self, prompt, sampling_params, *args, **kwargs)
 
