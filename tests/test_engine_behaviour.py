@@ -69,3 +69,21 @@ def test_bad_parameters_fail_that_request_only(llada_engine, extra_args, paramet
     )
     assert out.outputs[0].finish_reason in ("stop", "length") and out.outputs[0].token_ids
 
+
+
+def test_each_choice_of_n_keeps_its_own_statistics(llada_engine):
+    """Offline, an `n=2` request's output carries each choice's statistics (`dllm_choices`, in
+    the order of `outputs`) and their totals (`dllm`); choice i is the request with seed + i."""
+    from vllm_dllm.engine.outputs import merge_stats
+
+    def run(n: int, seed: int):
+        params = SamplingParams(n=n, max_tokens=16, temperature=0.8, seed=seed,
+                                extra_args={"dllm_block_length": 8, "dllm_threshold": 0.5})
+        prompt = TokensPrompt(prompt_token_ids=PROMPTS[0])
+        return llada_engine.generate([prompt], params, use_tqdm=False)[0]  # fmt: skip
+
+    out = run(2, seed=5)
+    choices = out.kv_transfer_params["dllm_choices"]
+    assert [c["output_tokens"] for c in choices] == [len(o.token_ids) for o in out.outputs]
+    assert choices == [run(1, seed=5 + i).kv_transfer_params["dllm"] for i in range(2)]
+    assert out.kv_transfer_params["dllm"] == merge_stats(choices)

@@ -135,8 +135,11 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         model_config.logits_processors = processors
         # Front-end checks that need the prompt: the rounded-up canvas fits, errors precede streams.
         from vllm_dllm.engine.front_end import install
+        from vllm_dllm.engine.outputs import install_choice_statistics
 
         install(SCHEDULER_CLS)
+        # Each choice of an n > 1 request keeps its own statistics.
+        install_choice_statistics()
 
 
 def _check_server_defaults(family: Family) -> None:

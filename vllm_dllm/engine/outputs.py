@@ -1,8 +1,11 @@
-"""What the diffusion worker reports to the scheduler, and the statistics users read."""
+"""What the diffusion worker reports to the scheduler, and the statistics users read: each
+finished request's, and those of several choices or prompts together (`merge_stats`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.v1.outputs import ModelRunnerOutput
 
@@ -36,3 +39,86 @@ def request_stats(
         "blocks": blocks,
         "early_stop": early_stop,
     }
+
+
+#: `RequestOutput.kv_transfer_params` key of the per-choice statistics of an `n > 1` request.
+CHOICES_KEY = "dllm_choices"
+
+
+def merge_stats(stats: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The statistics of several choices (or prompts) together; None if none has any.
+
+    `forwards`, `output_tokens` and `blocks` add up, `tokens_per_forward` is their ratio, and
+    `early_stop` is true when every choice stopped early. Choices without statistics (ended
+    outside the denoising loop) are left out.
+    """
+    known = [s for s in stats if s]
+    if not known:
+        return None
+    blocks = [s["blocks"] for s in known if s.get("blocks") is not None]
+    early = [s.get("early_stop") for s in known]
+    return request_stats(
+        sum(s["forwards"] for s in known),
+        sum(s["output_tokens"] for s in known),
+        sum(blocks) if blocks else None,
+        None if None in early else all(early),
+    )
+
+
+def output_stats(request_output: Any) -> list[dict[str, Any] | None]:
+    """The statistics of each of a `RequestOutput`'s completions, in the order of `outputs`.
+
+    An `n > 1` request's aggregated output carries them under `CHOICES_KEY`
+    (`install_choice_statistics`); a single completion (`n = 1`, or one choice of a streamed
+    `n > 1` request) has them under `dllm` once it has finished.
+    """
+    params = getattr(request_output, "kv_transfer_params", None) or {}
+    outputs = request_output.outputs
+    if CHOICES_KEY in params and len(params[CHOICES_KEY]) == len(outputs):
+        return list(params[CHOICES_KEY])
+    if len(outputs) == 1 and outputs[0].finish_reason is not None:
+        return [params.get("dllm")]
+    return [None] * len(outputs)
+
+
+def install_choice_statistics() -> None:
+    """Keep each choice's statistics for a non-streamed `n > 1` request (front-end process).
+
+    vLLM runs such a request as `n` child requests and returns one `RequestOutput` once all
+    have finished, whose `kv_transfer_params` are the last child's. Each child's are recorded
+    as it finishes; the aggregated output gets their total under `dllm` and the list, in the
+    order of its `outputs`, under `CHOICES_KEY`. (Streamed, each choice's finishing output
+    carries its own.)
+    """
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.output_processor import RequestState
+
+    original = RequestState.make_request_output
+    if getattr(original, "_vllm_dllm", False):
+        return
+
+    @functools.wraps(original)
+    def make_request_output(
+        self: Any, new_token_ids: Any, pooling_output: Any, finish_reason: Any,
+        stop_reason: Any, *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        parent = self.parent_req
+        if parent is None or self.output_kind != RequestOutputKind.FINAL_ONLY:
+            return original(
+                self, new_token_ids, pooling_output, finish_reason, stop_reason, *args, **kwargs
+            )
+        per_choice = parent.__dict__.setdefault("_vllm_dllm_choices", {})
+        if finish_reason is not None:
+            params = args[0] if args else kwargs.get("kv_transfer_params")
+            per_choice[self.request_index] = (params or {}).get("dllm")
+        output = original(
+            self, new_token_ids, pooling_output, finish_reason, stop_reason, *args, **kwargs
+        )
+        if output is not None and output.finished and hasattr(output, "outputs"):
+            stats = [per_choice.get(o.index) for o in output.outputs]
+            if any(s is not None for s in stats):  # a diffusion request
+                output.kv_transfer_params = {"dllm": merge_stats(stats), CHOICES_KEY: stats}
+        return output
+
+    make_request_output._vllm_dllm = True  # type: ignore[attr-defined]
+    RequestState.make_request_output = make_request_output  # type: ignore[method-assign]

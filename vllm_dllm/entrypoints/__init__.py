@@ -2,8 +2,8 @@
 
 `vllm-dllm serve` adds the middleware itself; with `vllm serve` pass the flag. It makes the
 server reject request fields the denoiser does not implement (as sent, before vLLM normalises
-them), answer malformed JSON with a short 400, and put the per-request statistics on the final
-usage chunk of streamed responses.
+them), answer malformed JSON with a short 400, and give each choice of a response its own
+statistics, and the response their totals, streamed or not (`statistics.py`).
 """
 
 from vllm_dllm.entrypoints.middleware import DllmMiddleware

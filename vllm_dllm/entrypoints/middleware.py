@@ -14,7 +14,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from vllm_dllm.entrypoints.streaming import install_stream_statistics
+from vllm_dllm.entrypoints.statistics import install_response_statistics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,7 +82,7 @@ class DllmMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         # Built once, in the API-server process, when the server builds its middleware stack.
-        install_stream_statistics()
+        install_response_statistics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
