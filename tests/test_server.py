@@ -257,6 +257,111 @@ def test_chat_stream_final_usage_chunk_carries_the_statistics(client):
     assert chunks[-1].model_extra["kv_transfer_params"] == whole
 
 
+def stream_choices(chunks) -> tuple[dict[int, dict], dict[int, int]]:
+    """Each choice's statistics (from the chunk with its `finish_reason`) and token count."""
+    stats: dict[int, dict] = {}
+    tokens: dict[int, int] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            tokens[choice.index] = tokens.get(choice.index, 0) + len(
+                (choice.model_extra or {}).get("token_ids") or ()
+            )
+            if choice.finish_reason is not None:
+                stats[choice.index] = choice.model_extra["dllm"]
+    return stats, tokens
+
+
+def assert_totals(totals: dict, stats: list[dict], completion_tokens: int) -> None:
+    assert totals["output_tokens"] == sum(s["output_tokens"] for s in stats) == completion_tokens
+    assert totals["forwards"] == sum(s["forwards"] for s in stats)
+    assert totals["blocks"] == sum(s["blocks"] for s in stats)
+
+
+@pytest.mark.parametrize("shape", ["n=2", "two prompts"])
+def test_each_choice_carries_its_own_statistics(client, shape):
+    """`n=2`, or two prompts in one request: every choice has its own `dllm` statistics
+    (streamed: on the chunk that finishes it), equal streamed and not (seeded sampling); the
+    response's statistics are their totals, and its `output_tokens` the usage's."""
+    prompt, n = (PROMPT, 2) if shape == "n=2" else ([PROMPT, "Once upon a time"], 1)
+    kwargs = dict(
+        model=MODEL, prompt=prompt, n=n, max_tokens=16, temperature=0.8, seed=5,
+        extra_body={"vllm_xargs": XARGS, "return_token_ids": True},
+    )  # fmt: skip
+    response = client.completions.create(**kwargs)
+    assert [c.index for c in response.choices] == [0, 1]
+    stats = [c.model_extra["dllm"] for c in response.choices]
+    for choice, s in zip(response.choices, stats, strict=True):
+        assert s["output_tokens"] == len(choice.model_extra["token_ids"]) and s["forwards"] >= 1
+    totals = response.model_extra["kv_transfer_params"]["dllm"]
+    assert_totals(totals, stats, response.usage.completion_tokens)
+
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
+    streamed, tokens = stream_choices(chunks)
+    assert streamed == dict(enumerate(stats))
+    assert tokens == {i: s["output_tokens"] for i, s in enumerate(stats)}
+    assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+    assert chunks[-1].model_extra["kv_transfer_params"] == {"dllm": totals}
+
+
+def test_each_chat_choice_carries_its_own_statistics(client):
+    kwargs = dict(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], n=2,
+        max_tokens=16, temperature=0.8, seed=5, extra_body={"vllm_xargs": XARGS},
+    )  # fmt: skip
+    response = client.chat.completions.create(**kwargs)
+    stats = [c.model_extra["dllm"] for c in response.choices]
+    assert_totals(
+        response.model_extra["kv_transfer_params"]["dllm"], stats, response.usage.completion_tokens
+    )
+    chunks = list(
+        client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    streamed, _ = stream_choices(chunks)
+    assert streamed == dict(enumerate(stats))
+    assert chunks[-1].model_extra["kv_transfer_params"] == response.model_extra[
+        "kv_transfer_params"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("xargs", "message"),
+    [
+        ({"alg": "entropy"}, "alg is not a known parameter; did you mean dllm_alg?"),
+        ({"block_length": 8}, "block_length is not a known parameter; did you mean "
+                              "dllm_block_length?"),
+        ({"dllm_treshold": 0.5}, "dllm_treshold is not a known parameter; did you mean "
+                                 "dllm_threshold?"),
+        (
+            {"dllm_remasking": "low_confidence_static"},
+            "dllm_remasking must be one of low_confidence, random, entropy_bounded for "
+            "bidirectional (LLaDA, Dream) models, got 'low_confidence_static'",
+        ),
+    ],
+)  # fmt: skip
+def test_keys_nothing_reads_are_400_naming_the_parameter_meant(client, xargs, message):
+    """A key that nothing on the server reads is refused (streamed or not) naming the parameter
+    meant; a value list is the model family's own."""
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=8, stream=stream,
+                extra_body={"vllm_xargs": xargs},
+            )  # fmt: skip
+        assert message in str(err.value)
+
+
+def test_keys_vllm_reads_pass(client):
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8,
+        extra_body={"vllm_xargs": {"kv_cache_report_mode": "incremental", **XARGS}},
+    )  # fmt: skip
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
 def test_prompt_tokens_are_counted(client, llada_server):
     """`vllm:prompt_tokens_total` grows by the prompt's tokens (vLLM's prefill statistics)."""
     before = metric_value(llada_server, "vllm:prompt_tokens_total")
