@@ -28,19 +28,43 @@ def eval_module() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def results(eval_module: ModuleType) -> dict:
+def llm():
+    """The engine on the shipped model, with `examples/demo.py`'s settings (fp32, eager, max
+    model length 128, seed 0)."""
     from tests.engines import start_engine
 
     llm = start_engine(MODEL_DIR, max_model_len=128, max_num_seqs=128)
-    try:
-        problems = eval_module.heldout(PROBLEMS)
-        cells = {
-            ("one token per step", "none"): {"dllm_cache": "none", "dllm_steps": 16},
-            ("threshold 0.9", "dual"): {"dllm_cache": "dual", "dllm_threshold": 0.9},
-        }
-        yield eval_module.evaluate(llm, problems, cells, gen_len=16, block_length=8)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def results(eval_module: ModuleType, llm) -> dict:
+    problems = eval_module.heldout(PROBLEMS)
+    cells = {
+        ("one token per step", "none"): {"dllm_cache": "none", "dllm_steps": 16},
+        ("threshold 0.9", "dual"): {"dllm_cache": "dual", "dllm_threshold": 0.9},
+    }
+    return eval_module.evaluate(llm, problems, cells, gen_len=16, block_length=8)
+
+
+def test_demo_prints_what_the_readme_says(llm, capsys) -> None:
+    """`make demo`'s result (after vLLM's start-up output, which depends on the machine) has
+    as many lines as the README says, and the lines it shows, timings aside."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    stated = re.search(r"then the (\d+) lines of the result:\n\n```\n(.*?)```", readme, re.S)
+    assert stated, "the README no longer states the demo's output"
+    load_example("demo").run(llm)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == int(stated.group(1)), printed
+
+    def timeless(line: str) -> str:
+        return re.sub(r", [0-9.]+ s$", ", T s", line)
+
+    shown = [line for line in stated.group(2).splitlines() if line.strip() not in ("", "...")]
+    assert set(map(timeless, shown)) <= set(map(timeless, printed)), printed
 
 
 def test_threshold_dual_keeps_accuracy_at_several_tokens_per_forward(results: dict) -> None:
