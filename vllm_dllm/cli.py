@@ -154,9 +154,8 @@ def _install_serve_flags() -> None:
                 refusal = start_up_refusal(err)
                 if refusal is None:
                     raise
-                if refusal.argument == DEFAULTS_ENV and args.dllm_defaults is None:
-                    _refuse(str(refusal))  # the defaults came from the environment, not the flag
-                _refuse(refusal.cli_message())
+                from_flag = refusal.argument == DEFAULTS_ENV and args.dllm_defaults is not None
+                _refuse(refusal.cli_message("--dllm-defaults" if from_flag else None))
 
     serve.cmd_init = lambda: [DllmServeSubcommand()]
 

@@ -55,12 +55,13 @@ class StartUpRefusal(ValueError):
     def __str__(self) -> str:
         return f"{self.argument}={_offline_text(self.value)}: {self.reason}"
 
-    def cli_message(self) -> str:
-        """The line a CLI prints: the flag and the value as typed (the offline line where the
-        setting has no flag)."""
-        if self.flag is None:
+    def cli_message(self, flag: str | None = None) -> str:
+        """The line a CLI prints: the flag (`flag`, else this refusal's) and the value as typed;
+        the offline line where the setting has no flag."""
+        flag = flag or self.flag
+        if flag is None:
             return str(self)
-        return f"{self.flag} {_cli_text(self.value)}: {self.reason}"
+        return f"{flag} {_cli_text(self.value)}: {self.reason}"
 
 
 def _offline_text(value: Any) -> str:
@@ -152,9 +153,8 @@ def _check_server_defaults(family: Family) -> None:
         raise StartUpRefusal(
             DEFAULTS_ENV,
             os.environ.get(DEFAULTS_ENV, "").strip(),
-            str(err).removeprefix("server default "),
-            flag="--dllm-defaults",
-        ) from None
+            str(err).removeprefix("server default ").removeprefix(f"{DEFAULTS_ENV} "),
+        ) from None  # no flag: `vllm serve` has none; `vllm-dllm serve` names its own
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, family: Family) -> None:
