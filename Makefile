@@ -42,8 +42,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 # Two pytest-xdist workers, one per core: an engine start is mostly one busy process, so two
-# overlap well. tests/conftest.py keeps each file's (or group's) engines on one worker.
-PYTEST_WORKERS := -n 2 --dist loadgroup --no-loadscope-reorder
+# overlap well. tests/conftest.py schedules each file (or group of files) on one worker.
+PYTEST_WORKERS := -n 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_WORKERS)

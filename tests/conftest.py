@@ -66,22 +66,33 @@ SLOWEST_FIRST = (
 )
 
 
-def work_unit(item: pytest.Item) -> str:
-    """The xdist group of a test: its file's shared group, else its file."""
-    return SHARED_WORKER.get(item.path.name, item.path.name)
+def work_unit(path: str) -> str:
+    """The unit of work of a test file under xdist: its shared group, else the file."""
+    name = path.rsplit("/", 1)[-1]
+    return SHARED_WORKER.get(name, name)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup`, a file (or a group of files) is one unit of work, so its
-    module-scoped engines and servers start once; units are sent slowest first. Runs before
-    xdist's own hook, which reads the groups."""
-    if config.getoption("dist", default="no") == "no":
+    """In an xdist worker, order the tests by unit of work, slowest first (the scheduler hands
+    units out in collection order); a file's own order is kept."""
+    if not hasattr(config, "workerinput"):
         return
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(work_unit(item)))
     rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(work_unit(item), len(rank)))
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid.split("::")[0]), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduler with `work_unit` as the scope: each unit runs on one worker, so
+    its module-scoped engines and servers start once, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid.split("::")[0])
+
+    config.option.loadscopereorder = False
+    return WorkUnitScheduling(config, log)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
