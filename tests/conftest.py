@@ -7,6 +7,7 @@ that keeps a few alive (`EnginePool`).
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,88 @@ if TYPE_CHECKING:  # vLLM is imported lazily: a test run that starts no model ne
 
 # A scale that makes top-1 probabilities close to 1: every rule commits many tokens per step.
 PEAKED_LM_HEAD_SCALE = 30.0
+
+
+#: Files that run on one worker under pytest-xdist (`make test` runs two), because they share
+#: engines or servers that would otherwise start on both workers, or because they start
+#: multi-rank engines (tensor parallel, Ray) whose memory must not meet another such file's.
+SHARED_WORKER = {
+    "test_block_engine.py": "block engines",
+    "test_block_models.py": "block engines",
+    "test_llada2_model.py": "block engines",
+    "test_abuse.py": "llada server",
+    "test_server.py": "llada server",
+    "test_parallel.py": "multi-rank",
+    "test_block_parallel.py": "multi-rank",
+    "test_ray.py": "multi-rank",
+}
+
+#: Work units (groups, else files) slowest first, from a serial run's per-file times on the
+#: 2-core machine (minutes: multi-rank 9.6, compiled 5.9, block engines 5.5, llada server 4.8,
+#: block server 4.6, ...). xdist hands units out in this order, so the long ones start first
+#: and the two workers finish together; units not listed take under half a minute and go last.
+SLOWEST_FIRST = (
+    "multi-rank",
+    "test_compiled_step.py",
+    "block engines",
+    "llada server",
+    "test_block_server.py",
+    "test_gpu_benchmark_smoke.py",
+    "test_cli.py",
+    "test_quantization.py",
+    "test_readme_server.py",
+    "test_engine_oracle.py",
+    "test_model_cards.py",
+    "test_engine_behaviour.py",
+    "test_trained_model_engine.py",
+    "test_benchmarks_smoke.py",
+    "test_dream_alg.py",
+    "test_weight_loading.py",
+)
+
+
+def work_unit(path: str) -> str:
+    """The unit of work of a test file under xdist: its shared group, else the file."""
+    name = path.rsplit("/", 1)[-1]
+    return SHARED_WORKER.get(name, name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker, order the tests by unit of work, slowest first (the scheduler hands
+    units out in collection order); a file's own order is kept."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid.split("::")[0]), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduler with `work_unit` as the scope: each unit runs on one worker, so
+    its module-scoped engines and servers start once, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid.split("::")[0])
+
+    config.option.loadscopereorder = False
+    return WorkUnitScheduling(config, log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands what its comparisons relied on to the controller."""
+    from tests.tolerances import OBSERVED
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["dllm_observed"] = dict(OBSERVED)
+
+
+def pytest_testnodedown(node: object, error: object) -> None:
+    """The controller keeps the worst of its workers' observations (`pytest_sessionfinish`)."""
+    from tests.tolerances import OBSERVED, merge_observed
+
+    merge_observed(OBSERVED, getattr(node, "workeroutput", {}).get("dllm_observed", {}))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -203,7 +286,8 @@ class EnginePool:
 
 @pytest.fixture(scope="session")
 def engine_pool() -> Iterator[EnginePool]:
-    pool = EnginePool(capacity=3)
+    # Under xdist two workers hold pools side by side: two engines each.
+    pool = EnginePool(capacity=2 if os.environ.get("PYTEST_XDIST_WORKER") else 3)
     yield pool
     pool.close()
 

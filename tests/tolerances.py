@@ -67,6 +67,14 @@ OBSERVED: dict[str, tuple[float, str]] = {
 }
 
 
+def merge_observed(into: dict[str, tuple[float, str]], other: dict) -> None:
+    """Keep in `into` the worse of each observation of `into` and `other` (another process's
+    `OBSERVED`, as xdist workers hand theirs over)."""
+    for kind, (value, where) in other.items():
+        if (value > into[kind][0]) if kind == "forward" else (value < into[kind][0]):
+            into[kind] = (value, where)
+
+
 def _observe(kind: str, value: float, worse: bool) -> None:
     if worse:
         OBSERVED[kind] = (value, os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
