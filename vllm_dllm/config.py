@@ -186,9 +186,7 @@ class DllmParams:
                 "dllm_eb_threshold applies with dllm_remasking entropy_bounded only (which needs "
                 "it: parse_dllm_params fills in 0.35)"
             )
-        if self.alg is not None:
-            self._check_dream_alg()
-        elif self.alg_temp is not None:
+        if self.alg is None and self.alg_temp is not None:
             raise DllmParamError("dllm_alg_temp needs dllm_alg")
         if self.rule == "threshold" and self.threshold is None:
             object.__setattr__(self, "threshold", self.family.default_threshold)
@@ -220,32 +218,88 @@ class DllmParams:
                 f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({self.num_blocks} = ceil(max_tokens / dllm_block_length))"
             )
+        if self.alg is not None:
+            self._check_dream_alg()
 
     def _check_dream_alg(self) -> None:
-        """Dream's loop: one block over the generation, full forwards, its own schedule."""
-        if self.rule != "steps":
+        """Which of Dream's samplers combine with which loop (docs/design.md, "Dream's sampler").
+
+        With its schedule (no rule named: `rule` steps), `origin` runs only as Dream's own
+        `diffusion_generate` (one block, no cache); the three scored samplers also run inside
+        Fast-dLLM's block loop (several blocks or a cache). With `dllm_threshold` (or
+        `dllm_factor`) the alg only names the score the rule compares.
+        """
+        alg = self.alg
+        if self.remasking != "low_confidence":
             raise DllmParamError(
-                f"dllm_{self.rule} does not apply with dllm_alg: Dream's loop commits by its "
-                f"own schedule over dllm_steps steps"
+                f"dllm_remasking does not apply with dllm_alg (the alg names the score and "
+                f"dllm_steps its schedule), got {self.remasking!r}"
             )
+        if alg == "origin":
+            self._check_origin()
+            return
+        if self.rule != "steps":
+            self._check_alg_rule()
+            return
+        steps_per_block = self.steps_per_block or 0
+        if not self.dream_loop and self.block_length > 1 and steps_per_block < 2:
+            raise DllmParamError(
+                f"dllm_steps ({self.steps}) must give every block at least 2 steps with dllm_alg "
+                f"and {self.num_blocks} block(s) or a cache (at least {2 * self.num_blocks}): in "
+                f"Fast-dLLM's Dream block loop a block's first forward commits only its first "
+                f"token, and Dream's schedule commits the rest over the block's other steps"
+            )
+
+    def _check_origin(self) -> None:
+        """`origin` has no block form: the released block loop scores every alg by negative
+        entropy, and a uniform draw per position has no threshold or quota to meet."""
+        why = ("Dream's origin sampler runs only as its diffusion_generate loop (one block, every "
+               "step a full forward); Fast-dLLM's Dream block loop has no origin form")
+        if self.rule != "steps":
+            raise DllmParamError(f"dllm_{self.rule} does not apply with dllm_alg origin: {why}")
         if self.block_length < self.max_tokens:
             raise DllmParamError(
                 f"dllm_block_length ({self.block_length}) must cover max_tokens "
-                f"({self.max_tokens}) with dllm_alg: Dream's loop decodes the whole generation "
-                f"at once"
+                f"({self.max_tokens}) with dllm_alg origin: {why}"
             )
         if self.cache != "none":
             raise DllmParamError(
-                f"dllm_cache must be none with dllm_alg (Dream's loop runs a full forward every "
-                f"step), got {self.cache!r}"
+                f"dllm_cache must be none with dllm_alg origin, got {self.cache!r}: {why}"
             )
-        if self.remasking != "low_confidence":
-            raise DllmParamError(
-                f"dllm_remasking does not apply with dllm_alg (the alg scores), got "
-                f"{self.remasking!r}"
-            )
-        if self.alg == "origin" and self.alg_temp:
+        if self.alg_temp:
             raise DllmParamError("dllm_alg_temp does not apply to dllm_alg origin")
+
+    def _check_alg_rule(self) -> None:
+        """The threshold (or factor) rule scored by the alg: only where the score compares with
+        the rule's bounds, which are probabilities."""
+        key = f"dllm_{self.rule}"
+        if self.alg == "entropy":
+            raise DllmParamError(
+                f"{key} does not apply with dllm_alg entropy: a negative entropy (nats, <= 0) is "
+                f"not comparable with the rule's probability bound; dllm_alg topk_margin or "
+                f"maskgit_plus take a threshold, and dllm_remasking entropy_bounded (without "
+                f"dllm_alg) bounds the entropy of a step's commits"
+            )
+        if self.alg == "topk_margin" and self.rule == "factor":
+            raise DllmParamError(
+                "dllm_factor does not apply with dllm_alg topk_margin: the factor rule's bounds "
+                "1 - factor / (i + 1) are Fast-dLLM's condition on the probabilities of the "
+                "tokens committed together, which a top-1 minus top-2 margin is not; "
+                "dllm_threshold compares a margin with a threshold"
+            )
+        if self.alg_temp:
+            raise DllmParamError(
+                f"dllm_alg_temp does not apply with {key}: it draws the positions of each step "
+                f"of Dream's schedule, and the {self.rule} rule has no quota to draw"
+            )
+
+    @property
+    def dream_loop(self) -> bool:
+        """Dream's own `diffusion_generate` loop: `dllm_alg` with its schedule over a single
+        block (the whole generation) and full forwards. Otherwise, with `dllm_alg`, Fast-dLLM's
+        block loop runs (`vllm_dllm.denoising.dream_alg`)."""
+        return (self.alg is not None and self.rule == "steps" and self.num_blocks == 1
+                and self.cache == "none")  # fmt: skip
 
     def _check_block_diffusion(self) -> None:
         family = self.family
@@ -400,18 +454,7 @@ def parse_dllm_params(
     elif eb_threshold is not None:
         raise DllmParamError("dllm_eb_threshold needs dllm_remasking entropy_bounded")
     if values.get("dllm_alg") is not None:
-        for key in ("dllm_factor", "dllm_threshold"):
-            if key in request:
-                raise DllmParamError(
-                    f"{key} does not apply with dllm_alg: Dream's loop commits by its own "
-                    f"schedule over dllm_steps steps"
-                )
-        # Dream's loop: the server's rule, block and cache defaults give way to its own.
-        values = {k: v for k, v in values.items()
-                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
-        values.setdefault("dllm_steps", max_tokens)
-        values.setdefault("dllm_block_length", max_tokens)
-        values.setdefault("dllm_cache", "none")
+        values = _dream_alg_values(values, request, max_tokens)
     if family.block_causal:
         rule_key = "dllm_threshold"
     else:
@@ -440,6 +483,31 @@ def parse_dllm_params(
         alg_temp=values.get("dllm_alg_temp"),
         family=family,
     )
+
+
+def _dream_alg_values(
+    values: dict[str, Any], request: Mapping[str, Any], max_tokens: int
+) -> dict[str, Any]:
+    """The merged values of a request with `dllm_alg`, with the alg's defaults filled in.
+
+    A request that names `dllm_alg` itself gets Dream's defaults, not the server's rule, block
+    and cache defaults (set for the other requests): one block over the generation
+    (`dllm_block_length` max_tokens), full forwards (`dllm_cache` none) and Dream's schedule
+    (`dllm_steps`: max_tokens for its own loop, one step per position otherwise), unless the
+    request says otherwise; a `dllm_threshold` or `dllm_factor` of the request replaces the
+    schedule. An alg among the server's defaults comes with the server's other defaults.
+    """
+    if "dllm_alg" in request:
+        values = {k: v for k, v in values.items()
+                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
+    values.setdefault("dllm_block_length", max_tokens)
+    values.setdefault("dllm_cache", "none")
+    if not any(key in values for key in _RULE_KEYS):
+        block = values["dllm_block_length"]
+        num_blocks = -(-max_tokens // block)
+        one_loop = num_blocks == 1 and values["dllm_cache"] == "none"
+        values["dllm_steps"] = max_tokens if one_loop else num_blocks * block
+    return values
 
 
 def _read_dllm_args(args: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
