@@ -86,9 +86,12 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
         None,
         "Steps rule (original LLaDA schedule), int >= 1, a multiple of the number of blocks: "
         "steps over the whole generation, split evenly over the blocks. Excludes "
-        "dllm_threshold and dllm_factor. SDAR and LLaDA 2.x: steps per block, as their "
-        "releases' steps (default: the block length, one token per step), giving each step a "
-        "quota that the threshold rule combines with.",
+        "dllm_threshold and dllm_factor. With dllm_alg: the steps of Dream's schedule, over the "
+        "whole generation (Dream's own loop, default max_tokens) or, in the block loop, a "
+        "multiple of the number of blocks giving each at least 2, the block's first forward "
+        "counting as its step 0 (default: the generated length). SDAR and LLaDA 2.x: steps per "
+        "block, as their releases' steps (default: the block length, one token per step), "
+        "giving each step a quota that the threshold rule combines with.",
     ),
     "dllm_remasking": (
         DEFAULT_REMASKING,
@@ -102,15 +105,19 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
     ),
     "dllm_alg": (
         None,
-        "LLaDA and Dream: run Dream's diffusion_generate loop with its sampler, one of "
-        "origin, maskgit_plus, topk_margin, entropy: the whole generation is one block "
-        "(dllm_block_length defaults to max_tokens), every step a full forward (dllm_cache "
-        "none), dllm_steps steps (default max_tokens) on Dream's schedule.",
+        "LLaDA and Dream: Dream's sampler, one of origin, maskgit_plus, topk_margin, entropy. "
+        "Alone (dllm_block_length defaults to max_tokens, dllm_cache to none): Dream's "
+        "diffusion_generate loop, the generation one block and every step a full forward, "
+        "dllm_steps steps on Dream's schedule. With dllm_block_length < max_tokens or dllm_cache "
+        "prefix/dual (not origin): Fast-dLLM's Dream block loop, Dream's schedule in each block "
+        "scored by the alg. With dllm_threshold (topk_margin, maskgit_plus) or dllm_factor "
+        "(maskgit_plus): that rule, comparing the alg's score.",
     ),
     "dllm_alg_temp": (
         None,
-        "With dllm_alg other than origin, float >= 0 (Dream's alg_temp): > 0 draws each step's "
-        "positions in proportion to softmax(score / alg_temp) instead of taking the top scores.",
+        "With dllm_alg's schedule (not origin, no threshold or factor), float >= 0 (Dream's "
+        "alg_temp): > 0 draws each step's positions in proportion to softmax(score / alg_temp) "
+        "instead of taking the top scores.",
     ),
     "dllm_eb_threshold": (
         None,
