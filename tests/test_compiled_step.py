@@ -83,7 +83,8 @@ def test_compiled_engine_equals_oracle_in_mixed_batches(compiled):
 
 def test_one_host_sync_per_step(llada_compiled_engine):
     """Each denoising step of a mixed batch reads device values on the host exactly once,
-    with top-k / top-p / min-p, the entropy-bounded rule and Dream's loop in the batch."""
+    with top-k / top-p / min-p, the entropy-bounded rule, Dream's loop and its samplers in
+    Fast-dLLM's block loop in the batch."""
     llm = llada_compiled_engine
     mixed = [
         SamplingParams(max_tokens=MAX_TOKENS, temperature=t, seed=seed, extra_args=extra)
@@ -99,6 +100,12 @@ def test_one_host_sync_per_step(llada_compiled_engine):
             "dllm_block_length": 8, "dllm_remasking": "entropy_bounded"}),
         SamplingParams(max_tokens=MAX_TOKENS, temperature=0.5, seed=6, top_p=0.9, extra_args={
             "dllm_alg": "topk_margin", "dllm_steps": 6, "dllm_alg_temp": 0.5}),
+        SamplingParams(max_tokens=MAX_TOKENS, extra_args={
+            "dllm_alg": "topk_margin", "dllm_threshold": 0.01, "dllm_block_length": 8,
+            "dllm_cache": "prefix"}),
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=7, extra_args={
+            "dllm_alg": "entropy", "dllm_block_length": 8, "dllm_cache": "dual",
+            "dllm_steps": 16, "dllm_alg_temp": 0.3}),
     ]  # fmt: skip
     llm.collective_rpc(start_counting_host_reads)
     try:
@@ -113,39 +120,55 @@ def test_one_host_sync_per_step(llada_compiled_engine):
     assert steps and all(calls == ["cpu"] for calls in steps), records
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sampler_scratch_is_bounded_by_vllms_profiled_sampler_memory(temperature):
-    """64 requests x block 32, LLaDA's 126,464-token vocabulary, fp32: the step's
+#: Temperature, filters, requests (of 32 rows) and rows per chunk of each case: greedy 16 bytes
+#: per fp32 logit, sampled 28, sampled and filtered 54 (`bytes_per_logit`). Filtered rows are
+#: sorted, the slowest part: fewer requests, still several chunks.
+SCRATCH_CASES = {"greedy": (0.0, False, 64, 192), "sampled": (1.0, False, 64, 109),
+                 "filtered": (1.0, True, 16, 56)}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SCRATCH_CASES))
+def test_sampler_scratch_is_bounded_by_vllms_profiled_sampler_memory(case):
+    """64 requests x block 32 (16 filtered), LLaDA's 126,464-token vocabulary, fp32: the step's
     vocabulary-sized memory (measured as the peak resident memory above the resident memory
     before the step, Linux's high-water mark reset through `/proc/self/clear_refs`) stays within
     what vLLM's profile held for its sampler at `max_num_seqs` 256, where unchunked logits
-    alone would take 1 GiB; greedy rows (no noise scratch) get larger chunks than sampled ones
-    and fill the budget to at least half."""
+    alone would take 1 GiB; greedy rows (no noise scratch) get larger chunks than sampled ones,
+    and rows with top-k / top-p / min-p (sorted once each, Dream's order and tempered
+    confidence) smaller ones, each filling the budget to at least half."""
+    temperature, filtered, requests, expected_chunk = SCRATCH_CASES[case]
     script = textwrap.dedent(
         f"""
         import re, torch
-        from vllm_dllm.sampling import propose_rows, rows_per_chunk, row_keys, sampler_profile_bytes
+        from vllm_dllm.sampling import (Filters, propose_rows, rows_per_chunk, row_keys,
+                                        sampler_profile_bytes)
         def kib(field):
             status = open("/proc/self/status").read()
             return int(re.search(field + r":\\s+(\\d+)", status).group(1)) * 1024
         torch.manual_seed(0)
-        vocab, rows, hidden_size = 126464, 64 * 32, 16
+        vocab, rows, hidden_size = 126464, {requests} * 32, 16
         head = torch.nn.Linear(hidden_size, vocab, bias=False)
         hidden = torch.randn(rows, hidden_size)
         temperature = torch.full((rows,), {temperature})
-        keys = None
+        keys = filters = None
         if {temperature} > 0:
             keys = row_keys(torch.arange(rows) // 32, torch.zeros(rows, dtype=torch.int64),
                             torch.arange(rows) % 32, 1)
+        if {filtered}:
+            pick = torch.arange(rows) % 4
+            filters = Filters(torch.tensor([0, 50, 1000, 20000])[pick],
+                              torch.tensor([0.9, 1.0, 0.5, 0.95])[pick],
+                              torch.tensor([0.0, 0.05, 0.0, 0.01])[pick], top_p_first=True)
         budget = sampler_profile_bytes(256, vocab, 4)
-        chunk = rows_per_chunk(vocab, budget, 4, keys is not None)
+        chunk = rows_per_chunk(vocab, budget, 4, keys is not None, filters is not None)
         with torch.inference_mode():
             warm = None if keys is None else keys[:4]
-            propose_rows(hidden[:4], head, 7, temperature[:4], warm, 4)  # warm-up
+            propose_rows(hidden[:4], head, 7, temperature[:4], warm, 4, {filtered},
+                         None if filters is None else filters.rows(slice(0, 4)))  # warm-up
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak resident memory (VmHWM) restarts from the current
             before = kib("VmRSS")
-            x0, conf = propose_rows(hidden, head, 7, temperature, keys, chunk)
+            x0, conf = propose_rows(hidden, head, 7, temperature, keys, chunk, {filtered}, filters)
             after = kib("VmHWM")
         assert x0.shape == (rows,) and bool((conf > 0).all())
         print(after - before, budget, chunk)
@@ -157,7 +180,7 @@ def test_sampler_scratch_is_bounded_by_vllms_profiled_sampler_memory(temperature
     growth, budget, chunk = map(int, out.stdout.split())
     # 4 MiB for what is not vocabulary-sized (per-row results, page rounding).
     assert budget // 2 <= growth <= budget + (4 << 20), (growth, budget)
-    assert chunk == (192 if temperature == 0 else 109)  # 16 and 28 bytes per logit
+    assert chunk == expected_chunk
 
 
 @pytest.fixture(scope="module", params=["fast_dllm_v2", "sdar", "llada2"])

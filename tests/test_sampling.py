@@ -21,7 +21,7 @@ from vllm_dllm.sampling import (
     steps_quota,
     uniform,
 )
-from vllm_dllm.sampling.noise import mix64
+from vllm_dllm.sampling.noise import _unit_interval_, mix64
 
 T, F, S = SelectionRule.THRESHOLD, SelectionRule.FACTOR, SelectionRule.STEPS
 
@@ -382,6 +382,20 @@ def test_uniform_is_in_the_open_unit_interval_and_uniform() -> None:
     assert u.dtype == torch.float32 and float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.005
     assert torch.isfinite(gumbel(torch.arange(64), 1000)).all()
+
+
+def test_the_largest_draw_stays_below_one() -> None:
+    """Top 24 bits all ones: `(2**24 - 1 + 0.5) / 2**24` rounds to 1 in float32, which would make
+    the Gumbel noise `+inf`, and `0 * inf` a NaN that `argmax` takes for a greedy row in a
+    sampled batch (or `inf - inf` for a filtered-out token). A row of LLaDA's vocabulary meets
+    it once in about 130 rows; this key's row does, at column 111,716."""
+    top = _unit_interval_(torch.tensor([-1, 0], dtype=torch.int64))
+    assert float(top[0]) == 1.0 - 2.0**-24 and float(top[1]) == 0.5 / 2**24
+    key = row_keys(torch.tensor([0]), torch.tensor([0]), torch.tensor([19]), GUMBEL_STREAM)
+    noise = gumbel(key, 126_464)
+    assert torch.isfinite(noise).all() and float(noise[0, 111_716]) > 16.0
+    x0, _ = propose(torch.zeros(2, 126_464), 7, torch.tensor([1.0, 0.0]), key.repeat(2))
+    assert int(x0[0]) == 111_716 and int(x0[1]) == 0  # the greedy row takes the argmax
 
 
 def test_gumbel_sampling_is_reproducible_and_batch_independent() -> None:

@@ -1,10 +1,11 @@
 """Per-request diffusion parameters: defaults, parsing and validation.
 
 Requests carry the parameters in `SamplingParams.extra_args` (the OpenAI server's `vllm_xargs`)
-under the keys of `DLLM_PARAM_DOCS`; the server may set defaults for the same keys. A request's
-own value wins over a default, and (LLaDA, Dream) a request that names a selection rule replaces
-a default rule of another kind instead of conflicting with it; for block diffusion, where the
-threshold and the steps combine into one rule, values merge key by key.
+under the keys of `DLLM_PARAM_DOCS` (`vllm_dllm.param_docs`); the server may set defaults for
+the same keys. A request's own value wins over a default, and (LLaDA, Dream) a request that
+names a selection rule replaces a default rule of another kind instead of conflicting with it;
+for block diffusion, where the threshold and the steps combine into one rule, values merge key
+by key.
 
 Value types: numbers may arrive as Python/JSON numbers or as strings, because `vllm_xargs` is
 typed `str | int | float | list` and clients (e.g. `curl`, form data) often send strings. A
@@ -41,105 +42,18 @@ from vllm_dllm.families import (
     Family,
     Loop,
 )
-
-#: Cache modes (docs/design.md, step 1).
-CACHE_MODES = ("none", "prefix", "dual")
-#: Selection rules (docs/design.md, step 4); each has the parameter `dllm_<rule>`.
-RULES = ("threshold", "factor", "steps")
-#: Confidence scores for selection (docs/design.md, step 3), and SDAR's two schedules.
-REMASKING_MODES = (
-    "low_confidence", "random", "low_confidence_dynamic", "low_confidence_static",
-    "entropy_bounded",
-)  # fmt: skip
-
-DEFAULT_BLOCK_LENGTH = 32
-DEFAULT_CACHE = "dual"
-DEFAULT_THRESHOLD = 0.9
-DEFAULT_REMASKING = "low_confidence"
-#: The EB-sampler's bound (SDAR's release default `eb_threshold`).
-DEFAULT_EB_THRESHOLD = 0.35
-#: Dream's `diffusion_generate` samplers (its `alg`).
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-
-#: Parameter name -> (default for LLaDA and Dream, description). The README's parameter table
-#: is checked against it; `vllm_dllm.families` says which keys each family accepts.
-DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
-    "dllm_block_length": (
-        DEFAULT_BLOCK_LENGTH,
-        "Tokens per block (int >= 1). The canvas is max_tokens rounded up to a multiple of it; "
-        "blocks are decoded left to right.",
-    ),
-    "dllm_cache": (
-        DEFAULT_CACHE,
-        "KV cache mode: none (recompute everything each step), prefix (Fast-dLLM PrefixCache) "
-        "or dual (Fast-dLLM DualCache). Fast-dLLM v2: none (default) or dual (its sub-block "
-        "cache); SDAR: not accepted (its cache of finished blocks is exact).",
-    ),
-    "dllm_threshold": (
-        DEFAULT_THRESHOLD,
-        "Threshold rule (the default rule), float in (0, 1]: commit every masked position with "
-        "confidence >= threshold, and always the most confident one. Fast-dLLM v2 and SDAR "
-        "(default 0.95): strictly above the threshold, as their releases compare.",
-    ),
-    "dllm_factor": (
-        None,
-        "Factor rule, float > 0: commit the longest run of most-confident positions whose i-th "
-        "confidence is >= 1 - factor / (i + 1). Excludes dllm_threshold and dllm_steps.",
-    ),
-    "dllm_steps": (
-        None,
-        "Steps rule (original LLaDA schedule), int >= 1, a multiple of the number of blocks: "
-        "steps over the whole generation, split evenly over the blocks. Excludes "
-        "dllm_threshold and dllm_factor. SDAR and LLaDA 2.x: steps per block, as their "
-        "releases' steps (default: the block length, one token per step), giving each step a "
-        "quota that the threshold rule combines with.",
-    ),
-    "dllm_remasking": (
-        DEFAULT_REMASKING,
-        "Score used by the rule: low_confidence (the model's probability of its proposal) or "
-        "random (uniform random scores). SDAR: low_confidence_dynamic (default: every masked "
-        "position above dllm_threshold if there are at least the step's quota, else the quota's "
-        "most confident) or low_confidence_static (the quota's most confident). LLaDA, Dream "
-        "and SDAR: entropy_bounded (the EB-sampler: commit the lowest-entropy positions while "
-        "their summed entropy stays within dllm_eb_threshold, at least one; replaces the "
-        "threshold, factor and steps rules).",
-    ),
-    "dllm_alg": (
-        None,
-        "LLaDA and Dream: run Dream's diffusion_generate loop with its sampler, one of "
-        "origin, maskgit_plus, topk_margin, entropy: the whole generation is one block "
-        "(dllm_block_length defaults to max_tokens), every step a full forward (dllm_cache "
-        "none), dllm_steps steps (default max_tokens) on Dream's schedule.",
-    ),
-    "dllm_alg_temp": (
-        None,
-        "With dllm_alg other than origin, float >= 0 (Dream's alg_temp): > 0 draws each step's "
-        "positions in proportion to softmax(score / alg_temp) instead of taking the top scores.",
-    ),
-    "dllm_eb_threshold": (
-        None,
-        "With dllm_remasking entropy_bounded (default 0.35), float > 0: the bound on the summed "
-        "entropy (nats) of a step's commits, each position's entropy taken over its "
-        "distribution after temperature and top-k / top-p / min-p.",
-    ),
-    "dllm_sub_block_length": (
-        None,
-        "Fast-dLLM v2 only (default 8): sub-blocks decoded left to right inside each block; "
-        "must divide the block length.",
-    ),
-    "dllm_editing_threshold": (
-        None,
-        "LLaDA 2.x only: LLaDA 2.1's token editing (its release uses 0.9), float in (0, 1]: "
-        "decoded tokens of the current block are rewritten where the model proposes another "
-        "token with confidence strictly above it; one MASK committed per step at least.",
-    ),
-    "dllm_max_post_steps": (
-        None,
-        "LLaDA 2.x with dllm_editing_threshold (default 16): extra editing steps after a block "
-        "has no MASK left, ending after the first that edits nothing.",
-    ),
-}
-DLLM_PARAM_NAMES: tuple[str, ...] = tuple(DLLM_PARAM_DOCS)
+from vllm_dllm.param_docs import (
+    CACHE_MODES,
+    DEFAULT_BLOCK_LENGTH,
+    DEFAULT_CACHE,
+    DEFAULT_EB_THRESHOLD,
+    DEFAULT_REMASKING,
+    DLLM_PARAM_DOCS,
+    DLLM_PARAM_NAMES,
+    DREAM_ALGS,
+    REMASKING_MODES,
+    RULES,
+)
 
 #: Environment variable with the server-wide defaults: a JSON object of `dllm_*` keys. An
 #: environment variable because every vLLM process that reads parameters (the front end that
@@ -196,9 +110,7 @@ class DllmParams:
                 "dllm_eb_threshold applies with dllm_remasking entropy_bounded only (which needs "
                 "it: parse_dllm_params fills in 0.35)"
             )
-        if self.alg is not None:
-            self._check_dream_alg()
-        elif self.alg_temp is not None:
+        if self.alg is None and self.alg_temp is not None:
             raise DllmParamError("dllm_alg_temp needs dllm_alg")
         if self.rule == "threshold" and self.threshold is None:
             object.__setattr__(self, "threshold", self.family.default_threshold)
@@ -230,32 +142,88 @@ class DllmParams:
                 f"dllm_steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({self.num_blocks} = ceil(max_tokens / dllm_block_length))"
             )
+        if self.alg is not None:
+            self._check_dream_alg()
 
     def _check_dream_alg(self) -> None:
-        """Dream's loop: one block over the generation, full forwards, its own schedule."""
-        if self.rule != "steps":
+        """Which of Dream's samplers combine with which loop (docs/design.md, "Dream's sampler").
+
+        With its schedule (no rule named: `rule` steps), `origin` runs only as Dream's own
+        `diffusion_generate` (one block, no cache); the three scored samplers also run inside
+        Fast-dLLM's block loop (several blocks or a cache). With `dllm_threshold` (or
+        `dllm_factor`) the alg only names the score the rule compares.
+        """
+        alg = self.alg
+        if self.remasking != "low_confidence":
             raise DllmParamError(
-                f"dllm_{self.rule} does not apply with dllm_alg: Dream's loop commits by its "
-                f"own schedule over dllm_steps steps"
+                f"dllm_remasking does not apply with dllm_alg (the alg names the score and "
+                f"dllm_steps its schedule), got {self.remasking!r}"
             )
+        if alg == "origin":
+            self._check_origin()
+            return
+        if self.rule != "steps":
+            self._check_alg_rule()
+            return
+        steps_per_block = self.steps_per_block or 0
+        if not self.dream_loop and self.block_length > 1 and steps_per_block < 2:
+            raise DllmParamError(
+                f"dllm_steps ({self.steps}) must give every block at least 2 steps with dllm_alg "
+                f"and {self.num_blocks} block(s) or a cache (at least {2 * self.num_blocks}): in "
+                f"Fast-dLLM's Dream block loop a block's first forward commits only its first "
+                f"token, and Dream's schedule commits the rest over the block's other steps"
+            )
+
+    def _check_origin(self) -> None:
+        """`origin` has no block form: the released block loop scores every alg by negative
+        entropy, and a uniform draw per position has no threshold or quota to meet."""
+        why = ("Dream's origin sampler runs only as its diffusion_generate loop (one block, every "
+               "step a full forward); Fast-dLLM's Dream block loop has no origin form")
+        if self.rule != "steps":
+            raise DllmParamError(f"dllm_{self.rule} does not apply with dllm_alg origin: {why}")
         if self.block_length < self.max_tokens:
             raise DllmParamError(
                 f"dllm_block_length ({self.block_length}) must cover max_tokens "
-                f"({self.max_tokens}) with dllm_alg: Dream's loop decodes the whole generation "
-                f"at once"
+                f"({self.max_tokens}) with dllm_alg origin: {why}"
             )
         if self.cache != "none":
             raise DllmParamError(
-                f"dllm_cache must be none with dllm_alg (Dream's loop runs a full forward every "
-                f"step), got {self.cache!r}"
+                f"dllm_cache must be none with dllm_alg origin, got {self.cache!r}: {why}"
             )
-        if self.remasking != "low_confidence":
-            raise DllmParamError(
-                f"dllm_remasking does not apply with dllm_alg (the alg scores), got "
-                f"{self.remasking!r}"
-            )
-        if self.alg == "origin" and self.alg_temp:
+        if self.alg_temp:
             raise DllmParamError("dllm_alg_temp does not apply to dllm_alg origin")
+
+    def _check_alg_rule(self) -> None:
+        """The threshold (or factor) rule scored by the alg: only where the score compares with
+        the rule's bounds, which are probabilities."""
+        key = f"dllm_{self.rule}"
+        if self.alg == "entropy":
+            raise DllmParamError(
+                f"{key} does not apply with dllm_alg entropy: a negative entropy (nats, <= 0) is "
+                f"not comparable with the rule's probability bound; dllm_alg topk_margin or "
+                f"maskgit_plus take a threshold, and dllm_remasking entropy_bounded (without "
+                f"dllm_alg) bounds the entropy of a step's commits"
+            )
+        if self.alg == "topk_margin" and self.rule == "factor":
+            raise DllmParamError(
+                "dllm_factor does not apply with dllm_alg topk_margin: the factor rule's bounds "
+                "1 - factor / (i + 1) are Fast-dLLM's condition on the probabilities of the "
+                "tokens committed together, which a top-1 minus top-2 margin is not; "
+                "dllm_threshold compares a margin with a threshold"
+            )
+        if self.alg_temp:
+            raise DllmParamError(
+                f"dllm_alg_temp does not apply with {key}: it draws the positions of each step "
+                f"of Dream's schedule, and the {self.rule} rule has no quota to draw"
+            )
+
+    @property
+    def dream_loop(self) -> bool:
+        """Dream's own `diffusion_generate` loop: `dllm_alg` with its schedule over a single
+        block (the whole generation) and full forwards. Otherwise, with `dllm_alg`, Fast-dLLM's
+        block loop runs (`vllm_dllm.denoising.dream_alg`)."""
+        return (self.alg is not None and self.rule == "steps" and self.num_blocks == 1
+                and self.cache == "none")  # fmt: skip
 
     def _check_block_diffusion(self) -> None:
         family = self.family
@@ -442,18 +410,7 @@ def parse_dllm_params(
     elif eb_threshold is not None:
         raise DllmParamError("dllm_eb_threshold needs dllm_remasking entropy_bounded")
     if values.get("dllm_alg") is not None:
-        for key in ("dllm_factor", "dllm_threshold"):
-            if key in request:
-                raise DllmParamError(
-                    f"{key} does not apply with dllm_alg: Dream's loop commits by its own "
-                    f"schedule over dllm_steps steps"
-                )
-        # Dream's loop: the server's rule, block and cache defaults give way to its own.
-        values = {k: v for k, v in values.items()
-                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
-        values.setdefault("dllm_steps", max_tokens)
-        values.setdefault("dllm_block_length", max_tokens)
-        values.setdefault("dllm_cache", "none")
+        values = _dream_alg_values(values, request, max_tokens)
     if family.block_causal:
         rule_key = "dllm_threshold"
     else:
@@ -482,6 +439,31 @@ def parse_dllm_params(
         alg_temp=values.get("dllm_alg_temp"),
         family=family,
     )
+
+
+def _dream_alg_values(
+    values: dict[str, Any], request: Mapping[str, Any], max_tokens: int
+) -> dict[str, Any]:
+    """The merged values of a request with `dllm_alg`, with the alg's defaults filled in.
+
+    A request that names `dllm_alg` itself gets Dream's defaults, not the server's rule, block
+    and cache defaults (set for the other requests): one block over the generation
+    (`dllm_block_length` max_tokens), full forwards (`dllm_cache` none) and Dream's schedule
+    (`dllm_steps`: max_tokens for its own loop, one step per position otherwise), unless the
+    request says otherwise; a `dllm_threshold` or `dllm_factor` of the request replaces the
+    schedule. An alg among the server's defaults comes with the server's other defaults.
+    """
+    if "dllm_alg" in request:
+        values = {k: v for k, v in values.items()
+                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
+    values.setdefault("dllm_block_length", max_tokens)
+    values.setdefault("dllm_cache", "none")
+    if not any(key in values for key in _RULE_KEYS):
+        block = values["dllm_block_length"]
+        num_blocks = -(-max_tokens // block)
+        one_loop = num_blocks == 1 and values["dllm_cache"] == "none"
+        values["dllm_steps"] = max_tokens if one_loop else num_blocks * block
+    return values
 
 
 def _read_dllm_args(

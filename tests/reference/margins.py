@@ -79,6 +79,15 @@ class Margins:
             spread = float(sensitivity[cut - 1] + sensitivity[cut])
             self.record(2 * gap / spread if spread > 0 else math.inf, f"{what} ranking at the cut")
 
+    def score_against(self, scores: Tensor, sensitivity: Tensor, bound: float,
+                      what: str) -> None:
+        """Scores compared with a ``bound`` (a threshold on a margin), each with its
+        ``sensitivity``: a score crosses the bound only if the logits move by
+        ``|score - bound| / sensitivity``."""
+        if scores.numel():
+            gap = (scores.double() - bound).abs() / sensitivity.double()
+            self.record(2 * float(gap.min()), f"{what} vs threshold")
+
     def entropy_cut(self, cumulative: Tensor, bound: float) -> None:
         """The entropy-bounded rule's cumulative entropies (nats, sorted ascending) compared
         with its bound. An entropy moves by about its logits' error (times the spread of its

@@ -470,14 +470,17 @@ _STATES: dict[Loop, type[RequestState]] = {
 
 
 def new_state(**fields: object) -> RequestState:
-    """The loop state of a new request, of its family's kind (`params.family`), or Dream's own
-    loop when it asks for Dream's sampler (`dllm_alg`)."""
+    """The loop state of a new request, of its family's kind (`params.family`), or Dream's
+    schedule when it asks for Dream's sampler (`dllm_alg`) without a rule: its own loop, or
+    Fast-dLLM's block loop with the schedule in each block. (With a rule, the alg only names
+    the score: `RequestState.score_kind`.)"""
     params = fields["params"]
     assert isinstance(params, DllmParams)
-    if params.alg is not None:
-        from vllm_dllm.denoising.dream_alg import DreamAlgState
+    if params.alg is not None and params.rule == "steps":
+        from vllm_dllm.denoising.dream_alg import DreamAlgState, DreamBlockAlgState
 
-        return DreamAlgState(**fields)  # type: ignore[arg-type]
+        state = DreamAlgState if params.dream_loop else DreamBlockAlgState
+        return state(**fields)  # type: ignore[arg-type]
     return _STATES[params.family.loop](**fields)  # type: ignore[arg-type]
 
 

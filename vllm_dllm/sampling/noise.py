@@ -68,10 +68,19 @@ def row_keys(seed: Tensor, step: Tensor, position: Tensor, stream: int) -> Tenso
     return mix64(key + position * _signed(_POSITION_MUL))
 
 
+#: The largest float32 below 1.
+_BELOW_ONE = 1.0 - 2.0**-24
+
+
 def _unit_interval_(bits: Tensor) -> Tensor:
-    """float32 in the open interval (0, 1) from the top 24 bits of int64 `bits` (consumed)."""
+    """float32 in the open interval (0, 1) from the top 24 bits of int64 `bits` (consumed):
+    `(t + 0.5) / 2**24`. float32 has 24 significant bits, so `t + 0.5` rounds to an integer
+    from `t = 2**23` on, and for the largest `t` to `2**24`: that one value (once in 2**24
+    draws, about once per LLaDA vocabulary row in 130) would be 1, whose Gumbel noise is
+    `+inf` (a NaN for a greedy row at temperature 0 or a filtered token, which `argmax` takes).
+    It is clamped to the largest float32 below 1; every other value is unchanged."""
     top = bits.bitwise_right_shift_(40).bitwise_and_((1 << 24) - 1)
-    return top.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+    return top.to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=_BELOW_ONE)
 
 
 def uniform(keys: Tensor) -> Tensor:
