@@ -248,7 +248,11 @@ def serve_url(ray_cluster, llada_tiny_dir):
 
     ray_serve = load_example("ray_serve")
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Serve waits 60 s for its HTTP proxy actor; a busy 2-core machine can take longer to
+    # start one.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ray.serve._private.api.HTTP_PROXY_TIMEOUT", 300)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
     vllm_args = [str(llada_tiny_dir), *server_args(SERVED_MODEL)]
     try:
         serve.run(ray_serve.build_app(vllm_args, cpu=True), name="vllm-dllm", route_prefix="/")
