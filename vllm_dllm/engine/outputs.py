@@ -88,7 +88,7 @@ def install_choice_statistics() -> None:
     have finished, whose `kv_transfer_params` are the last child's. Each child's are recorded
     as it finishes; the aggregated output gets their total under `dllm` and the list, in the
     order of its `outputs`, under `CHOICES_KEY`. (Streamed, each choice's finishing output
-    carries its own.)
+    carries its own, kept when outputs are merged for a slow reader.)
     """
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.output_processor import RequestState
@@ -122,3 +122,40 @@ def install_choice_statistics() -> None:
 
     make_request_output._vllm_dllm = True  # type: ignore[attr-defined]
     RequestState.make_request_output = make_request_output  # type: ignore[method-assign]
+    _keep_statistics_when_merged()
+
+
+def _keep_statistics_when_merged() -> None:
+    """A streamed request's outputs that wait for a slow reader are merged into one
+    (`RequestOutputCollector.put` -> `RequestOutput.add`), which keeps only the last output's
+    `kv_transfer_params`: a choice of an `n > 1` request that finished in an earlier output
+    would lose its statistics. The merge keeps every choice's, by index, under `CHOICES_KEY`.
+    """
+    from vllm.outputs import RequestOutput
+
+    original = RequestOutput.add
+    if getattr(original, "_vllm_dllm", False):
+        return
+
+    @functools.wraps(original)
+    def add(self: Any, next_output: Any, aggregate: bool) -> None:
+        known = {**_stats_by_index(self), **_stats_by_index(next_output)}
+        original(self, next_output, aggregate)
+        if known:
+            params = dict(self.kv_transfer_params or {})
+            params[CHOICES_KEY] = [known.get(o.index) for o in self.outputs]
+            self.kv_transfer_params = params
+
+    add._vllm_dllm = True  # type: ignore[attr-defined]
+    RequestOutput.add = add  # type: ignore[method-assign]
+
+
+def _stats_by_index(request_output: Any) -> dict[int, dict[str, Any]]:
+    """The known statistics of a `RequestOutput`'s completions, by choice index."""
+    return {
+        completion.index: stats
+        for completion, stats in zip(
+            request_output.outputs, output_stats(request_output), strict=True
+        )
+        if stats is not None
+    }
