@@ -51,10 +51,12 @@ def test_doc_table_matches_parser_defaults() -> None:
         "dllm_eb_threshold",
         "dllm_alg",
         "dllm_alg_temp",
+        "dllm_suffix",
     }
     params = parse_dllm_params(None, max_tokens=7)
     for name, (default, description) in DLLM_PARAM_DOCS.items():
-        assert getattr(params, name.removeprefix("dllm_")) == default, name
+        value = getattr(params, name.removeprefix("dllm_"))
+        assert (None if value == () else value) == default, name  # no suffix: ()
         assert description.strip(), name
 
 

@@ -42,6 +42,13 @@ from vllm_dllm.families import (
     Family,
     Loop,
 )
+from vllm_dllm.infill import (
+    SUFFIX_KEY,
+    DllmSuffixError,
+    block_causal_refusal,
+    suffix_ids,
+    to_suffix,
+)
 from vllm_dllm.param_docs import (
     CACHE_MODES,
     DEFAULT_BLOCK_LENGTH,
@@ -102,6 +109,8 @@ class DllmParams:
     eb_threshold: float | None = None
     alg: str | None = None
     alg_temp: float | None = None
+    #: Infilling: the canvas tokens after the gap (`vllm_dllm.infill`); empty without a suffix.
+    suffix: tuple[int, ...] = ()
     family: Family = BIDIRECTIONAL
 
     def __post_init__(self) -> None:
@@ -134,6 +143,8 @@ class DllmParams:
                 f"{self.family.name} models, got {self.remasking!r}"
             )
         if self.family.block_causal:
+            if self.suffix:
+                raise DllmParamError(block_causal_refusal(self.family.name))
             self._check_block_diffusion()
             return
         _check_exclusive([_PREFIX + r for r in RULES if getattr(self, r) is not None], source="")
@@ -269,18 +280,20 @@ class DllmParams:
         """Length of a request's canvas, the one definition of it.
 
         Bidirectional: the prompt plus `gen_length` MASK positions (blocks start after the
-        prompt). Block diffusion: blocks are aligned to position 0, so the canvas is
-        `prompt + max_tokens` rounded up to whole blocks. The scheduler allocates KV for this
-        many positions and the worker decodes within them, so they can never disagree.
+        prompt), plus the suffix of an infilling request. Block diffusion: blocks are aligned
+        to position 0, so the canvas is `prompt + max_tokens` rounded up to whole blocks. The
+        scheduler allocates KV for this many positions and the worker decodes within them, so
+        they can never disagree.
         """
         if not self.family.block_causal:
-            return prompt_len + self.gen_length
+            return prompt_len + self.gen_length + len(self.suffix)
         return -(-(prompt_len + self.max_tokens) // self.block_length) * self.block_length
 
     def fitting_max_tokens(self, prompt_len: int, max_canvas_len: int) -> int:
         """The largest `max_tokens` whose canvas fits `max_canvas_len` (< 1: none fits)."""
         if not self.family.block_causal:
-            return (max_canvas_len - prompt_len) // self.block_length * self.block_length
+            gap = max_canvas_len - prompt_len - len(self.suffix)
+            return gap // self.block_length * self.block_length
         return max_canvas_len // self.block_length * self.block_length - prompt_len
 
     @property
@@ -316,6 +329,8 @@ def server_defaults() -> dict[str, Any]:
     if not isinstance(defaults, dict):
         raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r}")
     _read_dllm_args(defaults, "server default ")
+    if defaults.get(SUFFIX_KEY) is not None:
+        raise DllmParamError(f"{DEFAULTS_ENV} must not set {SUFFIX_KEY}: a suffix is per request")
     return defaults
 
 
@@ -437,6 +452,7 @@ def parse_dllm_params(
         eb_threshold=eb_threshold,
         alg=values.get("dllm_alg"),
         alg_temp=values.get("dllm_alg_temp"),
+        suffix=_as_param_error(suffix_ids, values.get(SUFFIX_KEY)),
         family=family,
     )
 
@@ -500,6 +516,8 @@ def _read_dllm_args(
         if raw is None:
             continue
         if family is not None and key not in family.params:
+            if key == SUFFIX_KEY:
+                raise DllmParamError(block_causal_refusal(family.name))
             accepted = ", ".join(k for k in DLLM_PARAM_NAMES if k in family.params)
             raise DllmParamError(
                 f"{source}{key} does not apply to {family.name} models (they accept {accepted})"
@@ -564,6 +582,18 @@ def _to_str(key: str, raw: Any, source: str) -> str:
     return raw
 
 
+def _as_param_error(convert: Callable[..., Any], *args: Any) -> Any:
+    """`convert(*args)`, its `DllmSuffixError` raised as the `DllmParamError` it is."""
+    try:
+        return convert(*args)
+    except DllmSuffixError as err:
+        raise DllmParamError(str(err)) from err
+
+
+def _to_suffix(key: str, raw: Any, source: str) -> str | tuple[int, ...]:
+    return _as_param_error(to_suffix, raw, source)
+
+
 #: Parameter name -> (converter from the wire value, validity predicate, its wording).
 _PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bool], str]] = {
     "dllm_block_length": (_to_int, lambda v: v >= 1, "must be >= 1"),
@@ -577,6 +607,7 @@ _PARAM_RULES: dict[str, tuple[Callable[[str, Any, str], Any], Callable[[Any], bo
     "dllm_eb_threshold": (_to_float, lambda v: v > 0.0, "must be > 0"),
     "dllm_alg": (_to_str, lambda v: v in DREAM_ALGS, f"must be one of {', '.join(DREAM_ALGS)}"),
     "dllm_alg_temp": (_to_float, lambda v: v >= 0.0, "must be >= 0"),
+    SUFFIX_KEY: (_to_suffix, lambda v: True, ""),
     "dllm_remasking": (
         _to_str,
         lambda v: v in REMASKING_MODES,

@@ -56,7 +56,7 @@ class Family:
 
 _BIDIRECTIONAL_PARAMS = frozenset({
     "dllm_block_length", "dllm_cache", "dllm_threshold", "dllm_factor", "dllm_steps",
-    "dllm_remasking", "dllm_eb_threshold", "dllm_alg", "dllm_alg_temp",
+    "dllm_remasking", "dllm_eb_threshold", "dllm_alg", "dllm_alg_temp", "dllm_suffix",
 })  # fmt: skip
 
 BIDIRECTIONAL = Family(

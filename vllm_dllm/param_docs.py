@@ -89,6 +89,13 @@ DLLM_PARAM_DOCS: dict[str, tuple[Any, str]] = {
         "alg_temp): > 0 draws each step's positions in proportion to softmax(score / alg_temp) "
         "instead of taking the top scores.",
     ),
+    "dllm_suffix": (
+        None,
+        "LLaDA and Dream: infilling, the text (or token ids) after the generated gap: the "
+        "canvas is prompt, max_tokens MASK positions (rounded up to whole blocks), then the "
+        "suffix (text: its tokens then EOS). Fixed context, never generated or returned; the "
+        "server's completions suffix. Block-diffusion families refuse it (block-causal).",
+    ),
     "dllm_eb_threshold": (
         None,
         "With dllm_remasking entropy_bounded (default 0.35), float > 0: the bound on the summed "

@@ -10,7 +10,8 @@ stale K/V is the Fast-dLLM approximation, which the oracle reproduces exactly:
 
 - `none`: every step recomputes the whole canvas (exact, the vanilla baseline).
 - `prefix` (PrefixCache): a block's first step is a full forward; later steps recompute the
-  block and the still-masked suffix `[s, L)` and reuse the prefix K/V of that first step.
+  block and the still-masked rest of the gap `[s, gap_end)` and reuse the prefix K/V of that
+  first step (and an infilling suffix's: fixed context like the prompt).
 - `dual` (DualCache): a block's first step is a full forward; later steps recompute only the
   block `[s, e)` and reuse both prefix and suffix K/V.
 
@@ -61,17 +62,25 @@ class StepPlan:
 
 
 def plan_step(
-    mode: CacheMode, canvas_len: int, block_start: int, block_end: int, first_step: bool
+    mode: CacheMode,
+    canvas_len: int,
+    block_start: int,
+    block_end: int,
+    first_step: bool,
+    gap_end: int | None = None,
 ) -> StepPlan:
     """The plan of a bidirectional step of the block `[block_start, block_end)`.
 
     `first_step` is the block's first forward, which always refreshes every position: earlier
     tokens' K/V depend on later ones in a bidirectional model, so nothing carries over blocks.
+    `gap_end` ends the generated positions (default `canvas_len`); an infilling suffix after it
+    is fixed context, whose K/V a PrefixCache step reuses from the block's first forward as it
+    reuses the prompt's.
     """
     if first_step or mode is CacheMode.NONE:
         start, end = 0, canvas_len
     elif mode is CacheMode.PREFIX:
-        start, end = block_start, canvas_len
+        start, end = block_start, canvas_len if gap_end is None else gap_end
     else:
         start, end = block_start, block_end
     return StepPlan((Window(start, end, canvas_len),))

@@ -78,13 +78,22 @@ class Canvases:
         """The previous step's uploads are done (it ended with a device-to-host transfer)."""
         self._staged = 0
 
-    def add(self, prompt: Sequence[int], canvas_len: int, block_ids: Sequence[int]) -> int:
-        """Start a canvas `prompt ++ [MASK] * (canvas_len - len(prompt))`; returns its slot."""
+    def add(
+        self,
+        prompt: Sequence[int],
+        canvas_len: int,
+        block_ids: Sequence[int],
+        suffix: Sequence[int] = (),
+    ) -> int:
+        """Start a canvas `prompt ++ [MASK] * gap ++ suffix` of `canvas_len` positions (an
+        infilling request's `suffix` is fixed context after the gap); returns its slot."""
         slot = self._free.pop()
         self._host_blocks.numpy()[slot, : len(block_ids)] = block_ids
         staged = self._staging.numpy()[self._staged : self._staged + canvas_len]
+        gap_end = canvas_len - len(suffix)
         staged[: len(prompt)] = prompt
-        staged[len(prompt) :] = self.mask_token_id
+        staged[len(prompt) : gap_end] = self.mask_token_id
+        staged[gap_end:] = suffix
         self.host[self._host_index(slot, np.arange(canvas_len))] = staged
         # Asynchronous copies from pinned memory, then a scatter by KV slot on the device.
         self._block_table[slot, : len(block_ids)].copy_(

@@ -76,6 +76,12 @@ class RequestState:
         return self.params.canvas_length(self.prompt_len)
 
     @property
+    def gap_end(self) -> int:
+        """End of the decoded positions: the canvas without an infilling suffix, which is
+        fixed context (never decoded, never emitted)."""
+        return self.canvas_len - len(self.params.suffix)
+
+    @property
     def remasks_randomly(self) -> bool:
         """Scored by uniform random numbers: `random` remasking, Dream's `origin`."""
         return self.params.remasking == "random" or self.params.alg == "origin"
@@ -124,9 +130,9 @@ class RequestState:
                 self.done = True
                 break
         self.emitted += len(new)
-        if self.emitted >= self.params.max_tokens or final_end >= self.canvas_len:
+        if self.emitted >= self.params.max_tokens or final_end >= self.gap_end:
             self.done = True
-        self.early_stop = self.done and final_end < self.canvas_len
+        self.early_stop = self.done and final_end < self.gap_end
         return new
 
 
@@ -160,8 +166,9 @@ class BidirectionalState(RequestState):
     def plan(self) -> StepPlan:
         block_end = self.block_start + self.params.block_length
         return plan_step(
-            self.cache_mode, self.canvas_len, self.block_start, block_end, self.first_step
-        )
+            self.cache_mode, self.canvas_len, self.block_start, block_end, self.first_step,
+            self.gap_end,
+        )  # fmt: skip
 
     @property
     def opens_with_single_commit(self) -> bool:

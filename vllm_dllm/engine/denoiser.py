@@ -120,7 +120,7 @@ class Denoiser:
         )
         self.states[new.req_id] = state
         self.slots[new.req_id] = self.canvases.add(
-            new.prompt_token_ids, state.canvas_len, new.block_ids[0]
+            new.prompt_token_ids, state.canvas_len, new.block_ids[0], params.suffix
         )
 
     def _remove_request(self, req_id: str) -> None:

@@ -20,10 +20,16 @@ The server runs vLLM's input processing, and with it every parameter check, only
 response has started; a streamed request with a bad parameter then got HTTP 200 and an error
 event. So the server's `AsyncLLM.generate` runs the same checks first, when it is called, which
 is before any response exists: the error becomes the HTTP 400 of a non-streamed request.
+
+Infilling (`vllm_dllm.infill`): both wrappers turn a request's `dllm_suffix` into the canvas's
+tail of token ids first, since the tokenizer lives here (text: its tokens, then EOS), so the
+canvas that must fit includes it. `process_inputs` stores the ids in the request's own copy of
+the parameters, which is what the engine core receives.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -35,6 +41,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
+from vllm_dllm.infill import DllmSuffixError, with_canvas_suffix
 
 
 def fitted_max_tokens(
@@ -64,9 +71,10 @@ def fitted_max_tokens(
         block = dllm.block_length
         fitting = dllm.fitting_max_tokens(prompt_len, max_canvas_len)
         if fitting < 1:
+            suffix = f" and the dllm_suffix ({len(dllm.suffix)} tokens)" if dllm.suffix else ""
             raise VLLMValidationError(
                 f"dllm_block_length ({block}) does not fit the context: the prompt "
-                f"({prompt_len} tokens) plus one block exceeds {max_canvas_len} tokens "
+                f"({prompt_len} tokens){suffix} plus one block exceeds {max_canvas_len} tokens "
                 f"(max_model_len, or max_num_batched_tokens if smaller)",
                 parameter="dllm_block_length",
                 value=block,
@@ -95,6 +103,25 @@ def _other_readers(processor: InputProcessor) -> bool:
     return _other_logits_processors(tuple(processor.model_config.logits_processors or ()))
 
 
+def with_suffix_ids(processor: InputProcessor, params: SamplingParams) -> SamplingParams:
+    """`params` whose `dllm_suffix` is the canvas's tail of token ids (`vllm_dllm.infill`):
+    a shallow copy when it changes (the caller's may be shared), else `params` itself."""
+    try:
+        extra_args = with_canvas_suffix(
+            params.extra_args,
+            processor.tokenizer,
+            processor.renderer.get_eos_token_id(),
+            processor.model_config.get_vocab_size(),
+        )
+    except DllmSuffixError as err:
+        raise VLLMValidationError(str(err), parameter="dllm_suffix") from err
+    if extra_args is None:
+        return params
+    params = copy.copy(params)
+    params.extra_args = extra_args
+    return params
+
+
 def _max_canvas_len(processor: InputProcessor) -> int:
     budget = processor.scheduler_config.max_num_scheduled_tokens
     if budget is None:
@@ -121,6 +148,8 @@ def install(scheduler_cls: str) -> None:
         request = process_inputs(self, *args, **kwargs)
         params = request.sampling_params
         if params is not None and is_diffusion(self):
+            # The request's own parameters (vLLM cloned them), so they may be replaced.
+            request.sampling_params = params = with_suffix_ids(self, params)
             prompt_len = len(request.prompt_token_ids or ())
             params.max_tokens = fitted_max_tokens(
                 params,
@@ -145,7 +174,7 @@ def install(scheduler_cls: str) -> None:
             validate_request(sampling_params)
             prompt_len = len(prompt["prompt_token_ids"])
             fitted_max_tokens(
-                sampling_params,
+                with_suffix_ids(processor, sampling_params),
                 prompt_len,
                 _max_canvas_len(processor),
                 family_of(processor.model_config.hf_config),

@@ -144,11 +144,12 @@ class DllmScheduler(Scheduler):
             return None
         canvas_len = dllm.canvas_length(prompt_len)
         if canvas_len > self.max_model_len:
+            suffix = f" + dllm_suffix of {len(dllm.suffix)} tokens" if dllm.suffix else ""
             self._reject(
                 request,
                 f"the canvas (prompt of {prompt_len} tokens + max_tokens, rounded up to whole "
-                f"blocks of dllm_block_length {dllm.block_length}) = {canvas_len} exceeds the "
-                f"model's max_model_len ({self.max_model_len})",
+                f"blocks of dllm_block_length {dllm.block_length}{suffix}) = {canvas_len} "
+                f"exceeds the model's max_model_len ({self.max_model_len})",
             )
             return None
         if canvas_len > self.max_num_scheduled_tokens:
