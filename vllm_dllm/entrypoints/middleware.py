@@ -5,7 +5,15 @@ vLLM turns a request into `SamplingParams`, which normalise some fields (chat's
 longer be told from one the client never sent. (`top_p`, `top_k` and `min_p` are implemented.) So
 the fields are checked here, on the JSON body, whatever the temperature, and the 400 names the
 field with the value the client sent. Malformed JSON gets a one-line 400 instead of vLLM's
-pydantic dump. Everything else passes through untouched, body included.
+pydantic dump.
+
+Infilling: vLLM refuses the completions API's `suffix` for every model without a
+fill-in-the-middle prompt format (its renderer's `render_completion_suffix`), which would
+render prefix and suffix into one prompt text. A diffusion model instead decodes a gap between
+them, so a completion's `suffix` moves into `vllm_xargs` as `dllm_suffix`, which the front end
+tokenizes and the denoiser places after the gap (`vllm_dllm.infill`); an empty one is dropped
+(no suffix), and `echo` with a suffix is refused, as vLLM and OpenAI refuse it. Everything
+else passes through untouched, body included.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from vllm_dllm.entrypoints.statistics import install_response_statistics
+from vllm_dllm.infill import SUFFIX_KEY
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,6 +33,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The generation endpoints whose bodies are checked.
 CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions")
+#: The endpoint whose `suffix` is served by infilling.
+COMPLETIONS_PATH = "/v1/completions"
 
 #: Request fields the denoiser does not implement -> the values that leave them unused (what
 #: clients send by default). Any other value is rejected.
@@ -76,6 +87,35 @@ def _rejection(body: dict[str, Any]) -> tuple[str, str | None] | None:
     return message, name
 
 
+def move_suffix(body: dict[str, Any]) -> tuple[str, str] | bool:
+    """Move a completion body's `suffix` into `vllm_xargs` as `dllm_suffix`, in place.
+
+    Returns whether the body changed, or (message, parameter) when it must be refused.
+    """
+    if "suffix" not in body:
+        return False
+    suffix = body.pop("suffix")
+    if suffix is None or suffix == "":
+        return True  # no suffix (vLLM would refuse even an empty one)
+    if not isinstance(suffix, str):
+        return f"suffix must be a string, got {json.dumps(suffix)}", "suffix"
+    if body.get("echo"):
+        return (
+            "echo is not supported with suffix: the completion is the text between the prompt "
+            "and the suffix (vLLM and OpenAI refuse echo with suffix too)",
+            "echo",
+        )
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        xargs = body["vllm_xargs"] = {}
+    if not isinstance(xargs, dict):
+        return f"vllm_xargs must be an object, got {json.dumps(xargs)}", "vllm_xargs"
+    if xargs.get(SUFFIX_KEY) is not None:
+        return f"give suffix or vllm_xargs.{SUFFIX_KEY}, not both", "suffix"
+    xargs[SUFFIX_KEY] = suffix
+    return True
+
+
 class DllmMiddleware:
     """Refuses unsupported fields and malformed JSON on the generation endpoints."""
 
@@ -102,6 +142,12 @@ class DllmMiddleware:
             refused = (f"the request body is not valid JSON: {err}", None)
         else:
             refused = _rejection(parsed) if isinstance(parsed, dict) else None
+        if refused is None and isinstance(parsed, dict) and scope["path"] == COMPLETIONS_PATH:
+            moved = move_suffix(parsed)
+            if isinstance(moved, tuple):
+                refused = moved
+            elif moved:
+                messages, scope = _rewritten(messages, scope, json.dumps(parsed).encode())
         if refused is not None:
             await _send_400(send, *refused)
             return
@@ -121,6 +167,17 @@ async def _read_body(receive: Receive) -> tuple[list[Message], bytes]:
         if not message.get("more_body", False):
             break
     return messages, b"".join(chunks)
+
+
+def _rewritten(messages: list[Message], scope: Scope, body: bytes) -> tuple[list[Message], Scope]:
+    """The messages and scope of a request whose body is replaced by `body`: one
+    `http.request` message (a disconnect read after it kept), and the `content-length` header
+    updated."""
+    rest = [m for m in messages if m["type"] != "http.request"]
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    request = {"type": "http.request", "body": body, "more_body": False}
+    return [request, *rest], {**scope, "headers": headers}
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
