@@ -37,6 +37,7 @@ SHARED_WORKER = {
     "test_llada2_model.py": "block engines",
     "test_abuse.py": "llada server",
     "test_server.py": "llada server",
+    "test_infill.py": "llada server",
     "test_parallel.py": "multi-rank",
     "test_block_parallel.py": "multi-rank",
     "test_ray.py": "multi-rank",

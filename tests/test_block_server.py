@@ -218,6 +218,16 @@ def test_chat_stream_equals_non_streamed(family, client):
     assert whole.model_extra["kv_transfer_params"]["dllm"]["output_tokens"] == 72
 
 
+def test_suffix_is_400_saying_why(family, client):
+    """Infilling needs a suffix that the gap attends to; block-causal attention cannot."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model=FAMILIES[family]["model"], prompt=PROMPT_MID_BLOCK, suffix=" the end.",
+            max_tokens=8,
+        )  # fmt: skip
+    assert "suffix" in str(err.value) and "block-causal" in str(err.value), err.value
+
+
 def test_parameters_of_other_families_are_400_naming_them(family, client, server):
     model = FAMILIES[family]["model"]
     for xargs, name in FAMILIES[family]["rejected"]:

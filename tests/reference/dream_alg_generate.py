@@ -18,6 +18,8 @@ softmax, the same finality rule and early stop, every forward counted):
   negative entropy), and commit the ``int(masked * (1 - s / t))`` best (float32 arithmetic as
   released; all that are left at the last step); ties to the lower position. A step may commit
   nothing. Temperature 0 only (argmax proposals), ``alg_temp`` 0.
+- ``suffix`` (infilling, as DreamOn's ``infilling`` builds its canvas): token ids after the
+  MASK, fixed context seen by every full forward, never committed or output.
 - The release runs all ``steps`` forwards; the request here stops once its output is final (the
   same tokens, fewer forwards where the end comes first).
 """
@@ -44,6 +46,7 @@ def generate_dream_alg(
     alg: str,
     end_token_ids: Sequence[int] = (),
     seed: int = 0,
+    suffix: Sequence[int] = (),
 ) -> Result:
     """Dream's ``diffusion_generate(steps=steps, alg=alg, alg_temp=0, temperature=0)``."""
     if alg not in ALGS:
@@ -53,7 +56,7 @@ def generate_dream_alg(
     mask = model.spec.mask_token_id
     decoder = _Decoder(
         model=model,
-        canvas=torch.tensor([*prompt_ids] + [mask] * max_new_tokens),
+        canvas=torch.tensor([*prompt_ids] + [mask] * max_new_tokens + [*suffix]),
         prompt_length=len(prompt_ids),
         rule=Rule(threshold=1.0),  # unused: this loop selects by its own schedule
         temperature=0.0,
@@ -61,11 +64,12 @@ def generate_dream_alg(
         end_token_ids=frozenset(end_token_ids),
         max_tokens=max_new_tokens,
         generator=torch.Generator(),
+        gap_end=len(prompt_ids) + max_new_tokens,
     )
     length = len(decoder.canvas)
     timesteps = torch.linspace(1, EPS, steps + 1)
     for i in range(steps):
-        masked = decoder.masked(len(prompt_ids), length)
+        masked = decoder.masked(len(prompt_ids), decoder.gap_end)
         logits = _shift(decoder.forward(0, length, None, write=False))
         x0, _, gaps = decoder.propose(logits[masked], masked)
         ratio = timesteps[i + 1] / timesteps[i]

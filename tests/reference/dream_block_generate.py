@@ -29,6 +29,9 @@ multiple of ``block_length``; with ``m = steps / blocks`` and timesteps
   Gumbel noise from the engine's counter-based uniforms (``REMASK_STREAM``, keyed by seed,
   forward count before this forward and position), so a seeded engine request must match.
 
+``suffix`` (infilling): token ids after the generated positions, fixed context; a ``prefix``
+step's window ends where they start (``generate``'s convention).
+
 Not copied: the release's ``m = 1``, whose loop stops after the opening and leaves MASK in the
 block (the engine refuses it); the extra forward the release runs on a block already full after
 its opening (``block_length`` 1); decoding past an end token (early stop as in :mod:`generate`).
@@ -63,6 +66,7 @@ def generate_dream_block_alg(
     end_token_ids: Sequence[int] = (),
     max_tokens: int | None = None,
     seed: int = 0,
+    suffix: Sequence[int] = (),
 ) -> Result:
     """Fast-dLLM's Dream ``diffusion_generate(steps=steps, alg=alg, alg_temp=alg_temp,
     block_length=block_length, dual_cache=cache == "dual", threshold=...)`` with the request's
@@ -78,7 +82,8 @@ def generate_dream_block_alg(
         raise ValueError(f"steps {steps} must give each of {num_blocks} blocks >= 2 steps")
     decoder = _Decoder(
         model=model,
-        canvas=torch.tensor([*prompt_ids] + [model.spec.mask_token_id] * gen_length),
+        canvas=torch.tensor([*prompt_ids] + [model.spec.mask_token_id] * gen_length
+                            + [*suffix]),
         prompt_length=len(prompt_ids),
         rule=Rule(threshold=threshold),
         temperature=temperature,
@@ -88,6 +93,7 @@ def generate_dream_block_alg(
         generator=torch.Generator(),
         counter_noise=True,
         seed=seed,
+        gap_end=len(prompt_ids) + gen_length,
     )
     loop = _BlockLoop(decoder, alg, cache, steps and steps // num_blocks, threshold, alg_temp)
     for block in range(num_blocks):
@@ -131,7 +137,8 @@ class _BlockLoop:
             if self.cache == "none":
                 window, logits = 0, decoder.forward(0, length, None, write=False)
             elif self.cache == "prefix":
-                window, logits = start, decoder.forward(start, length, cache, write=False)
+                window, logits = start, decoder.forward(start, decoder.gap_end, cache,
+                                                        write=False)
             else:
                 window, logits = start, decoder.forward(start, end, cache, write=True)
             # A window's first row has no predecessor: it belongs to position `start`, already

@@ -23,6 +23,11 @@ and its number of model forwards. Decisions the algorithm leaves open, fixed her
   reaches ``max_tokens`` (default: ``gen_length``) tokens. Output: that prefix cut just after its
   first end token (the end token is kept, as vLLM keeps EOS), then cut to ``max_tokens``.
 - **Counting.** Every model forward counts, the block-start full forwards included.
+- **Infilling.** ``suffix`` (token ids) follows the generated positions: the canvas is
+  ``prompt ++ [MASK] * gen_length ++ suffix``, ``L`` its whole length and ``g = P + gen_length``
+  the gap's end. The suffix is context: never a candidate, never output, and a PrefixCache step
+  recomputes ``[s, g)`` only, reusing the suffix's K/V from the block's first forward as it
+  reuses the prompt's. Full forwards and DualCache steps are unchanged (keys over ``[0, L)``).
 """
 
 from collections.abc import Sequence
@@ -79,6 +84,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     eb_threshold: float = 0.35,
+    suffix: Sequence[int] = (),
 ) -> Result:
     """Decode ``gen_length`` tokens after ``prompt_ids`` block by block.
 
@@ -106,7 +112,8 @@ def generate(
     rule = _make_rule(threshold, factor, steps, num_blocks)
     decoder = _Decoder(
         model=model,
-        canvas=torch.tensor([*prompt_ids] + [model.spec.mask_token_id] * gen_length),
+        canvas=torch.tensor([*prompt_ids] + [model.spec.mask_token_id] * gen_length
+                            + [*suffix]),
         prompt_length=len(prompt_ids),
         rule=rule,
         temperature=temperature,
@@ -119,6 +126,7 @@ def generate(
         top_p=top_p,
         seed=0 if seed is None else seed,
         eb_threshold=eb_threshold,
+        gap_end=len(prompt_ids) + gen_length,
     )
     decode_block = _decode_dream_block if model.spec.family == "dream" else _decode_llada_block
     for block in range(num_blocks):
@@ -161,6 +169,12 @@ class _Decoder:
     top_p: float = 1.0
     seed: int = 0
     eb_threshold: float = 0.35
+    #: End of the generated positions, an infilling suffix after it (default: the canvas's end).
+    gap_end: int = -1
+
+    def __post_init__(self) -> None:
+        if self.gap_end < 0:
+            self.gap_end = len(self.canvas)
 
     def forward(self, start: int, end: int, cache: KVCache | None, *, write: bool) -> Tensor:
         """Logits of window ``[start, end)`` of the canvas; counts the forward."""
@@ -235,9 +249,10 @@ class _Decoder:
         return x0, torch.exp(chosen - torch.logsumexp(scored, dim=-1)), top2_gaps(scores)
 
     def final_prefix(self) -> Tensor:
-        """``x[P:f]``: the committed tokens before the first MASK at or after ``P``."""
-        masked = self.masked(self.prompt_length, len(self.canvas))
-        first_mask = int(masked[0]) if len(masked) else len(self.canvas)
+        """``x[P:f]``: the committed tokens before the first MASK at or after ``P``, within
+        the gap."""
+        masked = self.masked(self.prompt_length, self.gap_end)
+        first_mask = int(masked[0]) if len(masked) else self.gap_end
         return self.canvas[self.prompt_length:first_mask]
 
     def finished(self) -> bool:
@@ -268,7 +283,8 @@ def _decode_llada_block(decoder: _Decoder, start: int, end: int, mode: str) -> b
         if mode == "none":
             window_start, logits = 0, decoder.forward(0, length, None, write=False)
         elif mode == "prefix":
-            window_start, logits = start, decoder.forward(start, length, cache, write=False)
+            window_start = start
+            logits = decoder.forward(start, decoder.gap_end, cache, write=False)
         else:
             window_start, logits = start, decoder.forward(start, end, cache, write=True)
         if decoder.rule_step(logits, window_start, start, end, step, masked_at_start):
@@ -297,7 +313,8 @@ def _decode_dream_block(decoder: _Decoder, start: int, end: int, mode: str) -> b
         if mode == "none":
             window_start, logits = 0, decoder.forward(0, length, None, write=False)
         elif mode == "prefix":
-            window_start, logits = start, decoder.forward(start, length, cache, write=False)
+            window_start = start
+            logits = decoder.forward(start, decoder.gap_end, cache, write=False)
         else:
             window_start, logits = start, decoder.forward(start, end, cache, write=True)
         # Within a window the first row has no predecessor; it belongs to position `start`,
