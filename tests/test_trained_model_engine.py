@@ -80,3 +80,12 @@ def test_one_token_per_step_reaches_the_floor(results: dict) -> None:
     # but never returned, so fewer than one *output* token per forward.
     assert r["tokens_per_forward"] < 1.0, r
     assert r["forwards_per_problem"] <= 16, r
+
+
+def test_infill_example_fills_every_gap(llm) -> None:
+    """`examples/infill.py`: each answer's end given as the suffix, the model writes exactly the
+    missing start, for every split of every question (and the whole answer)."""
+    example = load_example("infill")
+    results = example.infill(llm)
+    assert len(results) == 20
+    assert example.report(results) == len(results), results
