@@ -399,6 +399,25 @@ def test_server_suffix_streams_like_non_streamed(client):
     assert sum(1 for c in chunks if c) > 1
 
 
+def test_server_suffix_stop_string_cuts_stream_like_non_stream(client):
+    kwargs = dict(
+        model=MODEL,
+        prompt=PROMPT,
+        suffix=SUFFIX,
+        max_tokens=32,
+        temperature=0,
+        extra_body={"vllm_xargs": XARGS, "ignore_eos": True},
+    )
+    base = client.completions.create(**kwargs).choices[0].text
+    stop = base[5:7]
+    whole = client.completions.create(stop=[stop], **kwargs).choices[0]
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(stream=True, stop=[stop], **kwargs)
+    )
+    assert whole.text == base[: base.index(stop)] and whole.finish_reason == "stop"
+    assert streamed == whole.text
+
+
 def test_server_empty_suffix_is_no_suffix(client):
     kwargs = dict(
         model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"vllm_xargs": XARGS}
