@@ -73,14 +73,41 @@ def work_unit(path: str) -> str:
     return SHARED_WORKER.get(name, name)
 
 
+#: Checkpoint families that tests are parametrized over (`[sdar]`, ...).
+FAMILY_PARAMS = frozenset({"llada", "dream", "fast_dllm_v2", "sdar", "llada2"})
+
+
+def engine_key(item: pytest.Item) -> str:
+    """The engine a test uses, as far as collection tells: the pooled `{name}_engine` fixture
+    it names, else the family it is parametrized with (which picks `{family}_engine`), else ''."""
+    named = [n.removesuffix("_engine") for n in item.fixturenames if n.endswith("_engine")]
+    callspec = getattr(item, "callspec", None)
+    values = callspec.params.values() if callspec is not None else ()
+    families = [v for v in values if isinstance(v, str) and v in FAMILY_PARAMS]
+    return (named or families or [""])[0]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In an xdist worker, order the tests by unit of work, slowest first (the scheduler hands
-    units out in collection order); a file's own order is kept."""
+    units out in collection order); within a file, the tests of one engine run together.
+
+    A file's parametrized tests cycle through the families (`test_a[sdar]`, `test_a[llada2]`,
+    `test_b[sdar]`, ...); with two pooled engines per worker, three families in turn would
+    restart an engine for every test. Files stay whole, so module-scoped fixtures start once.
+    """
     if not hasattr(config, "workerinput"):
         return
     rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(work_unit(item.nodeid.split("::")[0]), len(rank)))
+    files: dict[str, int] = {}
+    engines: dict[tuple[str, str], int] = {}
+    keys = {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::")[0]
+        file = files.setdefault(path, len(files))
+        engine = engines.setdefault((path, engine_key(item)), len(engines))
+        keys[item.nodeid] = (rank.get(work_unit(path), len(rank)), file, engine, i)
+    items.sort(key=lambda item: keys[item.nodeid])
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
