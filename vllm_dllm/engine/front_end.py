@@ -41,7 +41,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
-from vllm_dllm.infill import DllmSuffixError, with_canvas_suffix
+from vllm_dllm.infill import SUFFIX_KEY, DllmSuffixError, with_canvas_suffix
 
 
 def fitted_max_tokens(
@@ -106,6 +106,8 @@ def _other_readers(processor: InputProcessor) -> bool:
 def with_suffix_ids(processor: InputProcessor, params: SamplingParams) -> SamplingParams:
     """`params` whose `dllm_suffix` is the canvas's tail of token ids (`vllm_dllm.infill`):
     a shallow copy when it changes (the caller's may be shared), else `params` itself."""
+    if not params.extra_args or params.extra_args.get(SUFFIX_KEY) is None:
+        return params  # no suffix: the tokenizer and vocabulary are not looked up
     try:
         extra_args = with_canvas_suffix(
             params.extra_args,
