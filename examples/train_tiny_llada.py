@@ -78,6 +78,9 @@ VOCAB: dict[str, int] = {tok: i for i, tok in enumerate(SPECIALS + CHARS + RESER
 BOS_ID, EOS_ID, MASK_ID = VOCAB[BOS], VOCAB[EOS], VOCAB[MASK]
 EOT_ID = VOCAB[EOT]
 END_IDS = (EOS_ID, EOT_ID)
+#: The diffusion defaults written into the checkpoint's generation_config.json (see
+#: ``save_checkpoint``): what a request gets when it names no ``dllm_*`` parameter.
+TRAINED_DEFAULTS = {"dllm_block_length": 8, "dllm_cache": "dual", "dllm_threshold": 0.9}
 
 # LLaDA-8B-Instruct's Llama-3 style chat template (shared with the random tiny checkpoints).
 # BOS is written by the template, so chat prompts are tokenized with add_special_tokens=False,
@@ -441,6 +444,10 @@ def save_checkpoint(model: LLaDA, out: Path) -> None:
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": EOS_ID,
+        # A model trained on 16-token answers needs blocks that divide them (the plugin's default
+        # block of 32 does not fit it); vllm-dllm reads `dllm_*` keys here the way vLLM reads
+        # sampling defaults from this file.
+        **TRAINED_DEFAULTS,
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}

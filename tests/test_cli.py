@@ -171,7 +171,7 @@ def test_a_scheduler_class_is_refused_at_start_up(llada_tiny_dir):
 
 
 def test_defaults_of_another_family_are_refused_at_start_up(sdar_tiny_dir, monkeypatch):
-    from vllm_dllm.config import server_defaults
+    from vllm_dllm.defaults import server_defaults
 
     monkeypatch.setenv("VLLM_DLLM_DEFAULTS", '{"dllm_cache": "dual"}')
     server_defaults.cache_clear()
@@ -357,7 +357,7 @@ def test_vllm_serve_prints_a_refusal_as_one_line(llada_tiny_dir):
 @pytest.fixture
 def defaults_variable(monkeypatch):
     """`VLLM_DLLM_DEFAULTS` set for one test; the engines of later tests never see it."""
-    from vllm_dllm.config import server_defaults
+    from vllm_dllm.defaults import server_defaults
 
     monkeypatch.setenv("VLLM_DLLM_DEFAULTS", '{"dllm_cache": "prefix"}')
     server_defaults.cache_clear()

@@ -15,8 +15,8 @@ from vllm_dllm.config import (
     check_dllm_args,
     check_extra_args,
     parse_dllm_params,
-    server_defaults,
 )
+from vllm_dllm.defaults import server_defaults
 from vllm_dllm.families import BIDIRECTIONAL, fast_dllm_v2, llada2, sdar
 
 

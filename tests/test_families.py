@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_dllm.config import DllmParamError, check_server_defaults, parse_dllm_params
+from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.defaults import check_server_defaults
 from vllm_dllm.families import BIDIRECTIONAL, Loop, family_of, fast_dllm_v2, llada2, sdar
 from vllm_dllm.sampling import SelectionRule, select
 
@@ -76,7 +77,7 @@ def test_block_diffusion_steps_are_per_block_whatever_the_prompt(family):
 
 
 def test_server_defaults_are_checked_for_the_family(monkeypatch):
-    from vllm_dllm import config
+    from vllm_dllm import defaults as config
 
     monkeypatch.setenv(config.DEFAULTS_ENV, '{"dllm_cache": "prefix"}')
     config.server_defaults.cache_clear()

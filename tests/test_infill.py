@@ -21,7 +21,8 @@ from tests.oracle_cache import memoized
 from tests.reference import ReferenceModel, generate
 from tests.reference.dream_alg_generate import generate_dream_alg
 from tests.tolerances import assert_decisive
-from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.defaults import server_defaults
 from vllm_dllm.denoising.request import new_state
 from vllm_dllm.engine.front_end import fitted_max_tokens
 from vllm_dllm.entrypoints.middleware import move_suffix

@@ -19,13 +19,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.scripts import EXAMPLES
+from tests.scripts import EXAMPLES, load_example
 from tests.server import Server
 
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+#: Held-out problems of the bundled model's three tasks, and the accuracy its card states
+#: (99.2 % of 400 at threshold 0.9 with DualCache; this many must be nearly all right).
+PROBLEMS = 48
+ACCURACY_FLOOR = 0.95
 
 
 def readme_serve_command() -> tuple[dict[str, str], list[str]]:
@@ -87,11 +91,40 @@ def test_the_log_shows_prompt_throughput_and_tokens_per_forward(readme_server):
         prompt = re.findall(r"Avg prompt throughput: ([0-9.]+) tokens/s", log)
         ours = re.findall(r"vllm-dllm: \d+ requests running, .* tokens per forward, .*", log)
         if any(float(p) > 0 for p in prompt) and ours:
-            # --dllm-defaults travels as VLLM_DLLM_DEFAULTS, which vLLM must know as a variable.
             assert "Unknown vLLM environment variable" not in log
             return
         time.sleep(1)
     pytest.fail(f"no prompt throughput or vllm-dllm line in the log:\n{readme_server.log()}")
+
+
+def test_no_diffusion_flag_answers_at_the_model_card_s_accuracy(readme_server):
+    """The README's command sets no diffusion parameter: the model's own defaults (blocks of 8,
+    DualCache, threshold 0.9, from its generation_config.json) make plain completion requests
+    score as its card says, at several tokens per forward, and the start-up line says so."""
+    assert not any(word.startswith("--dllm") for word in readme_serve_command()[1])
+    problems = load_example("eval_llada_arith").heldout(PROBLEMS)
+    response = requests.post(
+        f"{readme_server.url}/v1/completions",
+        json={
+            "model": "models/llada-arith",
+            "prompt": [p.prompt for p in problems],
+            "max_tokens": 16,
+            "temperature": 0.0,
+        },
+        timeout=120,
+    )
+    response.raise_for_status()
+    body = response.json()
+    answers = {c["index"]: c["text"] for c in body["choices"]}
+    right = sum(answers[i] == p.answer for i, p in enumerate(problems))
+    assert right / len(problems) >= ACCURACY_FLOOR, (right, answers)
+    stats = [c["dllm"] for c in body["choices"]]
+    tokens = sum(s["output_tokens"] for s in stats)
+    assert tokens / sum(s["forwards"] for s in stats) > 1.5, stats
+    assert (
+        "request defaults: dllm_block_length=8 (generation_config.json), dllm_cache=dual "
+        "(generation_config.json), dllm_threshold=0.9 (generation_config.json)"
+    ) in readme_server.log_path.read_text()
 
 
 def test_sigterm_stops_quietly(readme_server):

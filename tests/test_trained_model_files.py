@@ -143,3 +143,14 @@ def test_answers_the_demo_prompt(train_module: ModuleType, tokenizer) -> None:  
     with torch.no_grad():
         answers, _, _ = train_module.diffusion_generate(model, [prompt], gen_len, gen_len)
     assert train_module.decode_ids(answers[0]) == "1112"
+
+
+def test_lm_eval_task_holds_the_held_out_problems(train_module: ModuleType) -> None:
+    """The lm-evaluation-harness task's data are the held-out problems the model card scores
+    (the training script's own set), with their tasks, prompts and answers."""
+    data = REPO / "examples" / "lm_eval" / "llada_arith" / "heldout.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    expected = train_module.heldout_set(400, train_module.EVAL_SEED, train_module.TrainConfig())
+    assert rows == [{"task": e.task, "prompt": e.prompt, "answer": e.answer} for e in expected]
+    task = (data.parent / "llada_arith.yaml").read_text()
+    assert "max_gen_toks: 16" in task and "exact_match" in task

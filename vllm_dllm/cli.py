@@ -28,7 +28,8 @@ import tempfile
 import types
 from typing import NoReturn
 
-from vllm_dllm.config import DEFAULTS_ENV, DllmParamError, server_defaults
+from vllm_dllm.config import DllmParamError
+from vllm_dllm.defaults import DEFAULTS_ENV, server_defaults
 
 MIDDLEWARE = "vllm_dllm.entrypoints.DllmMiddleware"
 #: Default of vLLM's `--shutdown-timeout` for `serve`. vLLM's default, 0, kills the engine

@@ -1,11 +1,11 @@
 """Per-request diffusion parameters: defaults, parsing and validation.
 
 Requests carry the parameters in `SamplingParams.extra_args` (the OpenAI server's `vllm_xargs`)
-under the keys of `DLLM_PARAM_DOCS` (`vllm_dllm.param_docs`); the server may set defaults for
-the same keys. A request's own value wins over a default, and (LLaDA, Dream) a request that
-names a selection rule replaces a default rule of another kind instead of conflicting with it;
-for block diffusion, where the threshold and the steps combine into one rule, values merge key
-by key.
+under the keys of `DLLM_PARAM_DOCS` (`vllm_dllm.param_docs`); the checkpoint and the server may
+set defaults for the same keys (`vllm_dllm.defaults`). A request's own value wins over a
+default, and (LLaDA, Dream) a request that names a selection rule replaces a default rule of
+another kind instead of conflicting with it; for block diffusion, where the threshold and the
+steps combine into one rule, values merge key by key.
 
 Value types: numbers may arrive as Python/JSON numbers or as strings, because `vllm_xargs` is
 typed `str | int | float | list` and clients (e.g. `curl`, form data) often send strings. A
@@ -25,10 +25,7 @@ message starts with the offending parameter's name.
 from __future__ import annotations
 
 import difflib
-import functools
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,11 +59,6 @@ from vllm_dllm.param_docs import (
     RULES,
 )
 
-#: Environment variable with the server-wide defaults: a JSON object of `dllm_*` keys. An
-#: environment variable because every vLLM process that reads parameters (the front end that
-#: validates, the scheduler that sizes canvases, the workers that decode) inherits it.
-DEFAULTS_ENV = "VLLM_DLLM_DEFAULTS"
-
 #: `extra_args` keys that vLLM itself reads (`vllm/v1/request.py`, `output_processor.py`: the KV
 #: and encoder-cache transfer parameters of disaggregated serving, the KV-cache report mode).
 #: They pass untouched; any other key that is not ours is refused unless another logits
@@ -74,7 +66,7 @@ DEFAULTS_ENV = "VLLM_DLLM_DEFAULTS"
 VLLM_EXTRA_ARGS = frozenset({"kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"})
 
 _PREFIX = "dllm_"
-_RULE_KEYS = tuple(_PREFIX + rule for rule in RULES)
+RULE_KEYS = tuple(_PREFIX + rule for rule in RULES)
 _INT_LITERAL = re.compile(r"[+-]?[0-9]+")
 _FLOAT_LITERAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
@@ -312,40 +304,13 @@ class DllmParams:
         return self.steps // self.num_blocks
 
 
-@functools.cache
-def server_defaults() -> dict[str, Any]:
-    """The server-wide defaults from `VLLM_DLLM_DEFAULTS` (empty when unset), each value checked.
-
-    Checks that depend on the model family run at start-up (`check_server_defaults`) and with
-    every request.
-    """
-    raw = os.environ.get(DEFAULTS_ENV, "").strip()
-    if not raw:
-        return {}
-    try:
-        defaults = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object: {err}") from err
-    if not isinstance(defaults, dict):
-        raise DllmParamError(f"{DEFAULTS_ENV} must be a JSON object, got {raw!r}")
-    _read_dllm_args(defaults, "server default ")
-    if defaults.get(SUFFIX_KEY) is not None:
-        raise DllmParamError(f"{DEFAULTS_ENV} must not set {SUFFIX_KEY}: a suffix is per request")
-    return defaults
-
-
-def check_server_defaults(family: Family) -> None:
-    """Fail start-up when the server defaults do not suit the served model's family."""
-    parse_dllm_params(None, family.block_length, server_defaults(), family)
-
-
 def check_dllm_args(extra_args: Mapping[str, Any] | None) -> None:
     """The checks that need neither the model nor `max_tokens`: known keys, types, ranges.
 
     Which names `dllm_cache` and `dllm_remasking` take depends on the family, so those values
     are left to `check_extra_args`, which lists the family's own in its error.
     """
-    _read_dllm_args(extra_args, source="", check_choices=False)
+    read_dllm_args(extra_args, source="", check_choices=False)
 
 
 def check_extra_args(
@@ -357,7 +322,7 @@ def check_extra_args(
     `other_readers`: another logits processor is configured, which may read any key, so keys
     that are not ours pass. Otherwise a key must be ours or one of `VLLM_EXTRA_ARGS`.
     """
-    _read_dllm_args(extra_args, source="", family=family)
+    read_dllm_args(extra_args, source="", family=family)
     if other_readers or not extra_args:
         return
     for key in extra_args:
@@ -396,32 +361,32 @@ def parse_dllm_params(
     `defaults` are reported with a "server default" prefix, since the user cannot fix them.
     A key that the model's `family` does not accept is an error naming it.
     """
-    request = _read_dllm_args(extra_args, source="", family=family)
-    server = _read_dllm_args(defaults, source="server default ", family=family)
-    request_rules = [key for key in _RULE_KEYS if key in request]
+    request = read_dllm_args(extra_args, source="", family=family)
+    server = read_dllm_args(defaults, source="server default ", family=family)
+    request_rules = [key for key in RULE_KEYS if key in request]
     if family.block_causal:
         # Threshold and steps combine here (one rule), so request and server values merge key by
         # key; LLaDA 2.1's editing loop has its own quota, so it drops a server's steps.
         dropped = ("dllm_steps",) if "dllm_editing_threshold" in request else ()
     else:
         _check_exclusive(request_rules, source="")
-        _check_exclusive([key for key in _RULE_KEYS if key in server], "server default ")
+        _check_exclusive([key for key in RULE_KEYS if key in server], "server default ")
         # A request that names a rule replaces the server's rule rather than conflicting with it.
-        dropped = _RULE_KEYS if request_rules else ()
+        dropped = RULE_KEYS if request_rules else ()
     values = {k: v for k, v in server.items() if k not in dropped}
     values.update(request)
     remasking = values.get("dllm_remasking", family.remasking[0])
     eb_threshold = values.get("dllm_eb_threshold")
     if remasking == "entropy_bounded":
         eb_threshold = DEFAULT_EB_THRESHOLD if eb_threshold is None else eb_threshold
-        for key in _RULE_KEYS:
+        for key in RULE_KEYS:
             if key in request:
                 raise DllmParamError(
                     f"{key} does not apply with dllm_remasking entropy_bounded: the entropy "
                     f"bound (dllm_eb_threshold) decides how many positions a step commits"
                 )
         # It replaces a server's default rule, as a request's own rule would.
-        values = {k: v for k, v in values.items() if k not in _RULE_KEYS}
+        values = {k: v for k, v in values.items() if k not in RULE_KEYS}
     elif eb_threshold is not None:
         raise DllmParamError("dllm_eb_threshold needs dllm_remasking entropy_bounded")
     if values.get("dllm_alg") is not None:
@@ -429,7 +394,7 @@ def parse_dllm_params(
     if family.block_causal:
         rule_key = "dllm_threshold"
     else:
-        rule_key = next((key for key in _RULE_KEYS if key in values), "dllm_threshold")
+        rule_key = next((key for key in RULE_KEYS if key in values), "dllm_threshold")
     editing = values.get("dllm_editing_threshold")
     max_post_steps = values.get("dllm_max_post_steps")
     if editing is not None and max_post_steps is None:
@@ -471,10 +436,10 @@ def _dream_alg_values(
     """
     if "dllm_alg" in request:
         values = {k: v for k, v in values.items()
-                  if k in request or k not in (*_RULE_KEYS, "dllm_block_length", "dllm_cache")}
+                  if k in request or k not in (*RULE_KEYS, "dllm_block_length", "dllm_cache")}
     values.setdefault("dllm_block_length", max_tokens)
     values.setdefault("dllm_cache", "none")
-    if not any(key in values for key in _RULE_KEYS):
+    if not any(key in values for key in RULE_KEYS):
         block = values["dllm_block_length"]
         num_blocks = -(-max_tokens // block)
         one_loop = num_blocks == 1 and values["dllm_cache"] == "none"
@@ -482,7 +447,7 @@ def _dream_alg_values(
     return values
 
 
-def _read_dllm_args(
+def read_dllm_args(
     args: Mapping[str, Any] | None,
     source: str,
     family: Family | None = None,

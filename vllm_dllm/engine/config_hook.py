@@ -29,7 +29,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm_dllm.logger import init_logger
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ModelConfig, VllmConfig
 
     from vllm_dllm.families import Family
 
@@ -88,9 +88,9 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
 
         from vllm_dllm.families import family_of
 
-        # A malformed VLLM_DLLM_DEFAULTS fails at start-up, not per request.
+        # Defaults that do not suit the model fail at start-up, not per request.
         family = family_of(vllm_config.model_config.hf_config)
-        _check_server_defaults(family)
+        _check_defaults(vllm_config.model_config, family)
         _refuse_unsupported(vllm_config, family)
         _use_piecewise_cuda_graphs(vllm_config)
 
@@ -143,18 +143,31 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
         install_choice_statistics()
 
 
-def _check_server_defaults(family: Family) -> None:
-    """`VLLM_DLLM_DEFAULTS` (`--dllm-defaults`) must suit the served model's family."""
-    from vllm_dllm.config import DEFAULTS_ENV, DllmParamError, check_server_defaults
+def _check_defaults(model_config: ModelConfig, family: Family) -> None:
+    """The checkpoint's diffusion defaults, `--override-generation-config`'s and
+    `VLLM_DLLM_DEFAULTS` (`--dllm-defaults`) must suit the served model's family."""
+    from vllm_dllm.defaults import (
+        CHECKPOINT_FILE,
+        DEFAULTS_ENV,
+        check_defaults,
+        checkpoint_file_defaults,
+    )
 
-    try:
-        check_server_defaults(family)
-    except DllmParamError as err:
-        raise StartUpRefusal(
-            DEFAULTS_ENV,
-            os.environ.get(DEFAULTS_ENV, "").strip(),
-            str(err).removeprefix("server default ").removeprefix(f"{DEFAULTS_ENV} "),
-        ) from None  # no flag: `vllm serve` has none; `vllm-dllm serve` names its own
+    failure = check_defaults(model_config, family)
+    if failure is None:
+        return
+    where, err = failure
+    reason = str(err).removeprefix("server default ").removeprefix(f"{DEFAULTS_ENV} ")
+    if where == DEFAULTS_ENV:
+        # No flag: `vllm serve` has none; `vllm-dllm serve` names its own.
+        raise StartUpRefusal(DEFAULTS_ENV, os.environ.get(DEFAULTS_ENV, "").strip(), reason)
+    if where == CHECKPOINT_FILE:
+        values = checkpoint_file_defaults(model_config)
+        raise StartUpRefusal(f"{model_config.model}/{CHECKPOINT_FILE}", values, reason)
+    raise StartUpRefusal(
+        where, model_config.override_generation_config, reason,
+        flag="--override-generation-config",
+    )
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, family: Family) -> None:
@@ -343,14 +356,19 @@ def _explicit_overrides(engine_args: Any) -> dict[str, tuple[Any, str]]:
 
 def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> None:
     """One INFO line with what the plugin set; a WARNING for each explicit setting it undid."""
+    from vllm_dllm.defaults import default_sources
     from vllm_dllm.families import family_of
 
     family = family_of(config.model_config.hf_config)
     prefix_caching = config.cache_config.enable_prefix_caching
     mode = config.compilation_config.cudagraph_mode
+    defaults = ", ".join(
+        f"{key}={value} ({source})"
+        for key, value, source in default_sources(config.model_config, family)
+    )
     logger.info(
         "vllm-dllm: %s is a %s diffusion model: scheduler %s, worker %s, prefix caching %s, "
-        "async scheduling %s, cudagraph_mode %s",
+        "async scheduling %s, cudagraph_mode %s, request defaults: %s",
         config.model_config.architecture,
         family.name,
         config.scheduler_config.scheduler_cls,
@@ -359,6 +377,7 @@ def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> N
         "on" if config.scheduler_config.async_scheduling else "off (each step plans from the "
         "previous step's commits)",
         mode.name if mode is not None else "NONE",
+        defaults or "the plugin's (no checkpoint or server defaults)",
     )
     if "enable_prefix_caching" in explicit and not prefix_caching:
         logger.warning(
@@ -441,7 +460,7 @@ def install_config_hooks(architectures: object) -> None:
     from vllm import envs
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from vllm_dllm.config import DEFAULTS_ENV
+    from vllm_dllm.defaults import DEFAULTS_ENV
 
     for arch in architectures:  # type: ignore[attr-defined]
         MODELS_CONFIG_MAP.setdefault(arch, DllmEngineConfig)

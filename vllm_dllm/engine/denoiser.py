@@ -35,7 +35,8 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_dllm.config import parse_dllm_params, server_defaults
+from vllm_dllm.config import parse_dllm_params
+from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.canvases import Canvases
 from vllm_dllm.denoising.request import RequestState, new_state
 from vllm_dllm.denoising.step import (
@@ -71,6 +72,8 @@ class Denoiser:
         self.logits_shift: int = model.logits_shift
         self.compute_logits = model.compute_logits
         self.family = family_of(runner.model_config.hf_config)
+        # Fixed for the engine's life: the checkpoint's and the server's (`vllm_dllm.defaults`).
+        self.defaults = request_defaults(runner.model_config, self.family)
         self.sampling = sampling_convention(runner.model_config.hf_config)
         self.device = runner.device
         groups = runner.kv_cache_config.kv_cache_groups
@@ -105,7 +108,7 @@ class Denoiser:
     def _add_request(self, new: NewRequestData) -> None:
         sp = new.sampling_params
         assert sp is not None and new.prompt_token_ids is not None
-        params = parse_dllm_params(sp.extra_args, sp.max_tokens, server_defaults(), self.family)
+        params = parse_dllm_params(sp.extra_args, sp.max_tokens, self.defaults, self.family)
         end_ids = set(sp.stop_token_ids or ())
         if sp.eos_token_id is not None:
             end_ids.add(sp.eos_token_id)

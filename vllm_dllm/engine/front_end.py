@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -38,7 +39,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params, server_defaults
+from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params
+from vllm_dllm.defaults import request_defaults, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
 from vllm_dllm.infill import SUFFIX_KEY, DllmSuffixError, with_canvas_suffix
@@ -50,8 +52,12 @@ def fitted_max_tokens(
     max_canvas_len: int,
     family: Family = BIDIRECTIONAL,
     other_readers: bool = False,
+    defaults: Mapping[str, Any] | None = None,
 ) -> int | None:
     """`max_tokens` lowered so the canvas fits `max_canvas_len` (None if unset); or raise.
+
+    `defaults`: the model's request defaults (`vllm_dllm.defaults.request_defaults`); the
+    server's alone when not given.
 
     This is also where every check that needs the model's family or the prompt runs, and where
     `extra_args` keys that nothing reads are refused (`check_extra_args`; `other_readers`:
@@ -64,8 +70,10 @@ def fitted_max_tokens(
         raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
     if params.max_tokens is None:
         return None
+    if defaults is None:
+        defaults = server_defaults()
     try:
-        dllm = parse_dllm_params(params.extra_args, params.max_tokens, server_defaults(), family)
+        dllm = parse_dllm_params(params.extra_args, params.max_tokens, defaults, family)
         if dllm.canvas_length(prompt_len) <= max_canvas_len:
             return params.max_tokens
         block = dllm.block_length
@@ -79,7 +87,7 @@ def fitted_max_tokens(
                 parameter="dllm_block_length",
                 value=block,
             )
-        parse_dllm_params(params.extra_args, fitting, server_defaults(), family)
+        parse_dllm_params(params.extra_args, fitting, defaults, family)
     except DllmParamError as err:
         message = str(err)
         raise VLLMValidationError(message, parameter=message.split(" ", 1)[0]) from err
@@ -124,6 +132,11 @@ def with_suffix_ids(processor: InputProcessor, params: SamplingParams) -> Sampli
     return params
 
 
+def _defaults(processor: InputProcessor) -> dict[str, Any]:
+    model_config = processor.model_config
+    return request_defaults(model_config, family_of(model_config.hf_config))
+
+
 def _max_canvas_len(processor: InputProcessor) -> int:
     budget = processor.scheduler_config.max_num_scheduled_tokens
     if budget is None:
@@ -159,6 +172,7 @@ def install(scheduler_cls: str) -> None:
                 _max_canvas_len(self),
                 family_of(self.model_config.hf_config),
                 _other_readers(self),
+                _defaults(self),
             )
         return request
 
@@ -181,6 +195,7 @@ def install(scheduler_cls: str) -> None:
                 _max_canvas_len(processor),
                 family_of(processor.model_config.hf_config),
                 _other_readers(processor),
+                _defaults(processor),
             )
         return generate(self, prompt, sampling_params, *args, **kwargs)
 

@@ -29,7 +29,8 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params, server_defaults
+from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.request import first_step_tokens
 from vllm_dllm.engine.compat import scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
@@ -61,6 +62,7 @@ class DllmScheduler(Scheduler):
         )
         self._rejected: dict[str, tuple[Request, str]] = {}
         self._family = family_of(self.vllm_config.model_config.hf_config)
+        self._defaults = request_defaults(self.vllm_config.model_config, self._family)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self.current_step += 1
@@ -137,7 +139,7 @@ class DllmScheduler(Scheduler):
         prompt_len = request.num_prompt_tokens
         try:
             dllm = parse_dllm_params(
-                params.extra_args, request.max_tokens, server_defaults(), self._family
+                params.extra_args, request.max_tokens, self._defaults, self._family
             )
         except DllmParamError as err:
             self._reject(request, str(err))
