@@ -47,6 +47,41 @@ def test_kv_pressure_queues_requests_without_corrupting_them(
     assert got == [oracle_run(oracle, llada_peaked_dir, p, e) for p, e in cases]
 
 
+def test_requests_take_turns_when_their_windows_exceed_the_budget(llada_engine):
+    """One whole-canvas window more than one step's token budget holds: the requests share the
+    budget in turn (least recently stepped first, the waiting one counting from its arrival),
+    so the last one starts while the others run instead of after they all finish, and nobody
+    waits two steps in a row. Taking turns changes when a request steps, never what it
+    computes: each result equals the request run alone."""
+    from tests.worker_probes import start_recording_batches, stop_recording_batches
+
+    budget = llada_engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    gen, steps = 480, 4
+    window = len(PROMPTS[1]) + 1 + gen  # no cache: every step forwards the whole canvas
+    fits = budget // window
+    prompts = [[*PROMPTS[1], i] for i in range(fits + 1)]
+    params = SamplingParams(
+        max_tokens=gen, temperature=0, ignore_eos=True,
+        extra_args={"dllm_cache": "none", "dllm_block_length": gen, "dllm_steps": steps},
+    )  # fmt: skip
+    llada_engine.collective_rpc(start_recording_batches)
+    together = engine_run(llada_engine, prompts, [params] * len(prompts))
+    (batches,) = llada_engine.collective_rpc(stop_recording_batches)
+    assert together == [engine_run(llada_engine, [p], [params])[0] for p in prompts]
+    assert [forwards for _, forwards in together] == [steps] * len(prompts)
+    assert max(len(batch) for batch in batches) == fits, batches
+    assert sum(map(len, batches)) == steps * len(prompts)
+    stepped = {
+        request: [i for i, batch in enumerate(batches) if request in batch]
+        for request in set().union(*batches)
+    }
+    # Every request is in flight at once at some step (run to completion, the last one would
+    # start only after the others' last steps), and none waits two steps in a row.
+    assert max(s[0] for s in stepped.values()) <= min(s[-1] for s in stepped.values()), batches
+    for s in stepped.values():
+        assert all(b - a <= 2 for a, b in zip(s, s[1:], strict=False)), batches
+
+
 @pytest.mark.parametrize(
     ("extra_args", "parameter"),
     [

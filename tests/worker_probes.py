@@ -91,3 +91,24 @@ def stop_counting_cuda_syncs(worker: Any) -> list[tuple[int, list[str]]]:
     """Restore the step; return (requests in the step, synchronizing operations) per step."""
     del worker.denoiser.step
     return worker.dllm_cuda_syncs
+
+
+def start_recording_batches(worker: Any) -> None:
+    """Wrap the denoiser's step so that the requests of every step are recorded, in order."""
+    denoiser = worker.denoiser
+    original = denoiser.step
+    batches: list[list[str]] = []
+
+    def recording_step(scheduler_output: Any) -> Any:
+        if scheduler_output.num_scheduled_tokens:
+            batches.append(list(scheduler_output.num_scheduled_tokens))
+        return original(scheduler_output)
+
+    denoiser.step = recording_step
+    worker.dllm_batches = batches
+
+
+def stop_recording_batches(worker: Any) -> list[list[str]]:
+    """Restore the step; return the request ids of every step run since the start."""
+    del worker.denoiser.step  # the instance attribute shadowed the class's method
+    return worker.dllm_batches

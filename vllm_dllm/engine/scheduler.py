@@ -6,10 +6,17 @@ fixed canvas `prompt ++ [MASK] * G` every step. So this scheduler:
 - admits a waiting request only when KV slots for its **whole canvas** can be allocated at once.
   A running request then never needs another block, so KV pressure can never preempt it: under
   pressure new requests wait instead (no canvas is ever lost or recomputed);
-- schedules every running request for exactly one denoising step per engine step (continuous
+- schedules every running request for one denoising step per engine step (continuous
   batching: requests join and leave between any two steps), charging the step's query window to
   the token budget. The worker reports each request's next window (full canvas at a block start,
   the cached window otherwise), so the budget is exact;
+- when the windows exceed one step's budget, shares it in turn: least recently stepped first,
+  a waiting request counting from its arrival (`_turn`). A diffusion step costs a whole window
+  per request, so a few long canvases fill the budget, and running them to completion first
+  would make a short request wait for whole waves of long ones; a request can instead pause
+  between any two steps at no cost (its canvas and K/V stay where they are), and the order in
+  which requests step never changes what they compute (the step is batch-independent and
+  seeded draws count the request's own steps);
 - leaves stop handling to vLLM: the worker emits a request's tokens once they are final, and
   `update_from_output` appends them and applies EOS / stop tokens / `max_tokens` as usual;
 - counts forwards per request and reports them with the finished request; reports each
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 
 from vllm import envs
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.outputs import ModelRunnerOutput
@@ -44,6 +52,9 @@ logger = init_logger(__name__)
 @dataclass
 class _Tracked:
     next_window: int
+    #: When the request last stepped (`time.time()`, as `Request.arrival_time`): the rotation's
+    #: order.
+    last_turn: float
     forwards: int = 0
     output_tokens: int = 0
     blocks: int | None = None
@@ -73,43 +84,60 @@ class DllmScheduler(Scheduler):
         new_reqs: list[Request] = []
         new_blocks = {}
         now = time.monotonic()
+        turn_stamp = time.time()  # the clock of `Request.arrival_time`
 
-        for request in self.running:
+        # The budget goes round: whoever has waited longest for a step goes first, running or
+        # waiting (`_turn`). Admission stays first come, first served (or by priority).
+        order = sorted(self.running, key=self._turn)
+        admitting = True
+        i = 0
+        while True:
+            head = None
+            if admitting and self.waiting and len(self.running) < self.max_num_running_reqs:
+                head = self.waiting.peek_request()
+            if head is not None and (i == len(order) or self._turn(head) <= self._turn(order[i])):
+                admission = self._admission(head)
+                if admission is None:
+                    continue  # rejected: finished with an error, no longer waiting
+                canvas_len, first_window = admission
+                if first_window > token_budget:
+                    admitting = False  # its turn comes first in a later step
+                    continue
+                blocks = self.kv_cache_manager.allocate_slots(head, canvas_len)
+                if blocks is None:
+                    admitting = False  # no room for the whole canvas yet: wait, never preempt
+                    continue
+                self.waiting.pop_request()
+                self.running.append(head)
+                head.status = RequestStatus.RUNNING
+                if self.log_stats:
+                    head.record_event(EngineCoreEventType.SCHEDULED, now)
+                if head.prefill_stats is not None:
+                    # The whole prompt is computed in the canvas's first forward (no prefix cache).
+                    head.prefill_stats.set(
+                        num_prompt_tokens=head.num_prompt_tokens,
+                        num_local_cached_tokens=0,
+                        num_external_cached_tokens=0,
+                    )
+                self._tracked[head.request_id] = _Tracked(
+                    next_window=first_window, last_turn=turn_stamp
+                )
+                new_blocks[head.request_id] = blocks
+                num_scheduled_tokens[head.request_id] = first_window
+                token_budget -= first_window
+                new_reqs.append(head)
+                continue
+            if i == len(order):
+                break
+            request = order[i]
+            i += 1
             tracked = self._tracked[request.request_id]
             if tracked.next_window > token_budget:
-                continue
+                continue  # a smaller window may still fit; this one goes first next step
             num_scheduled_tokens[request.request_id] = tracked.next_window
             token_budget -= tracked.next_window
+            tracked.last_turn = turn_stamp
             running.append(request)
-
-        while self.waiting and len(self.running) < self.max_num_running_reqs:
-            request = self.waiting.peek_request()
-            admission = self._admission(request)
-            if admission is None:
-                continue  # rejected: finished with an error, no longer waiting
-            canvas_len, first_window = admission
-            if first_window > token_budget:
-                break
-            blocks = self.kv_cache_manager.allocate_slots(request, canvas_len)
-            if blocks is None:
-                break  # no room for the whole canvas yet: wait, never preempt.
-            self.waiting.pop_request()
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            if self.log_stats:
-                request.record_event(EngineCoreEventType.SCHEDULED, now)
-            if request.prefill_stats is not None:
-                # The whole prompt is computed in the canvas's first forward (no prefix cache).
-                request.prefill_stats.set(
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_local_cached_tokens=0,
-                    num_external_cached_tokens=0,
-                )
-            self._tracked[request.request_id] = _Tracked(next_window=first_window)
-            new_blocks[request.request_id] = blocks
-            num_scheduled_tokens[request.request_id] = first_window
-            token_budget -= first_window
-            new_reqs.append(request)
 
         for req_id, n in num_scheduled_tokens.items():
             self.requests[req_id].num_in_flight_tokens += n
@@ -130,6 +158,16 @@ class DllmScheduler(Scheduler):
         )
         self.finished_req_ids = set()
         return output
+
+    def _turn(self, request: Request) -> tuple[float, ...]:
+        """Sort key of the step budget's rotation: least recently stepped first, a waiting
+        request counting from its arrival; under `--scheduling-policy priority` the request's
+        priority first (vLLM's order: lower values first)."""
+        tracked = self._tracked.get(request.request_id)
+        since = request.arrival_time if tracked is None else tracked.last_turn
+        if self.policy == SchedulingPolicy.PRIORITY:
+            return (request.priority, since)
+        return (since,)
 
     def _admission(self, request: Request) -> tuple[int, int] | None:
         """A waiting request's canvas length and first step's tokens; None (and queued as an
