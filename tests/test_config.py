@@ -7,17 +7,11 @@ import math
 
 import pytest
 
-from vllm_dllm.config import (
-    DLLM_PARAM_DOCS,
-    DLLM_PARAM_NAMES,
-    DllmParamError,
-    DllmParams,
-    check_dllm_args,
-    check_extra_args,
-    parse_dllm_params,
-)
+from vllm_dllm.config import DllmParams, parse_dllm_params
 from vllm_dllm.defaults import server_defaults
 from vllm_dllm.families import BIDIRECTIONAL, fast_dllm_v2, llada2, sdar
+from vllm_dllm.param_docs import DLLM_PARAM_DOCS, DLLM_PARAM_NAMES
+from vllm_dllm.param_values import DllmParamError, check_dllm_args, check_extra_args
 
 
 def test_defaults() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vllm_dllm.config import DLLM_PARAM_DOCS
+from vllm_dllm.param_docs import DLLM_PARAM_DOCS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -31,9 +31,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_dllm.config import RULE_KEYS, DllmParamError, parse_dllm_params, read_dllm_args
+from vllm_dllm.config import RULE_KEYS, parse_dllm_params
 from vllm_dllm.families import Family
 from vllm_dllm.infill import SUFFIX_KEY
+from vllm_dllm.param_values import DllmParamError, read_dllm_args
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig

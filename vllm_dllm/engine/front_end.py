@@ -39,11 +39,12 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 
-from vllm_dllm.config import DllmParamError, check_extra_args, parse_dllm_params
+from vllm_dllm.config import parse_dllm_params
 from vllm_dllm.defaults import request_defaults, server_defaults
 from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
 from vllm_dllm.infill import SUFFIX_KEY, DllmSuffixError, with_canvas_suffix
+from vllm_dllm.param_values import DllmParamError, check_extra_args
 
 
 def fitted_max_tokens(

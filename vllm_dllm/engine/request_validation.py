@@ -13,7 +13,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from vllm_dllm.config import DllmParamError, check_dllm_args
+from vllm_dllm.param_values import DllmParamError, check_dllm_args
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
 # (`top_k`, `top_p` and `min_p` are implemented: `vllm_dllm.sampling.filtering`.)
