@@ -23,8 +23,10 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import types
 from typing import NoReturn
 
@@ -36,6 +38,12 @@ MIDDLEWARE = "vllm_dllm.entrypoints.DllmMiddleware"
 #: multiprocessing's resource tracker); a few seconds let them exit by themselves, and running
 #: requests may finish within them.
 SHUTDOWN_TIMEOUT_S = 10
+#: Default of `VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS` for `serve`: how long the engine core
+#: waits for its worker processes to exit before it sends them SIGTERM. A worker leaves its loop
+#: at once but then spends seconds in garbage collection (vLLM's default wait is 5 s), which
+#: would leave the engine core too little of the stop's budget (`entrypoints/drain.py`) to
+#: exit by itself.
+WORKER_EXIT_S = "1"
 
 _SERVE_GROUP_DESCRIPTION = (
     "vllm-dllm (diffusion LLMs): --dllm-defaults JSON sets server-wide dllm_* defaults. "
@@ -101,6 +109,27 @@ def _merge_process_metrics() -> None:
     directory = tempfile.mkdtemp(prefix="vllm-dllm-metrics-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
+#: Set by `serve` to the API server's process id; its child processes inherit it.
+API_SERVER_PID_ENV = "VLLM_DLLM_API_SERVER_PID"
+
+
+def leave_interrupt_to_api_server() -> None:
+    """In a process that `vllm-dllm serve` started (engine core, worker), ignore SIGINT.
+
+    A terminal's Ctrl-C reaches every process of the server at once. vLLM's worker exits on it
+    at once, so the engine core, which drains on it, fails its next step ("Worker proc died
+    unexpectedly", then `EngineDeadError` on every open stream). With SIGINT ignored there,
+    Ctrl-C stops the server as `kill PID` does: the API server drains, then stops the engine
+    core with SIGTERM, which stops its workers. Called from the plugin's `register()`, which
+    vLLM runs in each of these processes after installing its own signal handlers.
+    """
+    pid = os.environ.get(API_SERVER_PID_ENV)
+    if pid is None or pid == str(os.getpid()):
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _dllm_defaults(raw: str) -> str:
@@ -229,6 +258,8 @@ def main() -> None:
     serving = sys.argv[1:2] == ["serve"]
     if serving:
         _merge_process_metrics()
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", WORKER_EXIT_S)
+        os.environ[API_SERVER_PID_ENV] = str(os.getpid())
     _answer_vllm_version_lookup()
     _name_our_command_in_help()
     _install_serve_flags()

@@ -130,6 +130,12 @@ class Drain:
         # The engine gets what is left of the budget: all of it after a drain that ended early.
         end = self.started + self.timeout + EXIT_BUDGET_S - PROCESS_EXIT_S
         engine_timeout = max(ENGINE_EXIT_MIN_S, end - time.monotonic())
+        # Nothing waits for engine outputs any more. Stopped first, the output handler does not
+        # see the engine core's sockets close (vLLM logs that as `EngineDeadError`).
+        handler = self.engine_client.output_handler
+        if handler is not None:
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, partial(self.engine_client.shutdown, engine_timeout))
         self.server.config.timeout_graceful_shutdown = HTTP_EXIT_S
