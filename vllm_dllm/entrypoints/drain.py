@@ -18,8 +18,14 @@ of the app (the middleware is in every server, `vllm serve --middleware` include
    chunk with `finish_reason: "abort"` and `data: [DONE]`; a non-streaming request gets its
    committed text with `finish_reason: "abort"` (status 200).
 3. Once those answers are sent, the engine client is shut down with an idle engine core, which
-   exits by itself, and uvicorn is told to exit, with a bound on how long it may still wait for
-   a connection.
+   exits by itself within what is left of the stop's budget (`EXIT_BUDGET_S` after the
+   timeout), and uvicorn is told to exit, with a bound on how long it may still wait for a
+   connection. The process exits within the timeout + `EXIT_BUDGET_S` whatever connections are
+   open; an engine core that needs longer (its teardown collects its whole heap, seconds on a
+   loaded machine) is killed by vLLM's process manager at the end of the budget.
+
+`vllm-dllm serve` adds what a plugin cannot do from the app (`cli.py`): the engine processes
+leave a terminal's Ctrl-C to the API server, and workers get 1 s, not 5, to exit.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ EXIT_BUDGET_S = 5.0
 #: What the budget keeps back for the end of the HTTP server and of the process.
 PROCESS_EXIT_S = 1.0
 #: The least time the engine core, idle by then, has to exit by itself before vLLM kills it
-#: (its worker's teardown takes a second or two on a busy 2-core machine).
+#: (after a second signal late in the budget, say).
 ENGINE_EXIT_MIN_S = 2.0
 #: How long uvicorn may still wait for a connection (one stuck mid-upload, say) at the end.
 HTTP_EXIT_S = 0.5
@@ -124,7 +130,7 @@ class Drain:
         assert self.started is not None
         drained = await self._wait_idle(self.started + self.timeout, self._skip)
         if not drained:
-            self._abort_all()
+            await self._abort_all()
             await self._wait_idle(time.monotonic() + FLUSH_S, None, abort_stragglers=True)
         logger.info("[shutdown] vllm-dllm: requests done, stopping the engine")
         # The engine gets what is left of the budget: all of it after a drain that ended early.
@@ -153,11 +159,11 @@ class Drain:
             if time.monotonic() >= deadline or (skip is not None and skip.is_set()):
                 return False
             if abort_stragglers:
-                self._abort_all()
+                await self._abort_all()
             await asyncio.sleep(POLL_S)
         return True
 
-    def _abort_all(self) -> None:
+    async def _abort_all(self) -> None:
         """Abort every request in the engine, as a client disconnect would.
 
         The output processor puts each request's final output (`finish_reason` abort) on its
@@ -169,7 +175,7 @@ class Drain:
         if not ids:
             return
         logger.info("[shutdown] vllm-dllm: ending %d unfinished request(s) (abort)", len(ids))
-        asyncio.get_running_loop().create_task(self.engine_client.abort(ids, internal=True))
+        await self.engine_client.abort(ids, internal=True)
 
     def retry_after(self) -> int:
         """Seconds until this server is gone: when to retry (elsewhere, or once restarted)."""
