@@ -111,8 +111,9 @@ def _merge_process_metrics() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 
 
-#: Set by `serve` to the API server's process id; its child processes inherit it.
-API_SERVER_PID_ENV = "VLLM_DLLM_API_SERVER_PID"
+#: Set by `serve` to the API server's process id; its child processes inherit it. Not named
+#: `VLLM_*`: vLLM warns about every such variable it does not know.
+API_SERVER_PID_ENV = "DLLM_API_SERVER_PID"
 
 
 def leave_interrupt_to_api_server() -> None:
