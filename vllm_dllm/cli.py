@@ -12,7 +12,9 @@ modules and hands over to vLLM's CLI: same subcommands, same flags. On a CUDA in
   the `VLLM_DLLM_DEFAULTS` environment variable, which every vLLM process inherits);
 - the request middleware `vllm_dllm.entrypoints.DllmMiddleware` (`--middleware`);
 - prometheus_client's multiprocess mode, so `/metrics` shows the engine core's `vllm_dllm:*`;
-- a quiet stop on Ctrl-C / SIGTERM (see `SHUTDOWN_TIMEOUT_S` and `_exit_after_serving`).
+- a quiet stop on Ctrl-C / SIGTERM: the middleware's drain (`entrypoints/drain.py`), engine
+  processes that leave Ctrl-C to it, a bounded wait for workers (`SHUTDOWN_TIMEOUT_S`,
+  `WORKER_EXIT_S`, `leave_interrupt_to_api_server`, `_exit_after_serving`).
 """
 
 from __future__ import annotations
