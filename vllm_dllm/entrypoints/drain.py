@@ -127,13 +127,30 @@ class Drain:
         self._task = asyncio.get_running_loop().create_task(self._stop())
 
     async def _stop(self) -> None:
+        """The drain, then the engine's stop; the HTTP server exits after them in any case (an
+        engine that died meanwhile must not keep the process up)."""
+        try:
+            await self._end_requests()
+            await self._stop_engine()
+        except Exception:
+            logger.exception("[shutdown] vllm-dllm: the drain failed; stopping the server")
+        finally:
+            self.server.config.timeout_graceful_shutdown = HTTP_EXIT_S
+            self.server.should_exit = True
+
+    async def _end_requests(self) -> None:
+        """Wait for the in-flight requests until the deadline or a second signal; end the rest."""
         assert self.started is not None
         drained = await self._wait_idle(self.started + self.timeout, self._skip)
         if not drained:
             await self._abort_all()
             await self._wait_idle(time.monotonic() + FLUSH_S, None, abort_stragglers=True)
+
+    async def _stop_engine(self) -> None:
+        """Stop the engine client, idle by now, within what is left of the stop's budget."""
+        assert self.started is not None
         logger.info("[shutdown] vllm-dllm: requests done, stopping the engine")
-        # The engine gets what is left of the budget: all of it after a drain that ended early.
+        # All of the budget is left after a drain that ended early.
         end = self.started + self.timeout + EXIT_BUDGET_S - PROCESS_EXIT_S
         engine_timeout = max(ENGINE_EXIT_MIN_S, end - time.monotonic())
         # Nothing waits for engine outputs any more. Stopped first, the output handler does not
@@ -144,8 +161,6 @@ class Drain:
             await asyncio.gather(handler, return_exceptions=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, partial(self.engine_client.shutdown, engine_timeout))
-        self.server.config.timeout_graceful_shutdown = HTTP_EXIT_S
-        self.server.should_exit = True
 
     async def _wait_idle(
         self, deadline: float, skip: asyncio.Event | None, abort_stragglers: bool = False
