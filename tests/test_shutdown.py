@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import Server
+from tests.server import Server, metric_value
 
 pytestmark = pytest.mark.server
 
@@ -132,6 +132,21 @@ def start_server(tmp_path: Path, timeout_s: int, new_session: bool = False) -> S
     return server
 
 
+def wait_in_engine(server: Server, count: int, timeout: float = 120.0) -> None:
+    """Wait until the engine holds `count` requests (running or waiting), so that they are in
+    flight when the test signals the server (on a loaded machine a request sent just before may
+    otherwise arrive after the signal, and get the 503)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = metric_value(server, "vllm:num_requests_running") + metric_value(
+            server, "vllm:num_requests_waiting"
+        )
+        if held >= count:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the engine never held {count} requests:\n{server.log()}")
+
+
 def assert_refused_503(url: str) -> None:
     """A new completion and `/health` during the drain: 503, OpenAI error body, Retry-After."""
     with httpx.Client(timeout=10) as client:
@@ -193,7 +208,7 @@ def test_sigterm_drains_then_ends_the_rest_explicitly_and_exits_in_time(tmp_path
     """48 long streams and a long non-streamed request outlast the drain; short requests sent
     just before SIGTERM finish normally; new requests and /health get 503 meanwhile; the long
     ones end with `abort`; the process exits 0 within the timeout + 5 s with a quiet log."""
-    timeout_s = 5
+    timeout_s = 10  # the short requests need a few forwards of the whole batch, ~2 s each
     server = start_server(tmp_path, timeout_s)
     try:
         longs = [Call(server.url, body(LONG_TOKENS, LONG_XARGS, True)).start() for _ in range(48)]
@@ -204,7 +219,7 @@ def test_sigterm_drains_then_ends_the_rest_explicitly_and_exits_in_time(tmp_path
             Call(server.url, body(SHORT_TOKENS, SHORT_XARGS, stream)).start()
             for stream in (True, False)
         ]
-        time.sleep(0.5)  # the short requests are in flight
+        wait_in_engine(server, len(longs) + 1 + len(shorts))
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.5)
