@@ -242,8 +242,9 @@ def test_sigterm_drains_then_ends_the_rest_explicitly_and_exits_in_time(tmp_path
 
 def test_second_ctrl_c_ends_the_requests_at_once(tmp_path):
     """Ctrl-C twice (SIGINT to the whole process group, as a terminal sends it): the second
-    skips the drain; the streams end with `abort` and the process exits 0 long before the
-    timeout, as quietly."""
+    skips the drain, so the streams end with `abort` within seconds, not the timeout's 30; the
+    process exits 0 within the timeout + 5 s, as quietly. (The engine processes' own teardown
+    decides when: 5-18 s on this machine, depending on its load.)"""
     timeout_s = 30
     server = start_server(tmp_path, timeout_s, new_session=True)
     try:
@@ -256,12 +257,11 @@ def test_second_ctrl_c_ends_the_requests_at_once(tmp_path):
         time.sleep(0.5)
         assert_refused_503(server.url)
         os.killpg(group, signal.SIGINT)
-        for call in longs:
+        for call in longs:  # within seconds, not the 30 s of the drain
             call.join(EXIT_MARGIN_S)
             assert_aborted(call)
         took = wait_exit(server, signalled, timeout_s + EXIT_MARGIN_S)
         print(f"exit {took:.1f}s after the first Ctrl-C (--shutdown-timeout {timeout_s})")
-        assert took < timeout_s / 2  # the drain was skipped
         assert_quiet_log(server)
     finally:
         server.stop()
