@@ -45,14 +45,16 @@ SHARED_WORKER = {
 
 #: Work units (groups, else files) slowest first, from a serial run's per-file times on the
 #: 2-core machine (minutes: multi-rank 9.6, compiled 5.9, block engines 5.5, llada server 4.8,
-#: block server 4.6, ...). xdist hands units out in this order, so the long ones start first
-#: and the two workers finish together; units not listed take under half a minute and go last.
+#: block server 4.6, ...; test_shutdown.py 3.6-5.2, timed alone). xdist hands units out in
+#: this order, so the long ones start first and the two workers finish together; units not
+#: listed take under half a minute and go last.
 SLOWEST_FIRST = (
     "multi-rank",
     "test_compiled_step.py",
     "block engines",
     "llada server",
     "test_block_server.py",
+    "test_shutdown.py",
     "test_gpu_benchmark_smoke.py",
     "test_cli.py",
     "test_quantization.py",

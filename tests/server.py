@@ -64,6 +64,8 @@ class Server:
 
     `cwd` and `env` (added to this process's environment) serve the tests that start the server
     exactly as the README does: from the repository root, with a relative model path.
+    `new_session` puts it in a process group of its own, which a test can signal as a terminal's
+    Ctrl-C does (every process of the server at once).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class Server:
         log_path: Path,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        new_session: bool = False,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -91,7 +94,12 @@ class Server:
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, cwd=cwd
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=cwd,
+            start_new_session=new_session,
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:

@@ -45,4 +45,8 @@ def register() -> None:
     from vllm_dllm.engine.config_hook import install_config_hooks
 
     install_config_hooks(MODEL_CLASSES)
+
+    from vllm_dllm.cli import leave_interrupt_to_api_server
+
+    leave_interrupt_to_api_server()
     _registered = True

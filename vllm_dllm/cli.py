@@ -12,7 +12,9 @@ modules and hands over to vLLM's CLI: same subcommands, same flags. On a CUDA in
   the `VLLM_DLLM_DEFAULTS` environment variable, which every vLLM process inherits);
 - the request middleware `vllm_dllm.entrypoints.DllmMiddleware` (`--middleware`);
 - prometheus_client's multiprocess mode, so `/metrics` shows the engine core's `vllm_dllm:*`;
-- a quiet stop on Ctrl-C / SIGTERM (see `SHUTDOWN_TIMEOUT_S` and `_exit_after_serving`).
+- a quiet stop on Ctrl-C / SIGTERM: the middleware's drain (`entrypoints/drain.py`), engine
+  processes that leave Ctrl-C to it, a bounded wait for workers (`SHUTDOWN_TIMEOUT_S`,
+  `WORKER_EXIT_S`, `leave_interrupt_to_api_server`, `_exit_after_serving`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import types
 from typing import NoReturn
 
@@ -37,6 +41,12 @@ MIDDLEWARE = "vllm_dllm.entrypoints.DllmMiddleware"
 #: multiprocessing's resource tracker); a few seconds let them exit by themselves, and running
 #: requests may finish within them.
 SHUTDOWN_TIMEOUT_S = 10
+#: Default of `VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS` for `serve`: how long the engine core
+#: waits for its worker processes to exit before it sends them SIGTERM. A worker leaves its loop
+#: at once but then spends seconds in garbage collection (vLLM's default wait is 5 s), which
+#: would leave the engine core too little of the stop's budget (`entrypoints/drain.py`) to
+#: exit by itself.
+WORKER_EXIT_S = "1"
 
 _SERVE_GROUP_DESCRIPTION = (
     "vllm-dllm (diffusion LLMs): --dllm-defaults JSON sets server-wide dllm_* defaults. "
@@ -102,6 +112,28 @@ def _merge_process_metrics() -> None:
     directory = tempfile.mkdtemp(prefix="vllm-dllm-metrics-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
+#: Set by `serve` to the API server's process id; its child processes inherit it. Not named
+#: `VLLM_*`: vLLM warns about every such variable it does not know.
+API_SERVER_PID_ENV = "DLLM_API_SERVER_PID"
+
+
+def leave_interrupt_to_api_server() -> None:
+    """In a process that `vllm-dllm serve` started (engine core, worker), ignore SIGINT.
+
+    A terminal's Ctrl-C reaches every process of the server at once. vLLM's worker exits on it
+    at once, so the engine core, which drains on it, fails its next step ("Worker proc died
+    unexpectedly", then `EngineDeadError` on every open stream). With SIGINT ignored there,
+    Ctrl-C stops the server as `kill PID` does: the API server drains, then stops the engine
+    core with SIGTERM, which stops its workers. Called from the plugin's `register()`, which
+    vLLM runs in each of these processes after installing its own signal handlers.
+    """
+    pid = os.environ.get(API_SERVER_PID_ENV)
+    if pid is None or pid == str(os.getpid()):
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _dllm_defaults(raw: str) -> str:
@@ -230,6 +262,8 @@ def main() -> None:
     serving = sys.argv[1:2] == ["serve"]
     if serving:
         _merge_process_metrics()
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", WORKER_EXIT_S)
+        os.environ[API_SERVER_PID_ENV] = str(os.getpid())
     _answer_vllm_version_lookup()
     _name_our_command_in_help()
     _install_serve_flags()

@@ -22,6 +22,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from vllm_dllm.entrypoints.drain import DrainGate
 from vllm_dllm.entrypoints.statistics import install_response_statistics
 from vllm_dllm.infill import SUFFIX_KEY
 
@@ -120,7 +121,8 @@ class DllmMiddleware:
     """Refuses unsupported fields and malformed JSON on the generation endpoints."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        # The graceful stop on SIGTERM / SIGINT (503 to new requests, then explicit ends).
+        self.app = DrainGate(app)
         # Built once, in the API-server process, when the server builds its middleware stack.
         install_response_statistics()
 
