@@ -345,7 +345,9 @@ llada2_engine = pooled_engine("llada2", "llada2_tiny_dir")
 # captured CUDA graphs.
 llada_compiled_engine = pooled_engine("llada_compiled", "llada_tiny_dir", enforce_eager=False)
 dream_compiled_engine = pooled_engine("dream_compiled", "dream_tiny_dir", enforce_eager=False)
-# The peaked checkpoint with a KV cache of only a few 128-token blocks.
+# The peaked checkpoint with a KV cache of only a few 128-token blocks; vLLM's priority
+# scheduling (requests without a priority are served first come, first served, as by default).
 llada_peaked_engine = pooled_engine(
-    "llada_peaked", "llada_peaked_dir", max_model_len=256, num_gpu_blocks_override=4
+    "llada_peaked", "llada_peaked_dir", max_model_len=256, num_gpu_blocks_override=4,
+    scheduling_policy="priority",
 )

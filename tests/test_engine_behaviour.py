@@ -82,6 +82,42 @@ def test_requests_take_turns_when_their_windows_exceed_the_budget(llada_engine):
         assert all(b - a <= 2 for a, b in zip(s, s[1:], strict=False)), batches
 
 
+def test_priority_decides_who_gets_a_freed_canvas(llada_peaked_engine):
+    """`--scheduling-policy priority`: with the KV cache full of running canvases that end one
+    at a time, each freed canvas goes to the waiting request of highest priority (lowest
+    value), whatever the order they arrived in."""
+    from tests.worker_probes import start_recording_batches, stop_recording_batches
+
+    def params(gen: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=gen, temperature=0, ignore_eos=True,
+            extra_args={"dllm_cache": "none", "dllm_block_length": 8, "dllm_steps": gen},
+        )  # fmt: skip
+
+    # The KV cache holds three canvases of one 128-token block (its fourth block is vLLM's
+    # reserved null block); these three end one at a time.
+    blockers = [32, 48, 64]
+    waiting_priorities = [3, 2, 1]  # arriving in the opposite order of their priority
+    llada_peaked_engine.collective_rpc(start_recording_batches)
+    outputs = llada_peaked_engine.generate(
+        [TokensPrompt(prompt_token_ids=PROMPTS[0])] * 6,
+        [params(gen) for gen in blockers] + [params(8)] * 3,
+        priority=[0] * 3 + waiting_priorities,
+        use_tqdm=False,
+    )
+    (batches,) = llada_peaked_engine.collective_rpc(stop_recording_batches)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == blockers + [8] * 3
+    first_step = {}
+    for step, batch in enumerate(batches):
+        for engine_id in batch:
+            first_step.setdefault(engine_id, step)
+    # vLLM's engine-side ids start with the request's index in the call.
+    started = [first_step[next(e for e in first_step if e.split("-")[0] == o.request_id)]
+               for o in outputs]  # fmt: skip
+    assert max(started[:3]) < min(started[3:]), (started, batches)
+    assert sorted(range(3, 6), key=lambda i: started[i]) == [5, 4, 3], (started, batches)
+
+
 @pytest.mark.parametrize(
     ("extra_args", "parameter"),
     [
