@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vllm_dllm.sampling.filtering import FILTER_BYTES_PER_LOGIT, Filters, apply_filters_
+from vllm_dllm.sampling.logprobs import LogprobRows, token_logprobs
 from vllm_dllm.sampling.noise import gumbel
 
 
@@ -82,6 +83,7 @@ def propose(
     tempered_confidence: bool = False,
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
+    logprobs: LogprobRows | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -108,6 +110,10 @@ def propose(
             and filters, at temperature 0 the raw softmax): Dream's `topk_margin` (top-1 minus
             top-2 probability) and its `entropy` (negative entropy, also the entropy-bounded
             rule's score).
+        logprobs: rows whose log-probabilities to report (`vllm_dllm.sampling.logprobs`),
+            written into `logprobs.out`: under the distribution the row's token was drawn from,
+            the filtered logits divided by the temperature (greedy rows: the raw logits). The
+            proposal itself does not depend on them.
 
     Returns:
         `x0` (`[N]` int64) and `confidence` (`[N]` float32), computed as
@@ -136,6 +142,12 @@ def propose(
         log_normaliser = torch.logsumexp(scores, dim=-1)
     chosen_logit = scores.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     confidence = (chosen_logit - log_normaliser).exp()
+    if logprobs is not None:
+        distribution = scores[logprobs.rows]
+        if noise_keys is not None and not tempered_confidence:
+            row_temperature = temperature[logprobs.rows]
+            distribution.div_(torch.where(row_temperature > 0, row_temperature, 1.0))
+        logprobs.out.copy_(token_logprobs(distribution, x0[logprobs.rows], logprobs.num_logprobs))
     if score_kinds is not None:
         tempered = scores if tempered_confidence or noise_keys is None else scores.div(
             torch.where(temperature > 0, temperature, 1.0))  # fmt: skip
@@ -169,6 +181,7 @@ def propose_rows(
     tempered_confidence: bool = False,
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
+    logprobs: LogprobRows | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -185,5 +198,6 @@ def propose_rows(
             compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys,
             tempered_confidence, None if filters is None else filters.rows(rows),
             None if score_kinds is None else score_kinds[rows],
+            None if logprobs is None else logprobs.chunk(start, start + max_rows),
         )  # fmt: skip
     return x0, confidence
