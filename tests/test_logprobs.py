@@ -16,6 +16,7 @@ import pytest
 import requests
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
 from tests.reference import ReferenceModel
@@ -201,12 +202,13 @@ def test_tokens_and_forwards_are_unchanged_by_logprobs(family, extra, request):
     and forwards with and without `logprobs`, and well-formed values for every token."""
     llm = request.getfixturevalue(f"{family}_engine")
 
-    def params(logprobs, temperature, seed=None):
+    def params(logprobs, temperature, seed):
         return SamplingParams(max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
                               logprobs=logprobs, extra_args=extra)  # fmt: skip
 
-    plain = [params(None, 0), params(None, 0.9, seed=5), params(None, 0)]
-    asking = [params(2, 0), params(5, 0.9, seed=5), params(None, 0)]
+    # Seeded throughout: Dream's `alg_temp` draws its selection even for a greedy request.
+    plain = [params(None, 0, 1), params(None, 0.9, 5), params(None, 0, 2)]
+    asking = [params(2, 0, 1), params(5, 0.9, 5), params(None, 0, 2)]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     without = generate(llm, prompts, plain)
     with_logprobs = generate(llm, prompts, asking)
@@ -218,7 +220,7 @@ def test_tokens_and_forwards_are_unchanged_by_logprobs(family, extra, request):
 
 
 def test_prompt_logprobs_are_refused_offline(llada_engine):
-    with pytest.raises(ValueError, match="prompt_logprobs.*autoregressively"):
+    with pytest.raises(VLLMValidationError, match="prompt_logprobs.*autoregressively"):
         llada_engine.generate(["hi"], SamplingParams(max_tokens=4, prompt_logprobs=1),
                               use_tqdm=False)  # fmt: skip
 
@@ -250,7 +252,9 @@ def test_completion_logprobs_equal_offline(client, llada_engine):
     expected = [row[0][1] for row in reported(offline)]
     assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-6)
     for value, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
-        assert len(top) == 3 and value == max(top.values())  # greedy: the most likely token
+        # Keyed by text: alternatives that decode alike (byte tokens) share an entry, the last
+        # one's value kept. A greedy token is the most likely: no alternative is above it.
+        assert 1 <= len(top) <= 3 and value >= max(top.values())
         assert list(top.values()) == sorted(top.values(), reverse=True)
 
 
