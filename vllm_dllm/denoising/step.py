@@ -201,19 +201,22 @@ def pack(
         key_ends=per_window[WindowField.KEY_END],
         block_starts=fields[Field.BLOCK_START],
         block_lens=fields[Field.BLOCK_LEN],
-        logprobs=_logprob_plan(states, reporting, first_row),
+        logprobs=_logprob_plan(
+            {i: s.logprobs.num_logprobs for i, s in enumerate(states) if s.logprobs is not None},
+            first_row,
+        ),
     )
 
 
-def _logprob_plan(
-    states: Sequence[RequestState], reporting: list[int], first_row: np.ndarray
-) -> LogprobPlan | None:
-    if not reporting:
+def _logprob_plan(num_logprobs: dict[int, int], first_row: np.ndarray) -> LogprobPlan | None:
+    """The plan for the requests `num_logprobs` maps (batch index -> alternatives asked for),
+    whose candidate rows start at `first_row`."""
+    if not num_logprobs:
         return None
-    rows = [np.arange(first_row[i], first_row[i + 1]) for i in reporting]
+    rows = [np.arange(first_row[i], first_row[i + 1]) for i in num_logprobs]
     return LogprobPlan(
-        num_requests=len(reporting),
-        num_logprobs=max(states[i].logprobs.num_logprobs for i in reporting),  # type: ignore[union-attr]
+        num_requests=len(num_logprobs),
+        num_logprobs=max(num_logprobs.values()),
         rows=np.concatenate(rows).astype(np.int64),
     )
 
