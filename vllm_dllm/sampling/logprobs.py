@@ -42,12 +42,13 @@ def token_logprobs(scores: Tensor, tokens: Tensor, num_logprobs: int) -> Tensor:
         `[R, logprob_columns(num_logprobs)]` int32. The rank is vLLM's: the number of tokens at
         least as likely as the proposed one (1 for the most likely).
     """
-    log_probs = torch.log_softmax(scores, dim=-1)
-    chosen = log_probs.gather(-1, tokens.unsqueeze(-1))
-    rank = (log_probs >= chosen).sum(dim=-1, keepdim=True)
-    top = log_probs.topk(min(num_logprobs, scores.shape[-1]), dim=-1)
+    # Only the reported entries are normalised: no vocabulary-sized log-softmax is written.
+    log_normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+    chosen = scores.gather(-1, tokens.unsqueeze(-1))
+    rank = (scores >= chosen).sum(dim=-1, keepdim=True)
+    top = scores.topk(min(num_logprobs, scores.shape[-1]), dim=-1)
     ids = torch.cat([tokens.unsqueeze(-1), top.indices], dim=-1).to(torch.int32)
-    values = torch.cat([chosen, top.values], dim=-1).to(torch.float32)
+    values = torch.cat([chosen, top.values], dim=-1).sub_(log_normaliser).to(torch.float32)
     return torch.cat([ids, values.view(torch.int32), rank.to(torch.int32)], dim=-1)
 
 
