@@ -254,8 +254,9 @@ def test_completion_logprobs_equal_offline(client, llada_engine):
     for value, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         # Keyed by text: alternatives that decode alike (byte tokens) share an entry, the last
         # one's value kept. A greedy token is the most likely: no alternative is above it.
+        # (So the dict's order is not the ranking either: chat's list keeps it, below.)
         assert 1 <= len(top) <= 3 and value >= max(top.values())
-        assert list(top.values()) == sorted(top.values(), reverse=True)
+        assert all(v <= 0 for v in top.values())
 
 
 def test_streamed_completion_logprobs_equal_non_streamed(client):
