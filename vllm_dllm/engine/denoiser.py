@@ -197,7 +197,7 @@ class Denoiser:
             # holds more temporaries.
             rows_per_chunk(
                 self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None,
-                shape.any_filters or shape.any_score_kinds or logprobs is not None,
+                shape.any_filters or shape.any_score_kinds, logprobs is not None,
             ),
             tempered_confidence=self.sampling.tempered_confidence,
             filters=filters(meta, cand, shape, self.sampling.top_p_first),

@@ -38,14 +38,23 @@ class ScoreKind(IntEnum):
 #: the normaliser; greedy rows make no noise.
 GREEDY_BYTES = 12
 SAMPLING_BYTES = 24
+#: Reporting log-probabilities (`vllm_dllm.sampling.logprobs`), after the draw's temporaries
+#: are freed: the float32 scores (4), a float32 copy of the reporting rows (4), `logsumexp`'s
+#: temporaries (8) and the rank's comparison mask (1). Above a greedy chunk's peak, below a
+#: sampling one's.
+LOGPROB_BYTES = 17
 
 
-def bytes_per_logit(logits_itemsize: int, sampling: bool, filtering: bool = False) -> int:
+def bytes_per_logit(
+    logits_itemsize: int, sampling: bool, filtering: bool = False, logprobs: bool = False
+) -> int:
     """Peak vocabulary-sized bytes per logit of a chunk, the logits included; a chunk that
     filters (top-k / top-p / min-p) or scores by margin or entropy holds the filters'
-    temporaries too (`FILTER_BYTES_PER_LOGIT`)."""
+    temporaries too (`FILTER_BYTES_PER_LOGIT`), one that reports log-probabilities at least
+    `LOGPROB_BYTES`."""
     extra = FILTER_BYTES_PER_LOGIT if filtering else 0
-    return logits_itemsize + (SAMPLING_BYTES if sampling else GREEDY_BYTES) + extra
+    own = SAMPLING_BYTES if sampling else GREEDY_BYTES
+    return logits_itemsize + (max(own, LOGPROB_BYTES) if logprobs else own) + extra
 
 
 def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> int:
@@ -65,13 +74,13 @@ def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> i
 
 def rows_per_chunk(
     vocab_size: int, budget_bytes: int, logits_itemsize: int, sampling: bool,
-    filtering: bool = False,
+    filtering: bool = False, logprobs: bool = False,
 ) -> int:
     """Rows proposed at once so that a chunk's vocabulary-sized memory stays within the budget.
 
     Where every row of a step fits, the step computes its logits in one GEMM.
     """
-    per_logit = bytes_per_logit(logits_itemsize, sampling, filtering)
+    per_logit = bytes_per_logit(logits_itemsize, sampling, filtering, logprobs)
     return max(1, budget_bytes // (vocab_size * per_logit))
 
 
