@@ -38,6 +38,7 @@ SHARED_WORKER = {
     "test_abuse.py": "llada server",
     "test_server.py": "llada server",
     "test_infill.py": "llada server",
+    "test_logprobs.py": "llada server",
     "test_parallel.py": "multi-rank",
     "test_block_parallel.py": "multi-rank",
     "test_ray.py": "multi-rank",

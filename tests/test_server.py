@@ -384,8 +384,6 @@ ASKING = {
     "frequency_penalty": 0.5,
     "repetition_penalty": 1.2,
     "logit_bias": {"5": 1.0},
-    "logprobs": 2,
-    "top_logprobs": 2,
     "prompt_logprobs": 1,
     "logprob_token_ids": [5],
     "min_tokens": 2,
@@ -438,19 +436,6 @@ def test_neutral_values_of_unsupported_fields_are_accepted(llada_server):
         f"{llada_server.url}/v1/completions", json={**body, **neutral}, timeout=30
     )
     assert response.status_code == 200, response.text
-
-
-def test_chat_logprobs_true_is_400_naming_logprobs(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "hi"}],
-            max_tokens=4,
-            temperature=0,
-            logprobs=True,
-        )
-    assert err.value.body["param"] == "logprobs"
-    assert "logprobs=true is not supported" in err.value.body["message"]
 
 
 def test_malformed_json_is_a_short_400(llada_server):

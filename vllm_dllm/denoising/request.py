@@ -23,6 +23,7 @@ import numpy as np
 
 from vllm_dllm.cache.policy import CacheMode, StepPlan, Window, block_windows, plan_step
 from vllm_dllm.config import DllmParams
+from vllm_dllm.denoising.logprobs import LogprobRecord
 from vllm_dllm.families import Loop
 from vllm_dllm.sampling import ScoreKind, SelectionRule, steps_quota
 
@@ -70,6 +71,8 @@ class RequestState:
     early_stop: bool = False
     #: Blocks fully decoded so far.
     blocks_done: int = 0
+    #: The log-probabilities of its committed tokens, for a request that asked (else None).
+    logprobs: LogprobRecord | None = None
 
     @property
     def canvas_len(self) -> int:

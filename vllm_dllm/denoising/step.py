@@ -29,6 +29,7 @@ from vllm_dllm.sampling import (
     select,
     uniform,
 )
+from vllm_dllm.sampling.logprobs import LogprobRows, logprob_columns
 
 
 class WindowField(IntEnum):
@@ -67,18 +68,20 @@ class Field(IntEnum):
     TOP_K = 13
     #: What scores the candidates (`vllm_dllm.sampling.ScoreKind`).
     SCORE = 14
+    #: The request's place among the step's requests that report log-probabilities (-1: none).
+    LOGPROB_INDEX = 15
     # float32 bit patterns:
-    TEMPERATURE = 15
-    THRESHOLD = 16
-    FACTOR = 17
+    TEMPERATURE = 16
+    THRESHOLD = 17
+    FACTOR = 18
     #: LLaDA 2.1's editing: committed positions may be rewritten above it (> 1: no editing).
-    EDIT_THRESHOLD = 18
-    TOP_P = 19
-    MIN_P = 20
+    EDIT_THRESHOLD = 19
+    TOP_P = 20
+    MIN_P = 21
     #: The entropy-bounded rule's bound on the summed entropy of a step's commits.
-    ENTROPY_BOUND = 21
+    ENTROPY_BOUND = 22
     #: Dream's `alg_temp` (0: the top scores; > 0: drawn in proportion to softmax(score / it)).
-    ALG_TEMP = 22
+    ALG_TEMP = 23
 
 
 NUM_WINDOW_FIELDS = len(WindowField)
@@ -91,6 +94,18 @@ _FLOATS = (
 
 def packed_size(num_reqs: int, num_windows: int) -> int:
     return num_windows + 1 + NUM_WINDOW_FIELDS * num_windows + NUM_FIELDS * num_reqs
+
+
+@dataclass(frozen=True)
+class LogprobPlan:
+    """The step's requests that report log-probabilities, as the host knows them."""
+
+    #: How many requests report them.
+    num_requests: int
+    #: The most alternatives any of them asked for (every one gets that many computed).
+    num_logprobs: int
+    #: Their candidate rows (a request's rows are consecutive, in batch order), ascending.
+    rows: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,8 @@ class StepShape:
     key_ends: np.ndarray  # [S] int32
     block_starts: np.ndarray  # [N] int32
     block_lens: np.ndarray  # [N] int32
+    #: None when no request of the step asked for log-probabilities: no work at all for them.
+    logprobs: LogprobPlan | None = None
 
 
 def pack(
@@ -144,11 +161,16 @@ def pack(
         per_window[:, j] = (slot, w.start, w.num_tokens, w.key_end)
     floats = np.empty((len(_FLOATS), n), dtype=np.float32)
     last_window = np.cumsum([len(p.windows) for p in plans]) - 1
+    first_row = np.cumsum([0] + [t.num_candidates for t in targets])
+    reporting = [i for i, s in enumerate(states) if s.logprobs is not None]
+    logprob_index = np.full(n, -1)
+    logprob_index[reporting] = np.arange(len(reporting))
     for i, (s, p, t) in enumerate(zip(states, plans, targets, strict=True)):
         fields[:, i] = (
             slots[i], query_start[last_window[i]], p.windows[-1].start, t.block_start,
             t.block_len, t.lo, t.hi, t.rule, t.quota, s.remasks_randomly, _low_word(s.seed),
-            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, int(s.score_kind), 0, 0, 0, 0, 0, 0, 0, 0,
+            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, int(s.score_kind), logprob_index[i],
+            0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
         temperature = 0.0 if t.greedy else s.temperature
         edit = 2.0 if t.edit_threshold is None else t.edit_threshold
@@ -179,6 +201,23 @@ def pack(
         key_ends=per_window[WindowField.KEY_END],
         block_starts=fields[Field.BLOCK_START],
         block_lens=fields[Field.BLOCK_LEN],
+        logprobs=_logprob_plan(
+            {i: s.logprobs.num_logprobs for i, s in enumerate(states) if s.logprobs is not None},
+            first_row,
+        ),
+    )
+
+
+def _logprob_plan(num_logprobs: dict[int, int], first_row: np.ndarray) -> LogprobPlan | None:
+    """The plan for the requests `num_logprobs` maps (batch index -> alternatives asked for),
+    whose candidate rows start at `first_row`."""
+    if not num_logprobs:
+        return None
+    rows = [np.arange(first_row[i], first_row[i + 1]) for i in num_logprobs]
+    return LogprobPlan(
+        num_requests=len(num_logprobs),
+        num_logprobs=max(num_logprobs.values()),
+        rows=np.concatenate(rows).astype(np.int64),
     )
 
 
@@ -341,6 +380,39 @@ def score_kinds(meta: StepTensors, cand: Candidates, shape: StepShape) -> Tensor
     if not shape.any_score_kinds:
         return None
     return meta[Field.SCORE].to(torch.int64)[cand.rows // shape.block_width]
+
+
+def logprob_rows(meta: StepTensors, cand: Candidates, shape: StepShape) -> LogprobRows:
+    """The candidate rows whose log-probabilities the proposal reports: every candidate of the
+    requests that asked (which of them get committed is only known after the proposal)."""
+    plan = shape.logprobs
+    assert plan is not None
+    wants = meta[Field.LOGPROB_INDEX][cand.rows // shape.block_width] >= 0
+    out = torch.empty(
+        (len(plan.rows), logprob_columns(plan.num_logprobs)), dtype=torch.int32,
+        device=cand.rows.device,
+    )  # fmt: skip
+    return LogprobRows(_compact(wants, len(plan.rows)), plan.rows, plan.num_logprobs, out)
+
+
+def logprob_grid(
+    meta: StepTensors, cand: Candidates, shape: StepShape, logprobs: LogprobRows
+) -> Tensor:
+    """`[M, block_width, columns]` int32: the packed log-probabilities of each reporting
+    request's block columns (zeros where no candidate was), in the order of `LOGPROB_INDEX`.
+
+    Laid out by block column like `commit`'s result, so the host reads a committed column's
+    row next to its token from the same transfer.
+    """
+    width = shape.block_width
+    flat = cand.rows[logprobs.rows]
+    index = meta[Field.LOGPROB_INDEX][flat // width].to(torch.int64) * width + flat % width
+    assert shape.logprobs is not None
+    num_reporting = shape.logprobs.num_requests
+    grid = torch.zeros(
+        (num_reporting * width, logprobs.out.shape[-1]), dtype=torch.int32, device=flat.device
+    )
+    return grid.index_copy_(0, index, logprobs.out).view(num_reporting, width, -1)
 
 
 def commit(

@@ -38,6 +38,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_dllm.config import parse_dllm_params
 from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.canvases import Canvases
+from vllm_dllm.denoising.logprobs import LogprobRecord
 from vllm_dllm.denoising.request import RequestState, new_state
 from vllm_dllm.denoising.step import (
     NUM_WINDOW_FIELDS,
@@ -49,6 +50,8 @@ from vllm_dllm.denoising.step import (
     commit,
     filters,
     hidden_rows,
+    logprob_grid,
+    logprob_rows,
     pack,
     packed_size,
     sampling_inputs,
@@ -56,6 +59,7 @@ from vllm_dllm.denoising.step import (
     window_inputs,
 )
 from vllm_dllm.engine.compat import build_attn_metadata
+from vllm_dllm.engine.logprobs import logprobs_lists
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.families import family_of, sampling_convention
 from vllm_dllm.sampling import propose_rows, rows_per_chunk, sampler_profile_bytes
@@ -121,6 +125,12 @@ class Denoiser:
             filters=(max(sp.top_k, 0), float(sp.top_p), float(sp.min_p)),
             seed=(sp.seed if sp.seed is not None else self._unseeded_seed(new)) & (2**63 - 1),
         )
+        if sp.logprobs is not None:
+            # -1 asks for the whole vocabulary, as in vLLM.
+            num_logprobs = self.vocab_size if sp.logprobs < 0 else sp.logprobs
+            state.logprobs = LogprobRecord(
+                num_logprobs, state.prompt_len, state.canvas_len - state.prompt_len
+            )
         self.states[new.req_id] = state
         self.slots[new.req_id] = self.canvases.add(
             new.prompt_token_ids, state.canvas_len, new.block_ids[0], params.suffix
@@ -179,22 +189,29 @@ class Denoiser:
         hidden = self._forward(meta, shape)
         cand = candidates(self.canvases, meta, shape)
         temperature, noise_keys = sampling_inputs(meta, cand, shape)
+        logprobs = None if shape.logprobs is None else logprob_rows(meta, cand, shape)
         x0, confidence = propose_rows(
             hidden[hidden_rows(meta, cand, shape, self.logits_shift)],
             self.compute_logits,
             self.mask_token_id,
             temperature,
             noise_keys,
-            # A step that filters, or scores by margin or entropy, holds more temporaries.
+            # A step that filters, scores by margin or entropy, or reports log-probabilities
+            # holds more temporaries.
             rows_per_chunk(
                 self.vocab_size, self.scratch_bytes, self.logits_itemsize, noise_keys is not None,
-                shape.any_filters or shape.any_score_kinds,
+                shape.any_filters or shape.any_score_kinds, logprobs is not None,
             ),
             tempered_confidence=self.sampling.tempered_confidence,
             filters=filters(meta, cand, shape, self.sampling.top_p_first),
             score_kinds=score_kinds(meta, cand, shape),
+            logprobs=logprobs,
         )
         packed = commit(self.canvases, meta, cand, shape, x0, confidence)
+        if logprobs is not None:
+            # Into the same transfer: the commits first, then the log-probabilities.
+            grid = logprob_grid(meta, cand, shape, logprobs)
+            packed = torch.cat([packed.view(-1), grid.view(-1)])
         result = packed.cpu().numpy()  # the step's one device-to-host transfer
         return self._advance(req_ids, states, slots, shape, result)
 
@@ -206,9 +223,14 @@ class Denoiser:
         shape: StepShape,
         result: np.ndarray,
     ) -> DllmRunnerOutput:
-        """Host side of the step: mirror the commits, advance each request, emit final tokens."""
+        """Host side of the step: mirror the commits, advance each request, emit final tokens
+        (with their log-probabilities, for the requests that asked)."""
         width = shape.block_width
-        committed, first_masked = result[:, :width], result[:, width]
+        commits = result[: shape.num_reqs * (width + 1)].reshape(shape.num_reqs, width + 1)
+        committed, first_masked = commits[:, :width], commits[:, width]
+        grid = None
+        if shape.logprobs is not None:
+            grid = result[commits.size :].reshape(shape.logprobs.num_requests, width, -1)
         column = np.arange(width)
         positions = np.where(
             column < shape.block_lens[:, None],
@@ -218,12 +240,25 @@ class Denoiser:
         slot_array = np.asarray(slots)
         self.canvases.apply_commits(slot_array, positions, committed)
         sampled: list[list[int]] = []
+        reported: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
         next_windows: dict[str, int] = {}
         finished: dict[str, tuple[int, bool]] = {}
+        reporting = 0
         for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
+            if state.logprobs is not None:
+                assert grid is not None and shape.logprobs is not None
+                columns = np.flatnonzero(committed[i] >= 0)
+                state.logprobs.record(
+                    positions[i, columns], grid[reporting, columns], shape.logprobs.num_logprobs
+                )
+                reporting += 1
             final_end = state.advance(committed[i], int(first_masked[i]))
             start, stop = state.newly_final(final_end)
             sampled.append(state.emit(self.canvases.read(slots[i], start, stop), final_end))
+            reported.append(
+                None if state.logprobs is None
+                else state.logprobs.take(start, start + len(sampled[-1]))
+            )  # fmt: skip
             if state.done:
                 finished[req_id] = (state.blocks_done, state.early_stop)
             else:
@@ -232,6 +267,7 @@ class Denoiser:
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
+            logprobs=logprobs_lists(reported),
             next_windows=next_windows,
             finished=finished,
         )

@@ -16,18 +16,28 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm_dllm.param_values import DllmParamError, check_dllm_args
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
-# (`top_k`, `top_p` and `min_p` are implemented: `vllm_dllm.sampling.filtering`.)
+# (`top_k`, `top_p` and `min_p` are implemented: `vllm_dllm.sampling.filtering`; so is
+# `logprobs`: `vllm_dllm.sampling.logprobs`.)
 _UNSUPPORTED = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
     "min_tokens": 0,
-    "logprobs": None,
     "prompt_logprobs": None,
+    "logprob_token_ids": None,
     "logit_bias": None,
     "allowed_token_ids": None,
     "bad_words": None,
     "structured_outputs": None,
+}
+
+
+#: Why a field cannot be supported at all, where that is more than "not implemented".
+REASONS = {
+    "prompt_logprobs": (
+        "a diffusion model scores no prompt tokens autoregressively: the prompt is context "
+        "that is never predicted, so it has no log-probabilities"
+    ),
 }
 
 
@@ -36,8 +46,9 @@ def validate_request(params: SamplingParams) -> None:
     for name, neutral in _UNSUPPORTED.items():
         value = getattr(params, name, neutral)
         if value not in (neutral, None) and not (isinstance(value, list | dict) and not value):
+            reason = f": {REASONS[name]}" if name in REASONS else ""
             raise VLLMValidationError(
-                f"{name}={value!r} is not supported by diffusion models (vllm-dllm)",
+                f"{name}={value!r} is not supported by diffusion models (vllm-dllm){reason}",
                 parameter=name,
                 value=value,
             )

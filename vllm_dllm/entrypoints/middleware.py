@@ -1,8 +1,8 @@
 """ASGI middleware for the OpenAI server: checks request bodies as the client sent them.
 
-vLLM turns a request into `SamplingParams`, which normalise some fields (chat's
-`"logprobs": true` becomes `logprobs=0`); by then a field the denoiser does not implement can no
-longer be told from one the client never sent. (`top_p`, `top_k` and `min_p` are implemented.) So
+vLLM turns a request into `SamplingParams`, which normalise some fields (`echo` with `logprobs`
+becomes `prompt_logprobs`); by then a field the denoiser does not implement can no longer be told
+from one the client never sent. (`top_p`, `top_k`, `min_p` and `logprobs` are implemented.) So
 the fields are checked here, on the JSON body, whatever the temperature, and the 400 names the
 field with the value the client sent. Malformed JSON gets a one-line 400 instead of vLLM's
 pydantic dump.
@@ -22,6 +22,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from vllm_dllm.engine.request_validation import REASONS
 from vllm_dllm.entrypoints.drain import DrainGate
 from vllm_dllm.entrypoints.statistics import install_response_statistics
 from vllm_dllm.infill import SUFFIX_KEY
@@ -44,8 +45,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1),
     "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "prompt_logprobs": (None,),
     "logprob_token_ids": (None,),
     "min_tokens": (None, 0),
@@ -79,13 +78,29 @@ def _rejection(body: dict[str, Any]) -> tuple[str, str | None] | None:
     """(message, parameter) for a body that must be refused, or None."""
     found = unsupported_field(body)
     if found is None:
-        return None
+        return _echo_with_logprobs(body)
     name, value = found
+    reason = REASONS.get(name, "the denoiser does not implement it, at any temperature")
     message = (
         f"{name}={json.dumps(value)} is not supported by diffusion models (vllm-dllm): "
-        f"the denoiser does not implement it, at any temperature; remove the field"
+        f"{reason}; remove the field"
     )
     return message, name
+
+
+def _echo_with_logprobs(body: dict[str, Any]) -> tuple[str, str] | None:
+    """`echo` with `logprobs` asks vLLM for the echoed prompt's log-probabilities (its
+    `prompt_logprobs`), which a diffusion model does not have."""
+    logprobs = body.get("logprobs")
+    asks = not (logprobs is None or logprobs is False) or body.get("top_logprobs") is not None
+    if not body.get("echo") or not asks:
+        return None
+    return (
+        f"echo is not supported with logprobs by diffusion models (vllm-dllm): the echoed "
+        f"prompt would need log-probabilities, and {REASONS['prompt_logprobs']}; drop echo "
+        f"or logprobs",
+        "echo",
+    )
 
 
 def move_suffix(body: dict[str, Any]) -> tuple[str, str] | bool:

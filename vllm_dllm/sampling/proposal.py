@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vllm_dllm.sampling.filtering import FILTER_BYTES_PER_LOGIT, Filters, apply_filters_
+from vllm_dllm.sampling.logprobs import LogprobRows, token_logprobs
 from vllm_dllm.sampling.noise import gumbel
 
 
@@ -37,14 +38,23 @@ class ScoreKind(IntEnum):
 #: the normaliser; greedy rows make no noise.
 GREEDY_BYTES = 12
 SAMPLING_BYTES = 24
+#: Reporting log-probabilities (`vllm_dllm.sampling.logprobs`), after the draw's temporaries
+#: are freed: the float32 scores (4), a float32 copy of the reporting rows (4), `logsumexp`'s
+#: temporaries (8) and the rank's comparison mask (1). Above a greedy chunk's peak, below a
+#: sampling one's.
+LOGPROB_BYTES = 17
 
 
-def bytes_per_logit(logits_itemsize: int, sampling: bool, filtering: bool = False) -> int:
+def bytes_per_logit(
+    logits_itemsize: int, sampling: bool, filtering: bool = False, logprobs: bool = False
+) -> int:
     """Peak vocabulary-sized bytes per logit of a chunk, the logits included; a chunk that
     filters (top-k / top-p / min-p) or scores by margin or entropy holds the filters'
-    temporaries too (`FILTER_BYTES_PER_LOGIT`)."""
+    temporaries too (`FILTER_BYTES_PER_LOGIT`), one that reports log-probabilities at least
+    `LOGPROB_BYTES`."""
     extra = FILTER_BYTES_PER_LOGIT if filtering else 0
-    return logits_itemsize + (SAMPLING_BYTES if sampling else GREEDY_BYTES) + extra
+    own = SAMPLING_BYTES if sampling else GREEDY_BYTES
+    return logits_itemsize + (max(own, LOGPROB_BYTES) if logprobs else own) + extra
 
 
 def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> int:
@@ -64,13 +74,13 @@ def sampler_profile_bytes(rows: int, vocab_size: int, logits_itemsize: int) -> i
 
 def rows_per_chunk(
     vocab_size: int, budget_bytes: int, logits_itemsize: int, sampling: bool,
-    filtering: bool = False,
+    filtering: bool = False, logprobs: bool = False,
 ) -> int:
     """Rows proposed at once so that a chunk's vocabulary-sized memory stays within the budget.
 
     Where every row of a step fits, the step computes its logits in one GEMM.
     """
-    per_logit = bytes_per_logit(logits_itemsize, sampling, filtering)
+    per_logit = bytes_per_logit(logits_itemsize, sampling, filtering, logprobs)
     return max(1, budget_bytes // (vocab_size * per_logit))
 
 
@@ -82,6 +92,7 @@ def propose(
     tempered_confidence: bool = False,
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
+    logprobs: LogprobRows | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -108,6 +119,10 @@ def propose(
             and filters, at temperature 0 the raw softmax): Dream's `topk_margin` (top-1 minus
             top-2 probability) and its `entropy` (negative entropy, also the entropy-bounded
             rule's score).
+        logprobs: rows whose log-probabilities to report (`vllm_dllm.sampling.logprobs`),
+            written into `logprobs.out`: under the distribution the row's token was drawn from,
+            the filtered logits divided by the temperature (greedy rows: the raw logits). The
+            proposal itself does not depend on them.
 
     Returns:
         `x0` (`[N]` int64) and `confidence` (`[N]` float32), computed as
@@ -136,6 +151,12 @@ def propose(
         log_normaliser = torch.logsumexp(scores, dim=-1)
     chosen_logit = scores.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     confidence = (chosen_logit - log_normaliser).exp()
+    if logprobs is not None:
+        distribution = scores[logprobs.rows]
+        if noise_keys is not None and not tempered_confidence:
+            row_temperature = temperature[logprobs.rows]
+            distribution.div_(torch.where(row_temperature > 0, row_temperature, 1.0))
+        logprobs.out.copy_(token_logprobs(distribution, x0[logprobs.rows], logprobs.num_logprobs))
     if score_kinds is not None:
         tempered = scores if tempered_confidence or noise_keys is None else scores.div(
             torch.where(temperature > 0, temperature, 1.0))  # fmt: skip
@@ -169,6 +190,7 @@ def propose_rows(
     tempered_confidence: bool = False,
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
+    logprobs: LogprobRows | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -185,5 +207,6 @@ def propose_rows(
             compute_logits(hidden[rows]), mask_token_id, temperature[rows], keys,
             tempered_confidence, None if filters is None else filters.rows(rows),
             None if score_kinds is None else score_kinds[rows],
+            None if logprobs is None else logprobs.chunk(start, start + max_rows),
         )  # fmt: skip
     return x0, confidence
