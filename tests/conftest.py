@@ -58,6 +58,7 @@ SLOWEST_FIRST = (
     "test_shutdown.py",
     "test_gpu_benchmark_smoke.py",
     "test_cli.py",
+    "test_defaults.py",
     "test_quantization.py",
     "test_readme_server.py",
     "test_engine_oracle.py",
