@@ -490,7 +490,8 @@ def test_invalid_utf8_body_is_400(llada_server):
 
 def test_start_up_log_says_what_the_plugin_set(llada_server):
     """The plugin's start-up line goes through vLLM's logging (format, level) like vLLM's own:
-    family, scheduler, worker, prefix caching and why, the CUDA-graph mode."""
+    family, scheduler, worker, prefix caching and why, the CUDA-graph mode, and the request
+    defaults in force with where each comes from (here the server's `--dllm-defaults`)."""
     log = llada_server.log_path.read_text()
     line = re.search(r"^\(APIServer pid=\d+\) INFO .*\[config_hook\.py:\d+\] (vllm-dllm: .*)$",
                      log, re.MULTILINE)  # fmt: skip
@@ -500,7 +501,10 @@ def test_start_up_log_says_what_the_plugin_set(llada_server):
         "vllm_dllm.engine.scheduler.DllmScheduler, worker vllm_dllm.engine.worker.DllmCPUWorker, "
         "prefix caching off (a diffusion step rewrites the K/V of earlier canvas positions"
     )
-    assert line.group(1).endswith("cudagraph_mode NONE")
+    assert line.group(1).endswith(
+        "cudagraph_mode NONE, request defaults: dllm_block_length=8 (--dllm-defaults), "
+        "dllm_cache=prefix (--dllm-defaults)"
+    )
 
 
 def test_models_and_health(client, llada_server):
