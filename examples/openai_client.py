@@ -3,8 +3,9 @@
 Start a server first (`vllm serve` on a CUDA install), for example on the bundled trained model
 exactly as the README does:
 
-    vllm-dllm serve models/llada-arith --dtype float32 --max-model-len 128 \
-        --dllm-defaults '{"dllm_block_length": 8, "dllm_cache": "dual"}'
+    vllm-dllm serve models/llada-arith --dtype float32 --max-model-len 128
+
+(the model's own defaults, in its generation_config.json, set blocks of 8 and DualCache)
 
 then run:
 
