@@ -31,23 +31,16 @@ leave a terminal's Ctrl-C to the API server, and workers get 1 s, not 5, to exit
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import signal
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
 
+from vllm_dllm.entrypoints.asgi import ASGIApp, Receive, Scope, Send, send_error
 from vllm_dllm.logger import init_logger
 
 logger = init_logger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: How long the answers of aborted requests may take to be sent before the engine stops.
 FLUSH_S = 1.0
@@ -200,30 +193,17 @@ class Drain:
 
     async def refuse(self, send: Send) -> None:
         """The 503 of a request that arrives during the drain (OpenAI's error shape)."""
-        payload = json.dumps(
-            {
-                "error": {
-                    "message": "The server is shutting down and accepts no new requests; "
-                    "retry on another instance or after it restarts",
-                    "type": "ServiceUnavailableError",
-                    "param": None,
-                    "code": 503,
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"retry-after", str(self.retry_after()).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        await send_error(
+            send,
+            503,
+            "ServiceUnavailableError",
+            "The server is shutting down and accepts no new requests; retry on another instance "
+            "or after it restarts",
+            headers=[
+                (b"retry-after", str(self.retry_after()).encode()),
+                (b"connection", b"close"),
+            ],
         )
-        await send({"type": "http.response.body", "body": payload})
 
 
 class DrainGate:

@@ -19,19 +19,13 @@ else passes through untouched, body included.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from vllm_dllm.engine.request_validation import REASONS
+from vllm_dllm.entrypoints.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
 from vllm_dllm.entrypoints.drain import DrainGate
 from vllm_dllm.entrypoints.statistics import install_response_statistics
 from vllm_dllm.infill import SUFFIX_KEY
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: The generation endpoints whose bodies are checked.
 CHECKED_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -212,17 +206,4 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
 async def _send_400(send: Send, message: str, param: str | None) -> None:
     """An OpenAI-style error body, the shape vLLM's own 400s have."""
-    payload = json.dumps(
-        {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await send_error(send, 400, "BadRequestError", message, param)
