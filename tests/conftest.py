@@ -221,6 +221,14 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def client(llada_server):  # noqa: ANN201  (openai.OpenAI; the import stays lazy)
+    """The official `openai` client of the LLaDA server (no retries: a test sees every error)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{llada_server.url}/v1", api_key="unused", max_retries=0)
+
+
 #: Builds the plugin's model class for a checkpoint directory (`build_model`).
 BuildModel = Callable[[Path], "DiffusionLM"]
 

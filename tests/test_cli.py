@@ -320,14 +320,19 @@ def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:
     ]  # fmt: skip
 
 
+def serve_refusal(checkpoint: Path, flag: str, value: str) -> list[str]:
+    """`vllm-dllm serve CHECKPOINT FLAG VALUE` refused at start-up: exit status 2; its stderr
+    lines."""
+    result = run(VLLM_DLLM, "serve", str(checkpoint), flag, value, env=CLI_ENV)
+    assert result.returncode == 2, result.stderr
+    return stderr_lines(result)
+
+
 def test_defaults_of_another_family_are_one_line_on_the_command_line(sdar_tiny_dir):
     """`--dllm-defaults` that the served checkpoint's family does not take: one line naming the
     flag, the value and what the family accepts, exit status 2 (vLLM builds its configuration,
     no engine starts)."""
-    result = run(VLLM_DLLM, "serve", str(sdar_tiny_dir), "--dllm-defaults",
-                 '{"dllm_cache": "dual"}', env=CLI_ENV)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert stderr_lines(result) == [
+    assert serve_refusal(sdar_tiny_dir, "--dllm-defaults", '{"dllm_cache": "dual"}') == [
         "vllm-dllm serve: error: --dllm-defaults '{\"dllm_cache\": \"dual\"}': dllm_cache "
         "does not apply to SDAR models (they accept dllm_block_length, dllm_threshold, "
         "dllm_steps, dllm_remasking, dllm_eb_threshold)"

@@ -15,15 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.scripts import load_example
-from tests.test_cli import (
-    CLI_ENV,
-    VLLM_DLLM,
-    engine_config,
-    plugin_log,
-    refusal,
-    run,
-    stderr_lines,
-)
+from tests.test_cli import engine_config, plugin_log, refusal, serve_refusal
 from vllm_dllm.config import parse_dllm_params
 from vllm_dllm.defaults import (
     checkpoint_defaults,
@@ -126,10 +118,9 @@ def test_checkpoint_defaults_that_do_not_suit_the_family_are_refused(sdar_tiny_d
 def test_an_override_that_does_not_suit_the_model_is_one_line_on_the_command_line(
     llada_tiny_dir,
 ) -> None:
-    result = run(VLLM_DLLM, "serve", str(llada_tiny_dir), "--override-generation-config",
-                 '{"dllm_threshold": 2}', env=CLI_ENV)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert stderr_lines(result) == [
+    assert serve_refusal(
+        llada_tiny_dir, "--override-generation-config", '{"dllm_threshold": 2}'
+    ) == [
         "vllm-dllm serve: error: --override-generation-config '{\"dllm_threshold\": 2}': "
         "dllm_threshold must be in (0, 1], got 2.0"
     ]

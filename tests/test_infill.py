@@ -337,11 +337,6 @@ SUFFIX = "\n    return c\n"
 XARGS = {"dllm_block_length": 8, "dllm_threshold": 0.5}
 
 
-@pytest.fixture(scope="module")
-def client(llada_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{llada_server.url}/v1", api_key="unused", max_retries=0)
-
-
 def test_server_suffix_equals_offline_engine(client, llada_engine):
     """The server's `suffix` is the offline `dllm_suffix` (the server's default cache, prefix,
     given offline too), and it changes the answer."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import openai
 import pytest
 import requests
 import torch
@@ -20,6 +19,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
 from tests.reference import ReferenceModel
+from tests.test_server import PROMPT, XARGS
 
 pytestmark = pytest.mark.server
 
@@ -226,14 +226,6 @@ def test_prompt_logprobs_are_refused_offline(llada_engine):
 
 
 # ---- the server ------------------------------------------------------------------------------
-
-XARGS = {"dllm_block_length": 8, "dllm_cache": "dual", "dllm_threshold": 0.5}
-PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def client(llada_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{llada_server.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_completion_logprobs_equal_offline(client, llada_engine):

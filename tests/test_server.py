@@ -21,11 +21,6 @@ XARGS = {"dllm_block_length": 8, "dllm_cache": "dual", "dllm_threshold": 0.5}
 PROMPT = "The quick brown fox"
 
 
-@pytest.fixture(scope="module")
-def client(llada_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{llada_server.url}/v1", api_key="unused", max_retries=0)
-
-
 def test_completion_equals_offline_engine(client, llada_engine):
     assert_completion_equals_offline(client, MODEL, llada_engine, PROMPT, XARGS)
 

@@ -49,6 +49,11 @@ CHECKPOINT_FILE = "generation_config.json"
 
 _PREFIX = "dllm_"
 
+#: The generation config files' `dllm_*` keys by (source, revision), read once per process:
+#: every request's defaults are built from them.
+_FILE_DEFAULTS: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
 
 @functools.cache
 def server_defaults() -> dict[str, Any]:
@@ -116,11 +121,6 @@ def _read_generation_config(source: str, revision: str | None) -> dict[str, Any]
     from vllm.transformers_utils.repo_utils import get_hf_file_to_dict
 
     return get_hf_file_to_dict(CHECKPOINT_FILE, source, revision) or {}
-
-
-#: The generation config files' `dllm_*` keys by (source, revision), read once per process:
-#: every request's defaults are built from them.
-_FILE_DEFAULTS: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def layered(lower: Mapping[str, Any], higher: Mapping[str, Any], family: Family) -> dict[str, Any]:

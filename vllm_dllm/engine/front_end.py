@@ -133,9 +133,6 @@ def with_suffix_ids(processor: InputProcessor, params: SamplingParams) -> Sampli
     return params
 
 
-def _defaults(processor: InputProcessor) -> dict[str, Any]:
-    model_config = processor.model_config
-    return request_defaults(model_config, family_of(model_config.hf_config))
 
 
 def _max_canvas_len(processor: InputProcessor) -> int:
@@ -167,13 +164,14 @@ def install(scheduler_cls: str) -> None:
             # The request's own parameters (vLLM cloned them), so they may be replaced.
             request.sampling_params = params = with_suffix_ids(self, params)
             prompt_len = len(request.prompt_token_ids or ())
+            family = family_of(self.model_config.hf_config)
             params.max_tokens = fitted_max_tokens(
                 params,
                 prompt_len,
                 _max_canvas_len(self),
-                family_of(self.model_config.hf_config),
+                family,
                 _other_readers(self),
-                _defaults(self),
+                request_defaults(self.model_config, family),
             )
         return request
 
@@ -190,13 +188,14 @@ def install(scheduler_cls: str) -> None:
         ):
             validate_request(sampling_params)
             prompt_len = len(prompt["prompt_token_ids"])
+            family = family_of(processor.model_config.hf_config)
             fitted_max_tokens(
                 with_suffix_ids(processor, sampling_params),
                 prompt_len,
                 _max_canvas_len(processor),
-                family_of(processor.model_config.hf_config),
+                family,
                 _other_readers(processor),
-                _defaults(processor),
+                request_defaults(processor.model_config, family),
             )
         return generate(self, prompt, sampling_params, *args, **kwargs)
 
