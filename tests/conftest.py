@@ -62,6 +62,7 @@ SLOWEST_FIRST = (
     "test_quantization.py",
     "test_readme_server.py",
     "test_engine_oracle.py",
+    "test_llada_moe.py",
     "test_model_cards.py",
     "test_engine_behaviour.py",
     "test_trained_model_engine.py",
@@ -289,6 +290,17 @@ def llada2_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llada2_checkpoint(tmp_path_factory.mktemp("llada2_tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def llada_moe_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaDA-MoE tiny checkpoint (released layout), seed 0, logits scaled 3x: confident enough
+    that the threshold and factor rules commit several tokens in some steps."""
+    from vllm_dllm.testing.llada_moe_checkpoints import write_llada_moe_checkpoint
+
+    return write_llada_moe_checkpoint(
+        tmp_path_factory.mktemp("llada_moe_tiny"), seed=0, logit_scale=3.0
+    )
+
+
 class EnginePool:
     """The session's offline engines, at most `capacity` alive at once.
 
@@ -351,6 +363,7 @@ sdar_engine = pooled_engine("sdar", "sdar_tiny_dir")
 # Fewer running requests than the attention sequences of one long prompt's block prefill.
 sdar_few_seqs_engine = pooled_engine("sdar_few_seqs", "sdar_tiny_dir", max_num_seqs=8)
 llada2_engine = pooled_engine("llada2", "llada2_tiny_dir")
+llada_moe_engine = pooled_engine("llada_moe", "llada_moe_tiny_dir")
 # vLLM's compilation on: on CPU the model runs through the inductor build, on a GPU through the
 # captured CUDA graphs.
 llada_compiled_engine = pooled_engine("llada_compiled", "llada_tiny_dir", enforce_eager=False)

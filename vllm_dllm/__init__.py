@@ -18,6 +18,7 @@ MODEL_CLASSES: dict[str, str] = {
     ),
     "SDARForCausalLM": "vllm_dllm.model_executor.models.sdar:SDARForCausalLM",
     "LLaDA2MoeModelLM": "vllm_dllm.model_executor.models.llada2_moe:LLaDA2MoeModelLM",
+    "LLaDAMoEModelLM": "vllm_dllm.model_executor.models.llada_moe:LLaDAMoEModelLM",
 }
 
 _registered = False

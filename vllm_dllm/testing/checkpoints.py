@@ -16,7 +16,7 @@ Deliberate differences from the releases (none changes how a loader reads the fi
 
 Usage: ``python -m vllm_dllm.testing.checkpoints {llada,dream} OUT_DIR [--preset tiny|mid]``;
 ``fast_dllm_v2`` and ``sdar`` (tiny only) are written by `block_checkpoints`, ``llada2`` (tiny,
-float32) by `llada2_checkpoints`.
+float32) by `llada2_checkpoints`, ``llada_moe`` (tiny, float32) by `llada_moe_checkpoints`.
 """
 
 import argparse
@@ -419,18 +419,20 @@ def main(argv: list[str] | None = None) -> None:
         write_sdar_checkpoint,
     )
     from vllm_dllm.testing.llada2_checkpoints import write_llada2_checkpoint
+    from vllm_dllm.testing.llada_moe_checkpoints import write_llada_moe_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="python -m vllm_dllm.testing.checkpoints",
         description="Writes a random-weight checkpoint of one model family (LLaDA, Dream, "
-        "Fast-dLLM v2, SDAR, LLaDA 2.x) in its release's on-disk layout, for tests, benchmarks "
-        "and trying the server (vllm-dllm serve OUT_DIR); prints its directory."
+        "Fast-dLLM v2, SDAR, LLaDA 2.x, LLaDA-MoE) in its release's on-disk layout, for tests, "
+        "benchmarks and trying the server (vllm-dllm serve OUT_DIR); prints its directory."
     )
     parser.add_argument(
         "family",
-        choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2"],
+        choices=["llada", "dream", "fast_dllm_v2", "sdar", "llada2", "llada_moe"],
         help="llada: LLaDA (GSAI-ML/LLaDA-8B-*); dream: Dream (Dream-org/Dream-v0-*); "
-        "fast_dllm_v2: Fast-dLLM v2; sdar: SDAR; llada2: LLaDA 2.x (MoE)",
+        "fast_dllm_v2: Fast-dLLM v2; sdar: SDAR; llada2: LLaDA 2.x (MoE); "
+        "llada_moe: LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-*)",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (created if missing)")
     parser.add_argument(
@@ -443,10 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     dtype = _DTYPES[args.dtype]
     options = {"seed": args.seed, "lm_head_scale": args.lm_head_scale, "dtype": dtype}
     block_writers = {"fast_dllm_v2": write_fast_dllm_v2_checkpoint, "sdar": write_sdar_checkpoint}
-    if args.family == "llada2":
+    moe_writers = {"llada2": write_llada2_checkpoint, "llada_moe": write_llada_moe_checkpoint}
+    if args.family in moe_writers:
         if args.preset != "tiny" or args.dtype != "float32":
-            parser.error("llada2 has only the tiny preset in float32")
-        print(write_llada2_checkpoint(args.out_dir, seed=args.seed, logit_scale=args.lm_head_scale))
+            parser.error(f"{args.family} has only the tiny preset in float32")
+        write_moe = moe_writers[args.family]
+        print(write_moe(args.out_dir, seed=args.seed, logit_scale=args.lm_head_scale))
     elif args.family in block_writers:
         if args.preset != "tiny":
             parser.error(f"{args.family} has only the tiny preset")

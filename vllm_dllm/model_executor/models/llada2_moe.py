@@ -193,11 +193,11 @@ class LLaDA2MoeModelLM(BlockDiffusionLM):
         files.
         """
         if ".routed_experts." in param:
-            return _expert_checkpoint_names(param, self.config.num_experts)
+            return expert_checkpoint_names(param, self.config.num_experts)
         return super().checkpoint_names_of(param)
 
 
-def _expert_checkpoint_names(param: str, num_experts: int) -> list[str]:
+def expert_checkpoint_names(param: str, num_experts: int) -> list[str]:
     """``<layer>.mlp.experts.routed_experts.w13_<suffix>`` -> the per-expert tensor names."""
     experts, _, stacked = param.partition(".routed_experts.")
     shard, _, suffix = stacked.partition("_")

@@ -47,6 +47,19 @@ class LLaDAConfig(PreTrainedConfig):
         "tie_word_embeddings": "weight_tying",
     }
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PreTrainedConfig:
+        """The config of ``config_dict``: LLaDA-MoE's class where its ``architectures`` say so.
+
+        LLaDA-MoE's release declares the dense model's ``model_type`` (``llada``), so
+        transformers finds this class for both; the architecture tells them apart.
+        """
+        if cls is LLaDAConfig and "LLaDAMoEModelLM" in (config_dict.get("architectures") or ()):
+            from vllm_dllm.transformers_utils.configs.llada_moe import LLaDAMoEConfig
+
+            return LLaDAMoEConfig.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
     def __init__(self, **kwargs: Any) -> None:
         # As upstream's LLaDAConfig does: its ModelConfig's defaults, updated by the file's keys.
         set_upstream_keys(self, UPSTREAM_DEFAULTS, kwargs)
