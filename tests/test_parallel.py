@@ -1,7 +1,8 @@
 """Tensor parallelism: TP=2 on CPU (multiprocess backend) gives exactly the TP=1 tokens.
 
 One TP=2 engine per family (LLaDA: 2 heads, one per rank; Dream: 4 q / 2 KV heads, one KV head
-per rank), started after the other family's is shut down. The reference is the session's TP=1
+per rank; LLaDA-MoE: 2 of its 4 heads per rank, every expert's intermediate dimension split
+over the ranks by vLLM's FusedMoE), started after the other family's is shut down. The reference is the session's TP=1
 engine with the same settings (fp32, eager, max_model_len 512, seed 0).
 
 Every rank runs the sampler on the all-gathered logits, so ranks agree only if they draw the
@@ -25,7 +26,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from tests.engines import end_token_ids, start_tp2_engine
-from tests.reference import ReferenceModel
+from tests.reference import bidirectional_oracle
 from tests.tolerances import assert_forward_close
 
 MAX_TOKENS = 32
@@ -65,7 +66,7 @@ UNSEEDED = (
 )
 
 
-@pytest.fixture(scope="module", params=["llada", "dream"])
+@pytest.fixture(scope="module", params=["llada", "dream", "llada_moe"])
 def family(request) -> str:
     return request.param
 
@@ -116,7 +117,7 @@ def test_tp2_tokens_equal_tp1(family, tp2_engine, request):
     # The unseeded random request: finished (no crash, no hang) with a complete answer.
     unseeded, stats = got[-1], got_stats[-1]
     tokens = list(unseeded.token_ids)
-    mask = ReferenceModel(checkpoint).spec.mask_token_id
+    mask = bidirectional_oracle(checkpoint).spec.mask_token_id
     assert tokens and mask not in tokens
     if unseeded.finish_reason == "length":
         assert len(tokens) == MAX_TOKENS
@@ -130,7 +131,7 @@ def test_ranks_see_identical_logits(family, tp2_engine, request):
     """Each rank's logits (sharded model, all-gathered vocabulary) are the same on both ranks
     and equal the oracle's dense forward; a cached window equals the full forward."""
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
-    oracle = ReferenceModel(checkpoint)
+    oracle = bidirectional_oracle(checkpoint)
     mask = oracle.spec.mask_token_id
     canvas = PROMPTS[1] + [mask] * 8 + [7, 8, 9] + [mask] * 13
     length, start = len(canvas), len(PROMPTS[1])
