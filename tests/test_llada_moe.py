@@ -4,12 +4,16 @@ The config and the strict loader are checked in this process; the model's logits
 loop through the real engine (paged KV cache, non-causal metadata, FusedMoE on CPU with the
 release's routing) against `tests/reference/llada_moe_model.py`, whose forward follows the
 release's `modeling_lladamoe.py` and routes every token by hand. One mixed batch holds the
-nine cache x rule combinations at block lengths 8, 16 and 32 and seeded sampling.
+nine cache x rule combinations at block lengths 8, 16 and 32 and seeded sampling; it runs
+offline and, sent at once from threads, through a real `vllm-dllm serve` subprocess with the
+`openai` client, which also answers the model card's chat request and refuses a parameter of
+another family with a 400 naming it.
 """
 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,13 +21,14 @@ from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids
+from tests.engines import end_token_ids, server_args
 from tests.oracle_cache import memoized
 from tests.reference import generate
 from tests.reference.llada_moe_model import LLaDAMoEReferenceModel
+from tests.server import Server
 from tests.tolerances import assert_decisive, assert_forward_close
 from tests.worker_probes import model_contract
-from vllm_dllm.testing.llada2_checkpoints import MASK
+from vllm_dllm.testing.llada2_checkpoints import MASK, ROLE_END
 from vllm_dllm.testing.llada_moe_checkpoints import MoeShape, write_llada_moe_checkpoint
 
 MAX_TOKENS = 32
@@ -188,3 +193,73 @@ def test_nine_combinations_and_sampling_in_one_batch_equal_oracle(
     assert engine_batch(llada_moe_engine, cases[::-1]) == expected[::-1]
     # The batch is not degenerate: the rules commit at different rates.
     assert len({forwards for _, forwards in expected}) > 2
+
+
+# ---- through the server ---------------------------------------------------------------------
+
+MODEL = "tiny-llada-moe"
+
+
+@pytest.fixture(scope="module")
+def client(llada_moe_tiny_dir, tmp_path_factory):
+    """The `openai` client of `vllm-dllm serve` on the tiny checkpoint (no retries)."""
+    import openai
+
+    server = Server(
+        llada_moe_tiny_dir, server_args(MODEL),
+        tmp_path_factory.mktemp("llada_moe_server") / "server.log",
+    )  # fmt: skip
+    server.wait_ready()
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    server.stop()
+
+
+def _completion(client, prompt: list[int], params: SamplingParams) -> tuple[list[int], int]:
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=params.max_tokens,
+        temperature=params.temperature, seed=params.seed,
+        extra_body={"vllm_xargs": params.extra_args, "return_token_ids": True},
+    )  # fmt: skip
+    stats = response.model_extra["kv_transfer_params"]["dllm"]
+    return response.choices[0].model_extra["token_ids"], stats["forwards"]
+
+
+@pytest.mark.server
+def test_server_mixed_batch_equals_oracle(client, oracle, llada_moe_tiny_dir):
+    """The offline batch's requests sent at once: the server batches them and answers each
+    with the oracle's tokens and forward count."""
+    cases, expected = mixed_batch(oracle, llada_moe_tiny_dir)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda case: _completion(client, *case), cases))
+    assert got == expected
+
+
+@pytest.mark.server
+def test_server_answers_the_model_card_request(client, oracle, llada_moe_tiny_dir):
+    """The card's chat: its template, then generate(steps=gen_length, block_length=32,
+    temperature=0, remasking='low_confidence') without a cache (the card generates 128 tokens
+    in 128 steps; 32 in 32 here keep the oracle fast), one token per step."""
+    xargs = {"dllm_steps": 32, "dllm_block_length": 32, "dllm_cache": "none"}
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=32,
+        temperature=0, extra_body={"vllm_xargs": xargs, "return_token_ids": True},
+    )  # fmt: skip
+    prompt = [*b"<role>HUMAN</role>Hi", ROLE_END, *b"<role>ASSISTANT</role>"]
+    assert response.model_extra["prompt_token_ids"] == prompt
+    result = generate(oracle, prompt, gen_length=32, block_length=32, cache="none", steps=32,
+                      end_token_ids=end_token_ids(llada_moe_tiny_dir))  # fmt: skip
+    assert_decisive(result.margins, oracle)
+    assert response.choices[0].model_extra["token_ids"] == result.tokens
+    assert response.model_extra["kv_transfer_params"]["dllm"]["forwards"] == result.num_forwards
+
+
+@pytest.mark.server
+def test_server_refuses_another_familys_parameter(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="dllm_editing_threshold"):
+        client.completions.create(
+            model=MODEL, prompt="hi", max_tokens=8,
+            extra_body={"vllm_xargs": {"dllm_editing_threshold": 0.5}},
+        )  # fmt: skip
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=8).choices[0].text
