@@ -42,6 +42,33 @@ CARDS: dict[str, dict[str, Any]] = {
         "xargs": {"dllm_alg": "entropy", "dllm_alg_temp": 0.0, "dllm_steps": 512},
         "steps_per_generation": True,
     },
+    "llada_moe": {
+        "call": "generate(model, input_ids, steps=128, gen_length=128, block_length=32, "
+        "temperature=0., cfg_scale=0., remasking='low_confidence')",
+        "max_tokens": 128,
+        "fields": {"temperature": 0.0},
+        "xargs": {"dllm_steps": 128, "dllm_block_length": 32, "dllm_cache": "none",
+                  "dllm_remasking": "low_confidence"},  # fmt: skip
+        "steps_per_generation": True,
+    },
+    "diffucoder": {
+        "call": "model.diffusion_generate(input_ids, attention_mask=attention_mask, "
+        "max_new_tokens=256, steps=256, temperature=0.4, top_p=0.95, alg='entropy', "
+        "alg_temp=0.)",
+        "max_tokens": 256,
+        "fields": {"temperature": 0.4, "top_p": 0.95},
+        "xargs": {"dllm_alg": "entropy", "dllm_alg_temp": 0.0, "dllm_steps": 256},
+        "steps_per_generation": True,
+    },
+    "dream_coder": {
+        "call": "model.diffusion_generate(input_ids, max_new_tokens=512, steps=512, "
+        "temperature=0.1, top_p=1.0, alg='entropy', alg_temp=0.0, eos_penalty=3.0) "
+        "(eos_penalty is not offered)",
+        "max_tokens": 512,
+        "fields": {"temperature": 0.1, "top_p": 1.0},
+        "xargs": {"dllm_alg": "entropy", "dllm_alg_temp": 0.0, "dllm_steps": 512},
+        "steps_per_generation": True,
+    },
     "fast_dllm_v2": {
         "call": "model.generate(input_ids, tokenizer=tokenizer, max_new_tokens=512, "
         "small_block_size=8, threshold=0.9)",

@@ -21,6 +21,9 @@ from vllm_dllm.families import BIDIRECTIONAL, fast_dllm_v2, llada2, sdar
 FAMILIES = {
     "llada": BIDIRECTIONAL,
     "dream": BIDIRECTIONAL,
+    "llada_moe": BIDIRECTIONAL,
+    "diffucoder": BIDIRECTIONAL,
+    "dream_coder": BIDIRECTIONAL,
     "fast_dllm_v2": fast_dllm_v2(32),
     "sdar": sdar(4),
     "llada2": llada2(32),

@@ -2,8 +2,9 @@
 
 One TP=2 engine per family (LLaDA: 2 heads, one per rank; Dream: 4 q / 2 KV heads, one KV head
 per rank; LLaDA-MoE: 2 of its 4 heads per rank, every expert's intermediate dimension split
-over the ranks by vLLM's FusedMoE), started after the other family's is shut down. The reference is the session's TP=1
-engine with the same settings (fp32, eager, max_model_len 512, seed 0).
+over the ranks by vLLM's FusedMoE), started after the other family's is shut down. The
+reference is the session's TP=1 engine with the same settings (fp32, eager, max_model_len 512,
+seed 0).
 
 Every rank runs the sampler on the all-gathered logits, so ranks agree only if they draw the
 same random numbers. A seeded request is compared with TP=1 token for token. An unseeded one
