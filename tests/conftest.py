@@ -301,6 +301,18 @@ def llada_moe_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def llada_moe_variant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaDA-MoE tiny checkpoint with the release's optional parts: an expert bias and a
+    shared expert."""
+    from vllm_dllm.testing.llada_moe_checkpoints import MoeShape, write_llada_moe_checkpoint
+
+    shape = MoeShape(shared_expert_intermediate_size=96, expert_bias=True)
+    return write_llada_moe_checkpoint(
+        tmp_path_factory.mktemp("llada_moe_variant"), shape, seed=1, logit_scale=3.0
+    )
+
+
 class EnginePool:
     """The session's offline engines, at most `capacity` alive at once.
 
@@ -364,6 +376,7 @@ sdar_engine = pooled_engine("sdar", "sdar_tiny_dir")
 sdar_few_seqs_engine = pooled_engine("sdar_few_seqs", "sdar_tiny_dir", max_num_seqs=8)
 llada2_engine = pooled_engine("llada2", "llada2_tiny_dir")
 llada_moe_engine = pooled_engine("llada_moe", "llada_moe_tiny_dir")
+llada_moe_variant_engine = pooled_engine("llada_moe_variant", "llada_moe_variant_dir")
 # vLLM's compilation on: on CPU the model runs through the inductor build, on a GPU through the
 # captured CUDA graphs.
 llada_compiled_engine = pooled_engine("llada_compiled", "llada_tiny_dir", enforce_eager=False)

@@ -29,7 +29,6 @@ from tests.server import Server
 from tests.tolerances import assert_decisive, assert_forward_close
 from tests.worker_probes import model_contract
 from vllm_dllm.testing.llada2_checkpoints import MASK, ROLE_END
-from vllm_dllm.testing.llada_moe_checkpoints import MoeShape, write_llada_moe_checkpoint
 
 MAX_TOKENS = 32
 PROMPTS = ([17, 99, 42], [5, 9, 200, 13, 77, 64, 34, 120, 2, 250, 31])
@@ -134,18 +133,14 @@ def test_stray_and_missing_tensors_are_named(llada_moe_tiny_dir, build_model):
         model.load_weights({k: v for k, v in tensors.items() if k != gone}.items())
 
 
-def test_variant_names_load(tmp_path, build_model):
-    """Expert bias, shared expert and attention biases: the release's optional tensors."""
-    checkpoint = write_llada_moe_checkpoint(tmp_path, variant_shape())
+def test_variant_names_load(llada_moe_variant_dir, build_model):
+    """Expert bias and shared expert: the release's optional tensors."""
+    checkpoint = llada_moe_variant_dir
     model = build_model(checkpoint)
     tensors = load_file(checkpoint / "model.safetensors")
     assert "model.layers.1.shared_expert.down_proj.weight" in tensors
     assert set(tensors) == model.expected_checkpoint_names()
     model.load_weights(tensors.items())
-
-
-def variant_shape() -> MoeShape:
-    return MoeShape(shared_expert_intermediate_size=96, expert_bias=True)
 
 
 def test_routing_matters(llada_moe_tiny_dir, oracle, tmp_path):
@@ -181,6 +176,29 @@ def test_logits_equal_oracle(llada_moe_engine, oracle):
     expected = oracle.forward(torch.tensor(canvas), torch.arange(length))
     assert_forward_close(torch.tensor(full), expected, oracle)
     assert_forward_close(torch.tensor(window), torch.tensor(full)[start : start + 8], oracle)
+
+
+def test_variant_logits_and_tokens_equal_oracle(llada_moe_variant_engine, llada_moe_variant_dir):
+    """With an expert bias (added to the routing weights) and a shared expert: the full
+    forward equals the oracle's, as does a greedy DualCache run; zeroing the bias changes the
+    oracle's logits, so the comparison sees it."""
+    oracle = LLaDAMoEReferenceModel(llada_moe_variant_dir)
+    canvas = PROMPTS[1] + [MASK] * 8 + [7, 8, 9] + [MASK] * 13
+    positions = torch.arange(len(canvas))
+    ((full,),) = llada_moe_variant_engine.collective_rpc(
+        "dllm_score", args=(canvas, [(0, len(canvas))])
+    )
+    expected = oracle.forward(torch.tensor(canvas), positions)
+    assert_forward_close(torch.tensor(full), expected, oracle)
+    for layer in oracle.layers:
+        layer.pop("expert_bias", None)
+    assert (oracle.forward(torch.tensor(canvas), positions) - expected).abs().max() > 1e-2
+
+    oracle = LLaDAMoEReferenceModel(llada_moe_variant_dir)
+    extra = {"dllm_cache": "dual", "dllm_block_length": 16, "dllm_threshold": 0.3}
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=extra)
+    (got,) = engine_batch(llada_moe_variant_engine, [(PROMPTS[1], params)])
+    assert got == oracle_run(oracle, llada_moe_variant_dir, PROMPTS[1], extra)
 
 
 def test_nine_combinations_and_sampling_in_one_batch_equal_oracle(
