@@ -135,3 +135,39 @@ def test_llada2_prefix_cache_is_exact_and_hits(llada2_engine, llada2_off_engine)
         [{}, {"dllm_editing_threshold": 0.5, "dllm_max_post_steps": 2}],
         {"dllm_block_length": 8, "dllm_steps": 8},
     )  # fmt: skip
+
+
+@pytest.fixture
+def sdar_small_kv_engine(engine_pool, sdar_tiny_dir):
+    """Four usable KV blocks of 128 tokens (one canvas of `MAX_MODEL_LEN` fills them all; vLLM
+    keeps a fifth as its null block), with vLLM's statistics on (`LLM.get_metrics`)."""
+    return engine_pool.engine(
+        "sdar_small_kv", sdar_tiny_dir, num_gpu_blocks_override=5, disable_log_stats=False
+    )
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def test_evicted_blocks_are_recomputed_and_hits_are_counted(sdar_small_kv_engine,
+                                                            sdar_off_engine):
+    """A shared prefix hits while its blocks are cached (vLLM's `vllm:prefix_cache_hits` and
+    `vllm:prefix_cache_queries` count it); once a canvas that needs every KV block has evicted
+    them, the same prompt is computed in full, with the same tokens and forwards."""
+    llm = sdar_small_kv_engine
+    llm.reset_prefix_cache()
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    prompt = SHARED + QUESTIONS[1]
+    reference = run(sdar_off_engine, [prompt], [greedy])[0]
+    hits = counter(llm, "vllm:prefix_cache_hits")
+    queries = counter(llm, "vllm:prefix_cache_queries")
+    run(llm, [SHARED + [1]], [greedy])
+    (hit,) = run(llm, [prompt], [greedy])
+    assert hit == (*reference[:2], 256)
+    assert counter(llm, "vllm:prefix_cache_hits") - hits == 256
+    assert counter(llm, "vllm:prefix_cache_queries") - queries == len(SHARED) + 1 + len(prompt)
+    # A canvas of four KV blocks: every cached block is evicted to make room.
+    run(llm, [OTHER * 3 + OTHER[:50]], [SamplingParams(temperature=0.0, max_tokens=40)])
+    (recomputed,) = run(llm, [prompt], [greedy])
+    assert recomputed == (*reference[:2], 0)
