@@ -59,7 +59,8 @@ COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_engine_oracle.py tests/test_server.py::test_completion_equals_offline_engine \
 	tests/test_block_engine.py::test_fast_dllm_v2_mixed_batch_in_two_orders \
 	tests/test_block_engine.py::test_sdar_mixed_batch_in_two_orders \
-	tests/test_block_engine.py::test_llada21_editing_changes_the_loop_and_mixes_with_plain_requests
+	tests/test_block_engine.py::test_llada21_editing_changes_the_loop_and_mixes_with_plain_requests \
+	tests/test_block_prefix_cache.py::test_sdar_prefix_cache_is_exact_and_hits
 
 $(COMPAT_PY):
 	$(PYTHON) -m venv $(COMPAT_VENV) || python3 -m venv $(COMPAT_VENV)

@@ -33,6 +33,7 @@ PEAKED_LM_HEAD_SCALE = 30.0
 #: multi-rank engines (tensor parallel, Ray) whose memory must not meet another such file's.
 SHARED_WORKER = {
     "test_block_engine.py": "block engines",
+    "test_block_prefix_cache.py": "block engines",
     "test_block_models.py": "block engines",
     "test_llada2_model.py": "block engines",
     "test_abuse.py": "llada server",

@@ -20,7 +20,7 @@ import requests
 from vllm import SamplingParams
 
 from tests.engines import server_args
-from tests.server import Server, assert_completion_equals_offline
+from tests.server import Server, assert_completion_equals_offline, metric_value
 from vllm_dllm.testing.block_checkpoints import IM_END, IM_START
 from vllm_dllm.testing.llada2_checkpoints import ROLE_END
 
@@ -252,3 +252,36 @@ def test_parameters_of_other_families_are_400_naming_them(family, client, server
     )
     assert after.usage.completion_tokens == 8 and after.choices[0].finish_reason == "length"
     assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_shared_prefix_hits_the_prefix_cache_and_answers_as_a_cold_run(family, client, server,
+                                                                       engine):
+    """Prefix caching is on (the default): a prompt sharing two whole KV blocks (128 tokens on
+    CPU) with the previous one is answered from them, vLLM's `vllm:prefix_cache_*` series count
+    the hit, and the answer (text, tokens, forwards) equals the offline engine's with nothing
+    cached, i.e. a run without the cache."""
+    model = FAMILIES[family]["model"]
+    offline_xargs = FAMILIES[family].get("defaults", {})
+    shared = ("You are a careful assistant; answer briefly. " * 8)[:300]
+    hits = metric_value(server, "vllm:prefix_cache_hits_total")
+    queries = metric_value(server, "vllm:prefix_cache_queries_total")
+    for question in (" What is 2+2?", " Name a colour, please."):
+        response = client.completions.create(
+            model=model, prompt=shared + question, max_tokens=24, temperature=0,
+            extra_body={"return_token_ids": True},
+        )  # fmt: skip
+        engine.reset_prefix_cache()
+        (cold,) = engine.generate(
+            [shared + question],
+            SamplingParams(max_tokens=24, temperature=0, extra_args=offline_xargs),
+            use_tqdm=False,
+        )
+        assert cold.num_cached_tokens == 0
+        assert response.choices[0].model_extra["token_ids"] == list(cold.outputs[0].token_ids)
+        stats = response.model_extra["kv_transfer_params"]["dllm"]
+        assert stats["forwards"] == cold.kv_transfer_params["dllm"]["forwards"]
+    # The second prompt reused the first's two whole KV blocks (at least: earlier tests' prompts
+    # may have left the first one's in the cache too).
+    assert metric_value(server, "vllm:prefix_cache_hits_total") - hits >= 256
+    assert metric_value(server, "vllm:prefix_cache_queries_total") - queries >= 2 * 300
+

@@ -299,7 +299,8 @@ def test_start_up_says_what_the_plugin_set_and_what_it_overrode(llada_tiny_dir, 
     assert info[0].startswith(
         "vllm-dllm: LLaDAModelLM is a bidirectional (LLaDA, Dream) diffusion model: scheduler "
         "vllm_dllm.engine.scheduler.DllmScheduler, worker vllm_dllm.engine.worker.DllmCPUWorker, "
-        "prefix caching off (a diffusion step rewrites"
+        "prefix caching off (LLaDA and Dream attend bidirectionally, so a prompt's K/V depend "
+        "on the canvas after it"
     )
     assert not lines(logging.WARNING)
     caplog.clear()
@@ -307,9 +308,45 @@ def test_start_up_says_what_the_plugin_set_and_what_it_overrode(llada_tiny_dir, 
         engine_config(llada_tiny_dir, enable_prefix_caching=True)
     assert lines(logging.WARNING) == [
         "vllm-dllm: enable_prefix_caching=True (--enable-prefix-caching) is overridden: prefix "
-        "caching is off for diffusion models (a diffusion step rewrites the K/V of earlier "
-        "canvas positions, which a cached prefix would share)"
+        "caching is off for LLaDAModelLM, a bidirectional (LLaDA, Dream) diffusion model (LLaDA "
+        "and Dream attend bidirectionally, so a prompt's K/V depend on the canvas after it, and "
+        "the DualCache rewrites K/V in place: a cached prefix would share K/V that are not final)"
     ]
+
+
+def test_prefix_caching_stays_on_for_block_diffusion_and_warns_for_dream(
+    sdar_tiny_dir, dream_tiny_dir, caplog
+):
+    """Block-diffusion families keep vLLM's prefix caching (on by default, off when asked); an
+    explicit request for it on Dream is overridden with a WARNING that names the setting, the
+    model and the reason."""
+    from vllm_dllm.logger import ROOT
+
+    def lines(level: int) -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records
+            if r.name.startswith(ROOT) and r.levelno == level
+        ]  # fmt: skip
+
+    with plugin_log(caplog):
+        assert engine_config(sdar_tiny_dir).cache_config.enable_prefix_caching is True
+        assert engine_config(
+            sdar_tiny_dir, enable_prefix_caching=False
+        ).cache_config.enable_prefix_caching is False
+    info = lines(logging.INFO)
+    assert "prefix caching on (whole blocks with final K/V only" in info[0], info
+    assert "prefix caching off (as configured)" in info[1], info
+    assert not lines(logging.WARNING)
+    caplog.clear()
+    with plugin_log(caplog):
+        config = engine_config(dream_tiny_dir, enable_prefix_caching=True)
+    assert config.cache_config.enable_prefix_caching is False
+    (warning,) = lines(logging.WARNING)
+    assert warning.startswith(
+        "vllm-dllm: enable_prefix_caching=True (--enable-prefix-caching) is overridden: prefix "
+        "caching is off for DreamModel, a bidirectional (LLaDA, Dream) diffusion model (LLaDA "
+        "and Dream attend bidirectionally"
+    ), warning
 
 
 def stderr_lines(result: subprocess.CompletedProcess) -> list[str]:

@@ -494,7 +494,8 @@ def test_start_up_log_says_what_the_plugin_set(llada_server):
     assert line.group(1).startswith(
         "vllm-dllm: LLaDAModelLM is a bidirectional (LLaDA, Dream) diffusion model: scheduler "
         "vllm_dllm.engine.scheduler.DllmScheduler, worker vllm_dllm.engine.worker.DllmCPUWorker, "
-        "prefix caching off (a diffusion step rewrites the K/V of earlier canvas positions"
+        "prefix caching off (LLaDA and Dream attend bidirectionally, so a prompt's K/V depend "
+        "on the canvas after it"
     )
     assert line.group(1).endswith(
         "cudagraph_mode NONE, request defaults: dllm_block_length=8 (--dllm-defaults), "

@@ -75,3 +75,16 @@ def fused_moe(**kwargs: Any) -> torch.nn.Module:
 
     build = getattr(layers, "FusedMoEFactory", None) or layers.FusedMoE
     return build(**kwargs)
+
+
+def record_prefix_cache_hit(manager: Any, request: Any, num_hits: int) -> None:
+    """Count an admitted request's prefix-cache lookup in vLLM's statistics
+    (`vllm:prefix_cache_queries`, `vllm:prefix_cache_hits`).
+
+    vLLM 0.32 records at admission (`KVCacheManager.record_prefix_cache_stats`), so the hit
+    counted is the one used. vLLM 0.26 (up to 0.31) records inside `get_computed_blocks`, every
+    lookup, with the hit before the caller cuts it: nothing is left to do here.
+    """
+    record = getattr(manager, "record_prefix_cache_stats", None)
+    if record is not None:
+        record(request, num_hits)

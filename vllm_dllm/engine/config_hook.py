@@ -113,9 +113,13 @@ class DllmEngineConfig(VerifyAndUpdateConfig):
                 CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
             )
 
-        # A prefix-cache hit would reuse K/V computed without the later canvas tokens, and the
-        # DualCache rewrites K/V of earlier positions in place: both need prefix caching off.
-        vllm_config.cache_config.enable_prefix_caching = False
+        # LLaDA and Dream: a prefix-cache hit would reuse K/V computed without the later canvas
+        # tokens, and the DualCache rewrites K/V of earlier positions in place, so prefix caching
+        # is off. Block-diffusion families keep vLLM's setting (on by default): the K/V of their
+        # finished blocks are final, and the scheduler caches only those
+        # (`vllm_dllm.engine.prefix_cache`).
+        if not family.block_causal:
+            vllm_config.cache_config.enable_prefix_caching = False
 
         # Our step runs on the V1 worker; Model Runner V2 (default where Triton exists) has its
         # own, incompatible, diffusion path. The variable reaches the workers spawned later.
@@ -318,10 +322,15 @@ def _use_piecewise_cuda_graphs(vllm_config: VllmConfig) -> None:
         compilation.cudagraph_mode = mode
 
 
-#: Why prefix caching is off, as the start-up line says it.
+#: Why prefix caching is off for LLaDA and Dream, as the start-up line and its warning say it.
 PREFIX_CACHING_WHY = (
-    "a diffusion step rewrites the K/V of earlier canvas positions, which a cached prefix would "
-    "share"
+    "LLaDA and Dream attend bidirectionally, so a prompt's K/V depend on the canvas after it, "
+    "and the DualCache rewrites K/V in place: a cached prefix would share K/V that are not final"
+)
+#: What prefix caching shares for the block-diffusion families, as the start-up line says it.
+PREFIX_CACHING_BLOCKS = (
+    "whole blocks with final K/V only: attention across blocks is causal, so they depend only on "
+    "the tokens up to them"
 )
 
 
@@ -373,7 +382,7 @@ def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> N
         family.name,
         config.scheduler_config.scheduler_cls,
         config.parallel_config.worker_cls,
-        "on" if prefix_caching else f"off ({PREFIX_CACHING_WHY})",
+        _prefix_caching_text(prefix_caching, family.block_causal),
         "on" if config.scheduler_config.async_scheduling else "off (each step plans from the "
         "previous step's commits)",
         mode.name if mode is not None else "NONE",
@@ -382,8 +391,10 @@ def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> N
     if "enable_prefix_caching" in explicit and not prefix_caching:
         logger.warning(
             "vllm-dllm: enable_prefix_caching=True (%s) is overridden: prefix caching is off "
-            "for diffusion models (%s)",
+            "for %s, a %s diffusion model (%s)",
             explicit["enable_prefix_caching"][1],
+            config.model_config.architecture,
+            family.name,
             PREFIX_CACHING_WHY,
         )
     if "async_scheduling" in explicit and not config.scheduler_config.async_scheduling:
@@ -392,6 +403,15 @@ def _log_start_up(config: VllmConfig, explicit: dict[str, tuple[Any, str]]) -> N
             "synchronously (each denoising step plans from the previous step's commits)",
             explicit["async_scheduling"][1],
         )
+
+
+def _prefix_caching_text(on: bool, block_causal: bool) -> str:
+    """The start-up line's prefix-caching part: what is cached, or why nothing is."""
+    if on:
+        return f"on ({PREFIX_CACHING_BLOCKS})"
+    if block_causal:
+        return "off (as configured)"
+    return f"off ({PREFIX_CACHING_WHY})"
 
 
 def _wrap_create_engine_config() -> None:

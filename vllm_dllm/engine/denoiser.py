@@ -124,6 +124,8 @@ class Denoiser:
             temperature=float(sp.temperature),
             filters=(max(sp.top_k, 0), float(sp.top_p), float(sp.min_p)),
             seed=(sp.seed if sp.seed is not None else self._unseeded_seed(new)) & (2**63 - 1),
+            # The scheduler admitted it with these prompt positions' K/V from the prefix cache.
+            cached_prefix=new.num_computed_tokens,
         )
         if sp.logprobs is not None:
             # -1 asks for the whole vocabulary, as in vLLM.
@@ -242,6 +244,7 @@ class Denoiser:
         sampled: list[list[int]] = []
         reported: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
         next_windows: dict[str, int] = {}
+        kv_final: dict[str, int] = {}
         finished: dict[str, tuple[int, bool]] = {}
         reporting = 0
         for i, (req_id, state) in enumerate(zip(req_ids, states, strict=True)):
@@ -252,7 +255,10 @@ class Denoiser:
                     positions[i, columns], grid[reporting, columns], shape.logprobs.num_logprobs
                 )
                 reporting += 1
+            kv_final_before = state.kv_final_end
             final_end = state.advance(committed[i], int(first_masked[i]))
+            if state.kv_final_end > kv_final_before:
+                kv_final[req_id] = state.kv_final_end
             start, stop = state.newly_final(final_end)
             sampled.append(state.emit(self.canvases.read(slots[i], start, stop), final_end))
             reported.append(
@@ -269,6 +275,7 @@ class Denoiser:
             sampled_token_ids=sampled,
             logprobs=logprobs_lists(reported),
             next_windows=next_windows,
+            kv_final=kv_final,
             finished=finished,
         )
 

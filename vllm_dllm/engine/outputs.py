@@ -20,6 +20,9 @@ class DllmRunnerOutput(ModelRunnerOutput):
     """
 
     next_windows: dict[str, int] = field(default_factory=dict)
+    #: Requests whose exact K/V grew this step: the end of the leading positions whose tokens
+    #: are final and whose K/V were written by a forward that saw exactly them (block diffusion).
+    kv_final: dict[str, int] = field(default_factory=dict)
     #: Requests whose canvas is final this step: (blocks fully decoded, stopped early).
     finished: dict[str, tuple[int, bool]] = field(default_factory=dict)
 

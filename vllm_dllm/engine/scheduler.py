@@ -17,6 +17,10 @@ fixed canvas `prompt ++ [MASK] * G` every step. So this scheduler:
   between any two steps at no cost (its canvas and K/V stay where they are), and the order in
   which requests step never changes what they compute (the step is batch-independent and
   seeded draws count the request's own steps);
+- keeps vLLM's prefix caching exact for the block-diffusion families
+  (`vllm_dllm.engine.prefix_cache`): a waiting request reuses the cached whole blocks of its
+  prompt and is admitted with them as computed tokens, and KV blocks are committed to the cache
+  only once their K/V are final;
 - leaves stop handling to vLLM: the worker emits a request's tokens once they are final, and
   `update_from_output` appends them and applies EOS / stop tokens / `max_tokens` as usual;
 - counts forwards per request and reports them with the finished request; reports each
@@ -37,12 +41,13 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_dllm.config import DllmParamError, parse_dllm_params
+from vllm_dllm.config import DllmParamError, DllmParams, parse_dllm_params
 from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.request import first_step_tokens
 from vllm_dllm.engine.compat import scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
+from vllm_dllm.engine.prefix_cache import PrefixCache
 from vllm_dllm.families import family_of
 from vllm_dllm.logger import init_logger
 
@@ -55,6 +60,8 @@ class _Tracked:
     #: When the request last stepped (`time.time()`, as `Request.arrival_time`): the rotation's
     #: order.
     last_turn: float
+    #: Reads and writes the prefix cache (`PrefixCache.takes_part`).
+    caches: bool = False
     forwards: int = 0
     output_tokens: int = 0
     blocks: int | None = None
@@ -74,6 +81,10 @@ class DllmScheduler(Scheduler):
         self._rejected: dict[str, tuple[Request, str]] = {}
         self._family = family_of(self.vllm_config.model_config.hf_config)
         self._defaults = request_defaults(self.vllm_config.model_config, self._family)
+        self._prefix_cache = PrefixCache(
+            self.kv_cache_manager, self._family, self._defaults, self.block_size,
+            bool(self.cache_config.enable_prefix_caching),
+        )  # fmt: skip
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self.current_step += 1
@@ -99,30 +110,40 @@ class DllmScheduler(Scheduler):
                 admission = self._admission(head)
                 if admission is None:
                     continue  # rejected: finished with an error, no longer waiting
-                canvas_len, first_window = admission
+                canvas_len, dllm = admission
+                # Looked up at every attempt: a block evicted while the request waited is
+                # simply not a hit, and computed again.
+                hit_blocks, hit = self._prefix_cache.lookup(head, dllm)
+                first_window = first_step_tokens(dllm, head.num_prompt_tokens, hit)
                 if first_window > token_budget:
                     admitting = False  # its turn comes first in a later step
                     continue
-                blocks = self.kv_cache_manager.allocate_slots(head, canvas_len)
+                blocks = self.kv_cache_manager.allocate_slots(
+                    head, canvas_len - hit, num_new_computed_tokens=hit,
+                    new_computed_blocks=hit_blocks, delay_cache_blocks=True,
+                )  # fmt: skip
                 if blocks is None:
                     admitting = False  # no room for the whole canvas yet: wait, never preempt
                     continue
+                head.num_computed_tokens = hit
+                self._prefix_cache.admitted(head, dllm, hit)
                 self.waiting.pop_request()
                 self.running.append(head)
                 head.status = RequestStatus.RUNNING
                 if self.log_stats:
                     head.record_event(EngineCoreEventType.SCHEDULED, now)
                 if head.prefill_stats is not None:
-                    # The whole prompt is computed in the canvas's first forward (no prefix cache).
+                    # The rest of the prompt is computed in the canvas's first forward.
                     head.prefill_stats.set(
                         num_prompt_tokens=head.num_prompt_tokens,
-                        num_local_cached_tokens=0,
+                        num_local_cached_tokens=hit,
                         num_external_cached_tokens=0,
                     )
                 self._tracked[head.request_id] = _Tracked(
-                    next_window=first_window, last_turn=turn_stamp
-                )
-                new_blocks[head.request_id] = blocks
+                    next_window=first_window, last_turn=turn_stamp,
+                    caches=self._prefix_cache.takes_part(dllm),
+                )  # fmt: skip
+                new_blocks[head.request_id] = self.kv_cache_manager.get_blocks(head.request_id)
                 num_scheduled_tokens[head.request_id] = first_window
                 token_budget -= first_window
                 new_reqs.append(head)
@@ -169,9 +190,9 @@ class DllmScheduler(Scheduler):
             return (request.priority, since)
         return (since,)
 
-    def _admission(self, request: Request) -> tuple[int, int] | None:
-        """A waiting request's canvas length and first step's tokens; None (and queued as an
-        error) if invalid."""
+    def _admission(self, request: Request) -> tuple[int, DllmParams] | None:
+        """A waiting request's canvas length and parameters; None (and queued as an error) if
+        invalid."""
         params = request.sampling_params
         assert params is not None
         prompt_len = request.num_prompt_tokens
@@ -199,7 +220,7 @@ class DllmScheduler(Scheduler):
                 f"({self.max_num_scheduled_tokens}); a block's first step is one forward over it",
             )
             return None
-        return canvas_len, first_step_tokens(dllm, prompt_len)
+        return canvas_len, dllm
 
     def _reject(self, request: Request, reason: str) -> None:
         """Fail one request (its output goes out with the next step); the others carry on."""
@@ -214,6 +235,11 @@ class DllmScheduler(Scheduler):
             for req_id, window in model_runner_output.next_windows.items():
                 if req_id in self._tracked:
                     self._tracked[req_id].next_window = window
+            # Before vLLM frees the requests that finished this step.
+            for req_id, kv_final_end in model_runner_output.kv_final.items():
+                tracked = self._tracked.get(req_id)
+                if tracked is not None and tracked.caches:
+                    self._prefix_cache.final(self.requests[req_id], kv_final_end)
             for req_id, (blocks, early_stop) in model_runner_output.finished.items():
                 if req_id in self._tracked:
                     self._tracked[req_id].blocks = blocks
