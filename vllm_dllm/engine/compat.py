@@ -75,3 +75,12 @@ def fused_moe(**kwargs: Any) -> torch.nn.Module:
 
     build = getattr(layers, "FusedMoEFactory", None) or layers.FusedMoE
     return build(**kwargs)
+
+
+def grammar_wait_status() -> Any:
+    """The status of a request whose grammar vLLM is still compiling: vLLM 0.32's
+    `WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR`, `WAITING_FOR_FSM` up to 0.31."""
+    from vllm.v1.request import RequestStatus
+
+    status = getattr(RequestStatus, "WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR", None)
+    return status if status is not None else RequestStatus.WAITING_FOR_FSM

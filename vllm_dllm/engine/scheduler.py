@@ -40,7 +40,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_dllm.config import DllmParamError, parse_dllm_params
 from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.request import first_step_tokens
-from vllm_dllm.engine.compat import scheduler_output
+from vllm_dllm.engine.compat import grammar_wait_status, scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 from vllm_dllm.families import family_of
@@ -74,6 +74,7 @@ class DllmScheduler(Scheduler):
         self._rejected: dict[str, tuple[Request, str]] = {}
         self._family = family_of(self.vllm_config.model_config.hf_config)
         self._defaults = request_defaults(self.vllm_config.model_config, self._family)
+        self._grammar_wait = grammar_wait_status()
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self.current_step += 1
@@ -96,6 +97,11 @@ class DllmScheduler(Scheduler):
             if admitting and self.waiting and len(self.running) < self.max_num_running_reqs:
                 head = self.waiting.peek_request()
             if head is not None and (i == len(order) or self._turn(head) <= self._turn(order[i])):
+                if head.status == self._grammar_wait:
+                    if not self._grammar_compiled(head):
+                        admitting = head.is_finished()  # a failed grammar is out of the queue
+                        continue
+                    head.status = RequestStatus.WAITING
                 admission = self._admission(head)
                 if admission is None:
                     continue  # rejected: finished with an error, no longer waiting
@@ -168,6 +174,16 @@ class DllmScheduler(Scheduler):
         if self.policy == SchedulingPolicy.PRIORITY:
             return (request.priority, since)
         return (since,)
+
+    def _grammar_compiled(self, request: Request) -> bool:
+        """Whether vLLM finished compiling a constrained request's grammar (in the background,
+        as it does for every model); a grammar that failed fails its request alone."""
+        spec = request.structured_output_request
+        grammar = None if spec is None else spec.grammar
+        if isinstance(grammar, Exception):
+            self._reject(request, f"structured_outputs: the grammar did not compile: {grammar}")
+            return False
+        return grammar is not None
 
     def _admission(self, request: Request) -> tuple[int, int] | None:
         """A waiting request's canvas length and first step's tokens; None (and queued as an

@@ -23,6 +23,7 @@ Nothing here knows vLLM: device functions are pure torch, the matcher is anythin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -116,3 +117,24 @@ def accepted_run(matcher: Matcher, committed: np.ndarray, frontier: int) -> int:
             break
         accepted += 1
     return accepted
+
+
+@dataclass(frozen=True)
+class FrontierMasks:
+    """The step's frontier rows and their bitmasks, on the device.
+
+    `rows` are the candidate rows of the frontiers (ascending) as the host knows them, so that
+    a chunk of candidate rows finds its frontiers without reading the device; `device_rows`
+    and `bitmask` (`[G, words]` int32) are the same rows and their bitmasks on the device.
+    """
+
+    rows: np.ndarray
+    device_rows: Tensor
+    bitmask: Tensor
+
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor] | None:
+        """(rows relative to `start`, bitmasks) of the frontiers among rows `[start, stop)`."""
+        lo, hi = np.searchsorted(self.rows, (start, stop))
+        if lo == hi:
+            return None
+        return self.device_rows[lo:hi].to(torch.int64) - start, self.bitmask[lo:hi]
