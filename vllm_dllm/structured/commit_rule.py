@@ -102,7 +102,9 @@ def clear_from_frontier(
     column = torch.arange(index.shape[-1], device=index.device).unsqueeze(0)
     start = frontier.unsqueeze(-1).to(column.dtype)
     clear = (start >= 0) & (column >= start) & (column < block_len.unsqueeze(-1))
-    tokens[index[clear]] = mask_token_id
+    # A dense write (no boolean indexing, which would read the device for its size); columns
+    # that share the sink rewrite its value unchanged.
+    tokens[index] = torch.where(clear, mask_token_id, tokens[index])
 
 
 def accepted_run(matcher: Matcher, committed: np.ndarray, frontier: int) -> int:
