@@ -87,3 +87,21 @@ def test_trained_model_answers_under_a_regex_in_parallel() -> None:
     assert text == "1112", results
     assert stats["forwards"] < len("1112"), results  # several digits in one forward
     assert results["free"][0] == "1112", results
+
+
+def test_a_constrained_step_still_reads_the_device_once(engine_pool, llada_tiny_dir) -> None:
+    """Bitmasks go up with the step, the matcher reads the step's one transfer back: a step
+    of a batch mixing constrained and free requests makes exactly one host read."""
+    from tests.worker_probes import start_counting_host_reads, stop_counting_host_reads
+
+    llm = engine_pool.engine("llada_structured", llada_tiny_dir, **NO_FREE_WHITESPACE)
+    constrained = cases(4)
+    params = [_params(c.spec) for c in constrained] + [_params(None), _params(None, 5, 1.0)]
+    llm.collective_rpc(start_counting_host_reads)
+    try:
+        llm.generate([f"Q{i}:" for i in range(len(params))], params, use_tqdm=False)
+    finally:
+        (records,) = llm.collective_rpc(stop_counting_host_reads)
+    steps = [calls for num_reqs, calls in records if num_reqs]
+    assert max(num_reqs for num_reqs, _ in records) > len(constrained), records
+    assert steps and all(calls == ["cpu"] for calls in steps), records
