@@ -71,7 +71,7 @@ def test_raised_frontier_is_what_every_rule_picks_first() -> None:
     candidates = torch.tensor([[False, True, True, True]] * 2)
     frontier = torch.tensor([[False, True, False, False]] * 2)
     rules = torch.tensor([SelectionRule.STEPS, SelectionRule.ENTROPY_BOUNDED])
-    raised = raise_frontier(confidence, frontier, rules)
+    raised = raise_frontier(confidence, frontier, rules == SelectionRule.ENTROPY_BOUNDED)
     chosen = select(raised, candidates, rules, torch.tensor([0.9, 0.9]), torch.ones(2),
                     torch.tensor([1, 1]), torch.tensor([0.015, 0.015]))  # fmt: skip
     # Quota 1: the frontier instead of the most confident column; entropy: the frontier's 0
@@ -116,7 +116,7 @@ def _decode(compiler: xgr.GrammarCompiler, grammar: xgr.CompiledGrammar, length:
         masked = canvas.eq(MASK).unsqueeze(0)
         is_frontier = torch.arange(length).eq(frontier).unsqueeze(0)
         rules = torch.tensor([rule])
-        raised = raise_frontier(confidence.unsqueeze(0), is_frontier, rules)
+        raised = raise_frontier(confidence.unsqueeze(0), is_frontier, rules == SelectionRule.ENTROPY_BOUNDED)
         chosen = select(raised, masked, rules, torch.tensor([0.3]), torch.ones(1),
                         torch.tensor([2]), torch.tensor([1.0]))  # fmt: skip
         chosen = constrain_selection(chosen, torch.tensor([frontier]))[0]

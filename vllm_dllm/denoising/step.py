@@ -514,7 +514,8 @@ def commit(
     if shape.grammar is not None:
         column = torch.arange(shape.block_width, device=dense_conf.device)
         is_frontier = cand.masked & (column == meta[Field.FRONTIER].unsqueeze(-1))
-        dense_conf = raise_frontier(dense_conf, is_frontier, meta[Field.RULE])
+        by_entropy = meta[Field.RULE] == SelectionRule.ENTROPY_BOUNDED
+        dense_conf = raise_frontier(dense_conf, is_frontier, by_entropy)
     chosen = select(
         dense_conf,
         cand.masked,

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vllm_dllm.sampling.selection import SelectionRule
-
 
 class Matcher(Protocol):
     """What the rule needs of a grammar matcher (xgrammar's `GrammarMatcher` has it)."""
@@ -56,15 +54,14 @@ def apply_token_bitmask_(scores: Tensor, rows: Tensor, bitmask: Tensor) -> None:
     scores[rows] = scores[rows].masked_fill(allowed == 0, float("-inf"))
 
 
-def raise_frontier(confidence: Tensor, is_frontier: Tensor, rule_id: Tensor) -> Tensor:
+def raise_frontier(confidence: Tensor, is_frontier: Tensor, by_entropy: Tensor) -> Tensor:
     """Scores `[N, B]` with each frontier raised above every other candidate of its row.
 
-    `+inf` wins every rule that ranks by score; the entropy-bounded rule sums negative
-    scores, so there the frontier gets 0 (no entropy), the best a negative entropy can be,
-    and wins the tie as the lowest candidate position.
+    `+inf` wins every rule that ranks by score; the entropy-bounded rule (rows where
+    `by_entropy` `[N]` is set) sums negative scores, so there the frontier gets 0 (no entropy),
+    the best a negative entropy can be, and wins the tie as the lowest candidate position.
     """
-    entropy_rule = (rule_id == SelectionRule.ENTROPY_BOUNDED).unsqueeze(-1)
-    top = torch.where(entropy_rule, 0.0, float("inf")).to(confidence.dtype)
+    top = torch.where(by_entropy.unsqueeze(-1), 0.0, float("inf")).to(confidence.dtype)
     return torch.where(is_frontier, top, confidence)
 
 
