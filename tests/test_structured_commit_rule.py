@@ -116,7 +116,8 @@ def _decode(compiler: xgr.GrammarCompiler, grammar: xgr.CompiledGrammar, length:
         masked = canvas.eq(MASK).unsqueeze(0)
         is_frontier = torch.arange(length).eq(frontier).unsqueeze(0)
         rules = torch.tensor([rule])
-        raised = raise_frontier(confidence.unsqueeze(0), is_frontier, rules == SelectionRule.ENTROPY_BOUNDED)
+        by_entropy = rules == SelectionRule.ENTROPY_BOUNDED
+        raised = raise_frontier(confidence.unsqueeze(0), is_frontier, by_entropy)
         chosen = select(raised, masked, rules, torch.tensor([0.3]), torch.ones(1),
                         torch.tensor([2]), torch.tensor([1.0]))  # fmt: skip
         chosen = constrain_selection(chosen, torch.tensor([frontier]))[0]
