@@ -386,8 +386,6 @@ ASKING = {
     "bad_words": ["fox"],
     "use_beam_search": True,
     "length_penalty": 0.5,
-    "response_format": {"type": "json_object"},
-    "structured_outputs": {"regex": "[0-9]+"},
     "kv_transfer_params": {"do_remote_decode": True},
 }
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vllm_dllm.denoising.canvases import Canvases
-from vllm_dllm.denoising.request import RequestState
+from vllm_dllm.denoising.request import RequestState, Targets
 from vllm_dllm.sampling import (
     GUMBEL_STREAM,
     REMASK_STREAM,
@@ -30,6 +30,11 @@ from vllm_dllm.sampling import (
     uniform,
 )
 from vllm_dllm.sampling.logprobs import LogprobRows, logprob_columns
+from vllm_dllm.structured.commit_rule import (
+    clear_from_frontier,
+    constrain_selection,
+    raise_frontier,
+)
 
 
 class WindowField(IntEnum):
@@ -70,18 +75,20 @@ class Field(IntEnum):
     SCORE = 14
     #: The request's place among the step's requests that report log-probabilities (-1: none).
     LOGPROB_INDEX = 15
+    #: Block column of a constrained request's frontier (`vllm_dllm.structured`; -1: none).
+    FRONTIER = 16
     # float32 bit patterns:
-    TEMPERATURE = 16
-    THRESHOLD = 17
-    FACTOR = 18
+    TEMPERATURE = 17
+    THRESHOLD = 18
+    FACTOR = 19
     #: LLaDA 2.1's editing: committed positions may be rewritten above it (> 1: no editing).
-    EDIT_THRESHOLD = 19
-    TOP_P = 20
-    MIN_P = 21
+    EDIT_THRESHOLD = 20
+    TOP_P = 21
+    MIN_P = 22
     #: The entropy-bounded rule's bound on the summed entropy of a step's commits.
-    ENTROPY_BOUND = 22
+    ENTROPY_BOUND = 23
     #: Dream's `alg_temp` (0: the top scores; > 0: drawn in proportion to softmax(score / it)).
-    ALG_TEMP = 23
+    ALG_TEMP = 24
 
 
 NUM_WINDOW_FIELDS = len(WindowField)
@@ -105,6 +112,16 @@ class LogprobPlan:
     #: The most alternatives any of them asked for (every one gets that many computed).
     num_logprobs: int
     #: Their candidate rows (a request's rows are consecutive, in batch order), ascending.
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class GrammarPlan:
+    """The step's constrained requests, as the host knows them (`vllm_dllm.structured`)."""
+
+    #: Block column of each request's frontier (-1: unconstrained, or nothing to commit).
+    columns: np.ndarray
+    #: Candidate row of each frontier, in batch order (a frontier is its request's first row).
     rows: np.ndarray
 
 
@@ -135,15 +152,22 @@ class StepShape:
     block_lens: np.ndarray  # [N] int32
     #: None when no request of the step asked for log-probabilities: no work at all for them.
     logprobs: LogprobPlan | None = None
+    #: None when no request of the step is constrained: no grammar work at all.
+    grammar: GrammarPlan | None = None
 
 
 def pack(
     states: Sequence[RequestState],
     slots: Sequence[int],
     buffer: Callable[[int], np.ndarray],
+    frontiers: Sequence[int] | None = None,
 ) -> StepShape:
     """Write the step's per-window and per-request integers into `buffer(size)`, an int32 array
-    of at least `size` elements (the caller's pinned staging memory)."""
+    of at least `size` elements (the caller's pinned staging memory).
+
+    `frontiers`: the canvas position of each constrained request's frontier (-1 for the
+    others), or None when no request of the step is constrained.
+    """
     n = len(states)
     plans = [s.plan() for s in states]
     targets = [s.targets() for s in states]
@@ -169,7 +193,7 @@ def pack(
         fields[:, i] = (
             slots[i], query_start[last_window[i]], p.windows[-1].start, t.block_start,
             t.block_len, t.lo, t.hi, t.rule, t.quota, s.remasks_randomly, _low_word(s.seed),
-            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, int(s.score_kind), logprob_index[i],
+            (s.seed >> 32) & 0x7FFFFFFF, s.steps, 0, int(s.score_kind), logprob_index[i], -1,
             0, 0, 0, 0, 0, 0, 0, 0,
         )  # fmt: skip
         temperature = 0.0 if t.greedy else s.temperature
@@ -181,6 +205,10 @@ def pack(
                         s.params.factor or 1.0, edit, top_p, min_p, s.params.eb_threshold or 0.0,
                         s.params.alg_temp or 0.0)  # fmt: skip
     fields[Field.TEMPERATURE :] = floats.view(np.int32)
+    grammar = None
+    if frontiers is not None:
+        grammar = _grammar_plan(frontiers, targets, first_row)
+        fields[Field.FRONTIER] = grammar.columns
     return StepShape(
         num_reqs=n,
         num_windows=num_windows,
@@ -205,7 +233,27 @@ def pack(
             {i: s.logprobs.num_logprobs for i, s in enumerate(states) if s.logprobs is not None},
             first_row,
         ),
+        grammar=grammar,
     )
+
+
+def _grammar_plan(
+    frontiers: Sequence[int], targets: Sequence[Targets], first_row: np.ndarray
+) -> GrammarPlan:
+    """Each constrained request's frontier column; under the commit rule it is the lowest
+    candidate of its block, so its row is the request's first."""
+    columns = np.full(len(targets), -1, dtype=np.int32)
+    for i, (position, t) in enumerate(zip(frontiers, targets, strict=True)):
+        if position < 0 or t.num_candidates == 0:
+            continue
+        column = position - t.block_start
+        if not t.lo <= column < t.hi:
+            raise RuntimeError(
+                f"a constrained request's frontier (block column {column}) is outside the "
+                f"columns [{t.lo}, {t.hi}) its step may commit"
+            )
+        columns[i] = column
+    return GrammarPlan(columns, first_row[:-1][columns >= 0].astype(np.int64))
 
 
 def _logprob_plan(num_logprobs: dict[int, int], first_row: np.ndarray) -> LogprobPlan | None:
@@ -282,6 +330,19 @@ def window_inputs(
     input_ids.copy_(canvases.tokens[slot_mapping])
     slot_mapping[shape.num_tokens :] = -1
     return slot_mapping
+
+
+def clear_rejected(canvases: Canvases, meta: StepTensors, shape: StepShape) -> None:
+    """MASK back at every constrained request's block columns from its frontier on: the
+    tokens its matcher rejected in the previous step (`vllm_dllm.structured.commit_rule`).
+    Runs before the forward, so no forward sees them."""
+    column = torch.arange(shape.block_width, device=meta.fields.device)
+    positions = (meta[Field.BLOCK_START].unsqueeze(-1) + column).to(torch.int64)
+    inside = column < meta[Field.BLOCK_LEN].unsqueeze(-1)
+    positions = torch.where(inside, positions, canvases.sink)
+    index = canvases.index(meta[Field.SLOT].to(torch.int64).unsqueeze(-1), positions)
+    clear_from_frontier(canvases.tokens, index, meta[Field.FRONTIER], meta[Field.BLOCK_LEN],
+                        canvases.mask_token_id)  # fmt: skip
 
 
 @dataclass
@@ -450,6 +511,11 @@ def commit(
     )
     dense_conf = dense_conf.view(shape.num_reqs, -1)
     dense_x0 = dense_x0.view(shape.num_reqs, -1)
+    if shape.grammar is not None:
+        column = torch.arange(shape.block_width, device=dense_conf.device)
+        is_frontier = cand.masked & (column == meta[Field.FRONTIER].unsqueeze(-1))
+        by_entropy = meta[Field.RULE] == SelectionRule.ENTROPY_BOUNDED
+        dense_conf = raise_frontier(dense_conf, is_frontier, by_entropy)
     chosen = select(
         dense_conf,
         cand.masked,
@@ -465,6 +531,8 @@ def commit(
         & dense_x0.ne(cand.values)
         & (dense_conf > meta[Field.EDIT_THRESHOLD].unsqueeze(-1))
     )
+    if shape.grammar is not None:
+        chosen = constrain_selection(chosen, meta[Field.FRONTIER]) & cand.mask
     new_values = torch.where(chosen, dense_x0, cand.values)
     slot = meta[Field.SLOT].to(torch.int64).unsqueeze(-1)
     canvases.tokens[canvases.index(slot, cand.positions)] = new_values

@@ -88,3 +88,12 @@ def record_prefix_cache_hit(manager: Any, request: Any, num_hits: int) -> None:
     record = getattr(manager, "record_prefix_cache_stats", None)
     if record is not None:
         record(request, num_hits)
+
+
+def grammar_wait_status() -> Any:
+    """The status of a request whose grammar vLLM is still compiling: vLLM 0.32's
+    `WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR`, `WAITING_FOR_FSM` up to 0.31."""
+    from vllm.v1.request import RequestStatus
+
+    status = getattr(RequestStatus, "WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR", None)
+    return status if status is not None else RequestStatus.WAITING_FOR_FSM

@@ -47,6 +47,7 @@ from vllm_dllm.denoising.step import (
     StepTensors,
     WindowField,
     candidates,
+    clear_rejected,
     commit,
     filters,
     hidden_rows,
@@ -63,6 +64,7 @@ from vllm_dllm.engine.logprobs import logprobs_lists
 from vllm_dllm.engine.outputs import DllmRunnerOutput
 from vllm_dllm.families import family_of, sampling_convention
 from vllm_dllm.sampling import propose_rows, rows_per_chunk, sampler_profile_bytes
+from vllm_dllm.structured.grammars import Grammars
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -106,6 +108,7 @@ class Denoiser:
         )
         self.states: dict[str, RequestState] = {}
         self.slots: dict[str, int] = {}
+        self.grammars = Grammars(runner.vllm_config, self.vocab_size, pin)
 
     # ---- request bookkeeping -------------------------------------------------------------
 
@@ -133,12 +136,14 @@ class Denoiser:
             state.logprobs = LogprobRecord(
                 num_logprobs, state.prompt_len, state.canvas_len - state.prompt_len
             )
+        self.grammars.add(new.req_id, sp, state.prompt_len)
         self.states[new.req_id] = state
         self.slots[new.req_id] = self.canvases.add(
             new.prompt_token_ids, state.canvas_len, new.block_ids[0], params.suffix
         )
 
     def _remove_request(self, req_id: str) -> None:
+        self.grammars.remove(req_id)
         if self.states.pop(req_id, None) is not None:
             self.canvases.release(self.slots.pop(req_id))
 
@@ -176,7 +181,7 @@ class Denoiser:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self.states[r] for r in req_ids]
         slots = [self.slots[r] for r in req_ids]
-        shape = pack(states, slots, self._staging)
+        shape = pack(states, slots, self._staging, self.grammars.frontiers(req_ids))
         if shape.num_tokens != scheduler_output.total_num_scheduled_tokens:
             raise RuntimeError(
                 f"scheduled {scheduler_output.total_num_scheduled_tokens} tokens, the step plans "
@@ -188,7 +193,15 @@ class Denoiser:
             shape.num_reqs,
             shape.num_windows,
         )
+        if shape.grammar is not None:
+            clear_rejected(self.canvases, meta, shape)
         hidden = self._forward(meta, shape)
+        token_masks = None
+        if shape.grammar is not None:
+            # Host grammar work while the device runs the forward.
+            token_masks = self.grammars.masks(
+                req_ids, shape.grammar.columns, shape.grammar.rows, self.device
+            )
         cand = candidates(self.canvases, meta, shape)
         temperature, noise_keys = sampling_inputs(meta, cand, shape)
         logprobs = None if shape.logprobs is None else logprob_rows(meta, cand, shape)
@@ -208,6 +221,7 @@ class Denoiser:
             filters=filters(meta, cand, shape, self.sampling.top_p_first),
             score_kinds=score_kinds(meta, cand, shape),
             logprobs=logprobs,
+            token_masks=token_masks,
         )
         packed = commit(self.canvases, meta, cand, shape, x0, confidence)
         if logprobs is not None:
@@ -230,6 +244,8 @@ class Denoiser:
         width = shape.block_width
         commits = result[: shape.num_reqs * (width + 1)].reshape(shape.num_reqs, width + 1)
         committed, first_masked = commits[:, :width], commits[:, width]
+        if shape.grammar is not None:
+            self.grammars.check(req_ids, shape.grammar.columns, committed, first_masked)
         grid = None
         if shape.logprobs is not None:
             grid = result[commits.size :].reshape(shape.logprobs.num_requests, width, -1)

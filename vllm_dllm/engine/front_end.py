@@ -45,6 +45,7 @@ from vllm_dllm.engine.request_validation import validate_request
 from vllm_dllm.families import BIDIRECTIONAL, Family, family_of
 from vllm_dllm.infill import SUFFIX_KEY, DllmSuffixError, with_canvas_suffix
 from vllm_dllm.param_values import DllmParamError, check_extra_args
+from vllm_dllm.structured.requests import is_constrained, loop_refusal
 
 
 def fitted_max_tokens(
@@ -75,6 +76,9 @@ def fitted_max_tokens(
         defaults = server_defaults()
     try:
         dllm = parse_dllm_params(params.extra_args, params.max_tokens, defaults, family)
+        refusal = loop_refusal(dllm) if is_constrained(params) else None
+        if refusal is not None:
+            raise VLLMValidationError(refusal[0], parameter=refusal[1])
         if dllm.canvas_length(prompt_len) <= max_canvas_len:
             return params.max_tokens
         block = dllm.block_length

@@ -14,10 +14,11 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from vllm_dllm.param_values import DllmParamError, check_dllm_args
+from vllm_dllm.structured.requests import backend_refusal
 
 # SamplingParams fields the denoising sampler does not implement, with their neutral values.
 # (`top_k`, `top_p` and `min_p` are implemented: `vllm_dllm.sampling.filtering`; so is
-# `logprobs`: `vllm_dllm.sampling.logprobs`.)
+# `logprobs`: `vllm_dllm.sampling.logprobs`; `structured_outputs`: `vllm_dllm.structured`.)
 _UNSUPPORTED = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
@@ -28,7 +29,6 @@ _UNSUPPORTED = {
     "logit_bias": None,
     "allowed_token_ids": None,
     "bad_words": None,
-    "structured_outputs": None,
 }
 
 
@@ -52,6 +52,9 @@ def validate_request(params: SamplingParams) -> None:
                 parameter=name,
                 value=value,
             )
+    refusal = backend_refusal(params)
+    if refusal is not None:
+        raise VLLMValidationError(refusal, parameter="structured_outputs")
     # Checks that need the model's family or the prompt run right after vLLM's own input
     # processing (`vllm_dllm.engine.front_end`), which knows both; the scheduler re-checks.
     try:

@@ -31,6 +31,7 @@ fixed canvas `prompt ++ [MASK] * G` every step. So this scheduler:
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from vllm import envs
@@ -44,7 +45,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_dllm.config import DllmParamError, DllmParams, parse_dllm_params
 from vllm_dllm.defaults import request_defaults
 from vllm_dllm.denoising.request import first_step_tokens
-from vllm_dllm.engine.compat import scheduler_output
+from vllm_dllm.engine.compat import grammar_wait_status, scheduler_output
 from vllm_dllm.engine.metrics import DllmMetrics
 from vllm_dllm.engine.outputs import DllmRunnerOutput, request_stats
 from vllm_dllm.engine.prefix_cache import PrefixCache
@@ -68,6 +69,10 @@ class _Tracked:
     early_stop: bool | None = None
 
 
+#: Longest a step's admission waits for grammars being compiled (seconds, in all).
+GRAMMAR_WAIT_S = 0.05
+
+
 class DllmScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -85,6 +90,7 @@ class DllmScheduler(Scheduler):
             self.kv_cache_manager, self._family, self._defaults, self.block_size,
             bool(self.cache_config.enable_prefix_caching),
         )  # fmt: skip
+        self._grammar_wait = grammar_wait_status()
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         self.current_step += 1
@@ -101,12 +107,21 @@ class DllmScheduler(Scheduler):
         # waiting (`_turn`). Admission stays first come, first served (or by priority).
         order = sorted(self.running, key=self._turn)
         admitting = True
+        compiling: list[Request] = []
         i = 0
         while True:
             head = None
             if admitting and self.waiting and len(self.running) < self.max_num_running_reqs:
                 head = self.waiting.peek_request()
             if head is not None and (i == len(order) or self._turn(head) <= self._turn(order[i])):
+                if head.status == self._grammar_wait:
+                    if not self._grammar_compiled(head, now + GRAMMAR_WAIT_S):
+                        # Still compiling: skipped this step, as vLLM skips it (a failed
+                        # grammar has already left the queue).
+                        if not head.is_finished():
+                            compiling.append(self.waiting.pop_request())
+                        continue
+                    head.status = RequestStatus.WAITING
                 admission = self._admission(head)
                 if admission is None:
                     continue  # rejected: finished with an error, no longer waiting
@@ -160,6 +175,8 @@ class DllmScheduler(Scheduler):
             tracked.last_turn = turn_stamp
             running.append(request)
 
+        if compiling:
+            self.waiting.prepend_requests(reversed(compiling))  # extendleft reverses
         for req_id, n in num_scheduled_tokens.items():
             self.requests[req_id].num_in_flight_tokens += n
             self._tracked[req_id].forwards += 1
@@ -189,6 +206,24 @@ class DllmScheduler(Scheduler):
         if self.policy == SchedulingPolicy.PRIORITY:
             return (request.priority, since)
         return (since,)
+
+    def _grammar_compiled(self, request: Request, deadline: float) -> bool:
+        """Whether vLLM finished compiling a constrained request's grammar (in the background,
+        as it does for every model); a grammar that failed fails its request alone.
+
+        A compilation still running is waited for until `deadline` (`time.monotonic`): a
+        cached grammar takes milliseconds, and a request left for the next step would cost a
+        whole extra forward for it (batches arriving together would be split).
+        """
+        spec = request.structured_output_request
+        pending = None if spec is None else getattr(spec, "_grammar", None)
+        if isinstance(pending, Future) and not pending.done():
+            wait([pending], timeout=max(0.0, deadline - time.monotonic()))
+        grammar = None if spec is None else spec.grammar
+        if isinstance(grammar, Exception):
+            self._reject(request, f"structured_outputs: the grammar did not compile: {grammar}")
+            return False
+        return grammar is not None
 
     def _admission(self, request: Request) -> tuple[int, DllmParams] | None:
         """A waiting request's canvas length and parameters; None (and queued as an error) if

@@ -46,8 +46,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
-    "response_format": (None, {"type": "text"}),
-    "structured_outputs": (None,),
     "kv_transfer_params": (None,),
 }
 

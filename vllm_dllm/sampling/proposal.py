@@ -19,6 +19,7 @@ from torch import Tensor
 from vllm_dllm.sampling.filtering import FILTER_BYTES_PER_LOGIT, Filters, apply_filters_
 from vllm_dllm.sampling.logprobs import LogprobRows, token_logprobs
 from vllm_dllm.sampling.noise import gumbel
+from vllm_dllm.structured.commit_rule import FrontierMasks, apply_token_bitmask_
 
 
 class ScoreKind(IntEnum):
@@ -93,6 +94,7 @@ def propose(
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
     logprobs: LogprobRows | None = None,
+    token_masks: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Propose `x0` for every row and its confidence `softmax(logits)[x0]`.
 
@@ -123,6 +125,10 @@ def propose(
             written into `logprobs.out`: under the distribution the row's token was drawn from,
             the filtered logits divided by the temperature (greedy rows: the raw logits). The
             proposal itself does not depend on them.
+        token_masks: (rows, bitmasks) of rows whose tokens a grammar restricts
+            (`vllm_dllm.structured`): forbidden tokens get logit `-inf` before anything else,
+            so the draw, the confidence and the log-probabilities are those of the allowed
+            tokens. None when no row is constrained.
 
     Returns:
         `x0` (`[N]` int64) and `confidence` (`[N]` float32), computed as
@@ -132,6 +138,8 @@ def propose(
     """
     scores = logits.to(torch.float32, copy=True)
     scores[:, mask_token_id] = float("-inf")
+    if token_masks is not None:
+        apply_token_bitmask_(scores, *token_masks)
     log_normaliser: Tensor | None = None
     if noise_keys is None:
         x0 = scores.argmax(dim=-1)
@@ -191,6 +199,7 @@ def propose_rows(
     filters: Filters | None = None,
     score_kinds: Tensor | None = None,
     logprobs: LogprobRows | None = None,
+    token_masks: FrontierMasks | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propose` over the logits of `hidden` rows, computed and consumed `max_rows` at a time.
 
@@ -208,5 +217,6 @@ def propose_rows(
             tempered_confidence, None if filters is None else filters.rows(rows),
             None if score_kinds is None else score_kinds[rows],
             None if logprobs is None else logprobs.chunk(start, start + max_rows),
+            None if token_masks is None else token_masks.chunk(start, start + max_rows),
         )  # fmt: skip
     return x0, confidence

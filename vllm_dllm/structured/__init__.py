@@ -1,0 +1,1 @@
+"""Structured output for diffusion models: a grammar enforced at commit (`commit_rule`)."""
