@@ -4,8 +4,9 @@ One real `vllm-dllm serve` subprocess per family (module-scoped, the first shut 
 second starts), talked to with the `openai` client and compared with the session's offline
 engine on the same checkpoint: completions and chats (ChatML; LLaDA 2's role template) token for
 token, streams against
-the non-streamed text, the engine statistics in `kv_transfer_params`, and a parameter the family
-does not take answered with a 400 that names it, after which the server still answers. The SDAR
+the non-streamed text, the engine statistics in `kv_transfer_params`, a parameter the family
+does not take answered with a 400 that names it, after which the server still answers, and
+structured-output requests answered within their grammar. The SDAR
 and LLaDA 2.x servers run with a server-wide `dllm_steps` (steps per block, so it fits every
 prompt length).
 """
@@ -13,6 +14,7 @@ prompt length).
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -21,6 +23,8 @@ from vllm import SamplingParams
 
 from tests.engines import server_args
 from tests.server import Server, assert_completion_equals_offline, metric_value
+from tests.structured_cases import MAX_TOKENS as CONSTRAINED_MAX_TOKENS
+from tests.structured_cases import cases
 from vllm_dllm.testing.block_checkpoints import IM_END, IM_START
 from vllm_dllm.testing.llada2_checkpoints import ROLE_END
 
@@ -94,7 +98,9 @@ def server(family, request, tmp_path_factory):
     server = Server(
         checkpoint,
         server_args(FAMILIES[family]["model"])
-        + (["--dllm-defaults", json.dumps(defaults)] if defaults else []),
+        + (["--dllm-defaults", json.dumps(defaults)] if defaults else [])
+        # JSON without free whitespace: a random model would pad a constrained answer with it.
+        + ["--structured-outputs-config", json.dumps({"disable_any_whitespace": True})],
         tmp_path_factory.mktemp(f"{family}_server") / "server.log",
     )
     server.wait_ready()
@@ -285,3 +291,29 @@ def test_shared_prefix_hits_the_prefix_cache_and_answers_as_a_cold_run(family, c
     assert metric_value(server, "vllm:prefix_cache_hits_total") - hits >= 256
     assert metric_value(server, "vllm:prefix_cache_queries_total") - queries >= 2 * 300
 
+
+
+def test_constrained_requests_validate_and_stream_alike(family, client):
+    """Structured output through the family's server: JSON schemas, regexes and choices,
+    greedy and seeded, each answer valid and ended by the grammar (`stop`), a stream of each
+    kind showing the same text as the whole answer."""
+    model = FAMILIES[family]["model"]
+
+    def ask(i: int, spec: dict, **options):
+        return client.completions.create(
+            model=model, prompt=f"Answer {i}:", max_tokens=CONSTRAINED_MAX_TOKENS,
+            temperature=(0.0, 1.0)[i % 2], seed=i, extra_body={"structured_outputs": spec},
+            **options,
+        )  # fmt: skip
+
+    constrained = cases(11)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: ask(i, constrained[i].spec).choices[0],
+                                range(len(constrained))))  # fmt: skip
+    for case, answer in zip(constrained, answers, strict=True):
+        assert answer.finish_reason == "stop", (case.spec, answer.text)
+        assert case.valid(answer.text), (case.spec, answer.text)
+    for i in (0, 4, 8):  # one JSON schema, one regex, one choice
+        chunks = list(ask(i, constrained[i].spec, stream=True))
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert streamed == answers[i].text, constrained[i].spec

@@ -113,7 +113,7 @@ def test_checkpoint_writer_help_names_every_family():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m vllm_dllm.testing.checkpoints")
     text = " ".join(result.stdout.split())
-    assert "(LLaDA, Dream, Fast-dLLM v2, SDAR, LLaDA 2.x)" in text
+    assert "(LLaDA, Dream, Fast-dLLM v2, SDAR, LLaDA 2.x, LLaDA-MoE)" in text
 
 
 EXAMPLE_SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
