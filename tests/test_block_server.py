@@ -30,6 +30,9 @@ from vllm_dllm.testing.llada2_checkpoints import ROLE_END
 
 pytestmark = pytest.mark.server
 
+#: vLLM's structured-output options for these servers: JSON without free whitespace.
+NO_FREE_WHITESPACE = {"backend": "xgrammar", "disable_any_whitespace": True}
+
 #: Per family: served name, the parameters the equality tests send, and requests the family
 #: refuses (parameters of other families, or values outside its own) with the name to expect.
 FAMILIES = {
@@ -100,7 +103,7 @@ def server(family, request, tmp_path_factory):
         server_args(FAMILIES[family]["model"])
         + (["--dllm-defaults", json.dumps(defaults)] if defaults else [])
         # JSON without free whitespace: a random model would pad a constrained answer with it.
-        + ["--structured-outputs-config", json.dumps({"disable_any_whitespace": True})],
+        + ["--structured-outputs-config", json.dumps(NO_FREE_WHITESPACE)],
         tmp_path_factory.mktemp(f"{family}_server") / "server.log",
     )
     server.wait_ready()
