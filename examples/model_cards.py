@@ -23,17 +23,20 @@ from typing import Any
 
 from openai import OpenAI
 
+#: LLaDA's generate() from its release, which LLaDA-MoE's card uses unchanged.
+LLADA_CARD: dict[str, Any] = {
+    "call": "generate(model, input_ids, steps=128, gen_length=128, block_length=32, "
+    "temperature=0., cfg_scale=0., remasking='low_confidence')",
+    "max_tokens": 128,
+    "fields": {"temperature": 0.0},
+    "xargs": {"dllm_steps": 128, "dllm_block_length": 32, "dllm_cache": "none",
+              "dllm_remasking": "low_confidence"},  # fmt: skip
+    "steps_per_generation": True,
+}
+
 #: family -> the card's call, its generation length, and the equivalent request fields.
 CARDS: dict[str, dict[str, Any]] = {
-    "llada": {
-        "call": "generate(model, input_ids, steps=128, gen_length=128, block_length=32, "
-        "temperature=0., cfg_scale=0., remasking='low_confidence')",
-        "max_tokens": 128,
-        "fields": {"temperature": 0.0},
-        "xargs": {"dllm_steps": 128, "dllm_block_length": 32, "dllm_cache": "none",
-                  "dllm_remasking": "low_confidence"},  # fmt: skip
-        "steps_per_generation": True,
-    },
+    "llada": LLADA_CARD,
     "dream": {
         "call": "model.diffusion_generate(input_ids, max_new_tokens=512, steps=512, "
         "temperature=0.2, top_p=0.95, alg='entropy', alg_temp=0.)",
@@ -42,15 +45,7 @@ CARDS: dict[str, dict[str, Any]] = {
         "xargs": {"dllm_alg": "entropy", "dllm_alg_temp": 0.0, "dllm_steps": 512},
         "steps_per_generation": True,
     },
-    "llada_moe": {
-        "call": "generate(model, input_ids, steps=128, gen_length=128, block_length=32, "
-        "temperature=0., cfg_scale=0., remasking='low_confidence')",
-        "max_tokens": 128,
-        "fields": {"temperature": 0.0},
-        "xargs": {"dllm_steps": 128, "dllm_block_length": 32, "dllm_cache": "none",
-                  "dllm_remasking": "low_confidence"},  # fmt: skip
-        "steps_per_generation": True,
-    },
+    "llada_moe": LLADA_CARD,
     "diffucoder": {
         "call": "model.diffusion_generate(input_ids, attention_mask=attention_mask, "
         "max_new_tokens=256, steps=256, temperature=0.4, top_p=0.95, alg='entropy', "

@@ -281,16 +281,20 @@ def plugin_log(caplog):
         logger.propagate = propagate
 
 
+def plugin_lines(caplog, level: int) -> list[str]:
+    """The messages the plugin logged at `level`."""
+    from vllm_dllm.logger import ROOT
+
+    return [
+        r.getMessage() for r in caplog.records if r.name.startswith(ROOT) and r.levelno == level
+    ]
+
+
 def test_start_up_says_what_the_plugin_set_and_what_it_overrode(llada_tiny_dir, caplog):
     """One INFO line with the plugin's settings; a WARNING naming an explicit setting it turns
     off (vLLM's `--enable-prefix-caching`)."""
-    from vllm_dllm.logger import ROOT
-
     def lines(level: int) -> list[str]:
-        return [
-            r.getMessage() for r in caplog.records
-            if r.name.startswith(ROOT) and r.levelno == level
-        ]  # fmt: skip
+        return plugin_lines(caplog, level)
 
     with plugin_log(caplog):
         engine_config(llada_tiny_dir)
@@ -320,13 +324,8 @@ def test_prefix_caching_stays_on_for_block_diffusion_and_warns_for_dream(
     """Block-diffusion families keep vLLM's prefix caching (on by default, off when asked); an
     explicit request for it on Dream is overridden with a WARNING that names the setting, the
     model and the reason."""
-    from vllm_dllm.logger import ROOT
-
     def lines(level: int) -> list[str]:
-        return [
-            r.getMessage() for r in caplog.records
-            if r.name.startswith(ROOT) and r.levelno == level
-        ]  # fmt: skip
+        return plugin_lines(caplog, level)
 
     with plugin_log(caplog):
         assert engine_config(sdar_tiny_dir).cache_config.enable_prefix_caching is True
