@@ -15,6 +15,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+# Under pytest-xdist the workers share the machine's cores: one worker's torch (its oracles, its
+# in-process engines, the servers it starts) running a thread per core beside the other's
+# oversubscribes them, and OpenMP's spinning threads then run several times slower. Each worker
+# gets its share of the cores (read by torch when it is imported, and by the processes it starts).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault(
+        "OMP_NUM_THREADS",
+        str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))),
+    )
+
+from tests.engines import stop_engine  # noqa: E402 (after the thread count)
 from vllm_dllm.testing.block_checkpoints import (
     write_fast_dllm_v2_checkpoint,
     write_sdar_checkpoint,
@@ -335,7 +346,7 @@ class EnginePool:
             return self.engines[name]
         while len(self.engines) >= self.capacity:
             oldest = next(iter(self.engines))
-            self.engines.pop(oldest).llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+            stop_engine(self.engines.pop(oldest))
         self.engines[name] = start()
         return self.engines[name]
 
@@ -347,7 +358,7 @@ class EnginePool:
 
     def close(self) -> None:
         for llm in self.engines.values():
-            llm.llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+            stop_engine(llm)
         self.engines.clear()
 
 

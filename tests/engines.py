@@ -26,10 +26,22 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 MAX_MODEL_LEN = 512
 
 
-def start_engine(checkpoint: Path, **kwargs):
-    """A real `vllm.LLM` on `checkpoint` in fp32 (exact comparisons with the oracle)."""
+def start_engine(checkpoint: Path, *, in_process: bool = True, **kwargs):
+    """A real `vllm.LLM` on `checkpoint` in fp32 (exact comparisons with the oracle).
+
+    `in_process` runs vLLM's engine core and its one worker in this process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, vLLM's single-process executor), as vLLM's own tests
+    do. On CPU the default start spawns an engine-core process and a worker process, each of
+    which imports vLLM again: about 40 s on 2 cores, against under 10 s in process. The
+    scheduler, worker, model and step are the same objects either way; the servers, the
+    tensor-parallel and Ray engines, and the server-against-offline comparisons keep vLLM's
+    process layout, so the hand-over between processes is tested there.
+    """
+    import gc
+
     from vllm import LLM
 
+    gc.collect()  # the memory of engines stopped before (`stop_engine`)
     options = dict(
         model=str(checkpoint),
         dtype="float32",
@@ -39,7 +51,42 @@ def start_engine(checkpoint: Path, **kwargs):
         seed=0,
     )
     options.update(kwargs)
-    return LLM(**options)
+    if not in_process:
+        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}):
+            return LLM(**options)
+    import vllm.envs
+
+    try:
+        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+            return LLM(**options)
+    finally:
+        # The in-process engine core froze vLLM's view of the environment
+        # (`enable_envs_cache`); later engines in this process read theirs afresh.
+        vllm.envs.disable_envs_cache()
+
+
+def dllm_score(llm, canvas: list[int], windows: list[tuple[int, ...]]) -> list:
+    """The worker diagnostic `dllm_score` on every rank (`collective_rpc`'s list).
+
+    It runs only on an idle engine. An engine in this process hands the requests that finished
+    to its worker at the next step, which `LLM.generate` does not take (vLLM's engine-core
+    process takes it by itself), so that step is taken here first.
+    """
+    engine_core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in process only
+    if engine_core is not None and engine_core.scheduler.has_finished_requests():
+        llm.llm_engine.step()
+    return llm.collective_rpc("dllm_score", args=(canvas, windows))
+
+
+def stop_engine(llm) -> None:
+    """Shuts `llm` down. An engine in this process holds its model and KV cache until the
+    garbage collector frees them, once nothing refers to `llm`: vLLM froze its start-up heap out
+    of the collector's reach (`gc.freeze`), so that is undone here, and `start_engine` collects
+    before it starts the next engine."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.unfreeze()
 
 
 def server_args(served_model_name: str) -> list[str]:
@@ -122,6 +169,7 @@ def start_tp2_engine(checkpoint: Path, **kwargs):
     with _environment(TP_ENGINE_ENV):
         return start_engine(
             checkpoint,
+            in_process=False,
             tensor_parallel_size=2,
             distributed_executor_backend="mp",
             worker_extension_cls=f"{__name__}.CanvasRecorder",

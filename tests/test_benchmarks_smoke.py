@@ -22,7 +22,11 @@ from vllm_dllm.testing.checkpoints import write_llada_checkpoint
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
     out = tmp_path_factory.mktemp("bench_out")
-    doc = run.main(["--smoke", "--out", str(out)])
+    # The job's engine runs in its process (vLLM's single-process engine core, see
+    # `tests.engines.start_engine`): the smoke test checks what is measured and written.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        doc = run.main(["--smoke", "--out", str(out)])
     return doc, out
 
 

@@ -16,7 +16,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids
+from tests.engines import dllm_score, end_token_ids
 from tests.oracle_cache import memoized
 from tests.reference.block_generate import generate_fast_dllm_v2, generate_sdar
 from tests.reference.block_model import BlockReferenceModel
@@ -365,7 +365,7 @@ def test_engine_block_causal_logits_equal_oracle(family, request):
     mask = model.spec.mask_token_id
     canvas = [(11 * i) % 250 + 1 for i in range(2 * block + 3)] + [mask] * (block - 3)
     windows = [(s, s + block, s + block) for s in range(0, len(canvas), block)]
-    (per_block,) = llm.collective_rpc("dllm_score", args=(canvas, windows))
+    (per_block,) = dllm_score(llm, canvas, windows)
     expected = model.forward(torch.tensor(canvas), 0, model.new_cache(), block_size=block)
     assert_forward_close(torch.cat([torch.tensor(rows) for rows in per_block]), expected, model)
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from tests.engines import dllm_score
 from tests.reference.block_model import BlockModelSpec, BlockReferenceModel
 from tests.tolerances import assert_forward_close
 from vllm_dllm.model_executor.models.block_diffusion import resolve_mask_token_id
@@ -210,6 +211,6 @@ def test_engine_logits_equal_oracle_within_one_block(family, request) -> None:
     for length in (oracle.spec.block_size, 27):
         canvas = (tokens + [mask] * 8 + [7, 8, 9] + [mask] * length)[:length]
         canvas[1] = mask  # a MASK inside even the shortest canvas
-        (logits,) = llm.collective_rpc("dllm_score", args=(canvas, [(0, length)]))[0]
+        (logits,) = dllm_score(llm, canvas, [(0, length)])[0]
         expected = oracle.forward(torch.tensor(canvas), 0, block_size=length)
         assert_forward_close(torch.tensor(logits), expected, oracle)

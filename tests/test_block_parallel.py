@@ -24,7 +24,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids, start_tp2_engine
+from tests.engines import dllm_score, end_token_ids, start_tp2_engine, stop_engine
 from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.tolerances import assert_forward_close
@@ -103,7 +103,7 @@ def tp2_engine(family, request):
     """A TP=2 engine on the family's tiny checkpoint; shut down before the next family's."""
     llm = start_tp2_engine(request.getfixturevalue(f"{family}_tiny_dir"))
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    stop_engine(llm)
 
 
 def _run(llm, cases):
@@ -174,7 +174,7 @@ def test_ranks_see_identical_block_causal_logits(family, tp2_engine, request):
     block, mask = model.spec.block_size, model.spec.mask_token_id
     canvas = [(11 * i) % 250 + 1 for i in range(2 * block + 3)] + [mask] * (block - 3)
     windows = [(s, s + block, s + block) for s in range(0, len(canvas), block)]
-    ranks = tp2_engine.collective_rpc("dllm_score", args=(canvas, windows))
+    ranks = dllm_score(tp2_engine, canvas, windows)
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     expected = model.forward(torch.tensor(canvas), 0, block_size=block)
     assert_forward_close(torch.cat([torch.tensor(rows) for rows in ranks[0]]), expected, model)

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 from vllm import SamplingParams
 
-from tests.engines import start_engine
+from tests.engines import start_engine, stop_engine
 from tests.reference import ReferenceModel
 from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
@@ -190,7 +190,7 @@ def block_compiled(request):
     checkpoint = request.getfixturevalue(f"{family}_tiny_dir")
     llm = start_engine(checkpoint, enforce_eager=False)
     yield family, llm, checkpoint
-    llm.llm_engine.engine_core.shutdown()
+    stop_engine(llm)
 
 
 def _block_cases(family: str, checkpoint) -> list[tuple[list[int], dict, object]]:

@@ -12,7 +12,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids
+from tests.engines import dllm_score, end_token_ids
 from tests.oracle_cache import memoized
 from tests.reference import ReferenceModel, generate
 from tests.tolerances import assert_decisive, assert_forward_close
@@ -195,7 +195,7 @@ def test_engine_logits_equal_oracle_dense_forward(engine_and_oracle):
     mask = oracle.spec.mask_token_id
     canvas = PROMPTS[1] + [mask] * 8 + [7, 8, 9] + [mask] * 13
     length = len(canvas)
-    (full,) = llm.collective_rpc("dllm_score", args=(canvas, [(0, length)]))[0]
+    (full,) = dllm_score(llm, canvas, [(0, length)])[0]
     expected = oracle.forward(torch.tensor(canvas), torch.arange(length))
     assert_forward_close(torch.tensor(full), expected, oracle)
 
@@ -207,7 +207,7 @@ def test_engine_cached_window_equals_full_forward(engine_and_oracle, window):
     canvas = PROMPTS[1] + [3, 4, 5, 6] * 8
     length, start = len(canvas), len(PROMPTS[1]) + 8
     end = length if window == "prefix" else start + 8
-    full, cached = llm.collective_rpc("dllm_score", args=(canvas, [(0, length), (start, end)]))[0]
+    full, cached = dllm_score(llm, canvas, [(0, length), (start, end)])[0]
     full = torch.tensor(full)
     assert_forward_close(torch.tensor(cached), full[start:end], oracle)
 

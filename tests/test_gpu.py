@@ -25,7 +25,7 @@ import torch
 from vllm import SamplingParams
 from vllm.config import CUDAGraphMode
 
-from tests.engines import start_engine
+from tests.engines import dllm_score, start_engine
 from tests.reference import ReferenceModel
 from tests.reference.block_model import BlockReferenceModel
 from tests.reference.llada2_model import LLaDA2ReferenceModel
@@ -80,6 +80,7 @@ def _start(checkpoint, backend: str, dtype: str, eager: bool, monkeypatch: pytes
         monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # read by the engine's workers
     return start_engine(
         checkpoint,
+        in_process=False,  # the process layout a GPU user runs
         dtype=dtype,
         enforce_eager=eager,
         attention_backend=backend,
@@ -145,7 +146,7 @@ def test_bf16_logits_are_close_to_the_float32_oracle(gpu_engine):
         oracle = ReferenceModel(checkpoint)
         mask = oracle.spec.mask_token_id
         canvas = PROMPTS[1] + [mask] * 8 + [7, 8, 9] + [mask] * 13
-        (rows,) = llm.collective_rpc("dllm_score", args=(canvas, [(0, len(canvas))]))[0]
+        (rows,) = dllm_score(llm, canvas, [(0, len(canvas))])[0]
         got = torch.tensor(rows)
         expected = oracle.forward(torch.tensor(canvas), torch.arange(len(canvas)))
     else:
@@ -155,7 +156,7 @@ def test_bf16_logits_are_close_to_the_float32_oracle(gpu_engine):
         mask = model.spec.mask_token_id
         canvas = [(11 * i) % 250 + 1 for i in range(2 * block + 3)] + [mask] * (block - 3)
         windows = [(s, s + block, s + block) for s in range(0, len(canvas), block)]
-        (per_block,) = llm.collective_rpc("dllm_score", args=(canvas, windows))
+        (per_block,) = dllm_score(llm, canvas, windows)
         got = torch.cat([torch.tensor(rows) for rows in per_block])
         expected = model.forward(torch.tensor(canvas), 0, model.new_cache(), block_size=block)
     torch.testing.assert_close(got, expected, atol=bf16_atol(expected), rtol=0)

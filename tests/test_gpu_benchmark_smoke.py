@@ -1,14 +1,15 @@
 """Smoke test of benchmarks/gpu.py, the GPU speed table: its tiny profile end to end on CPU.
 
-The script runs as the GPU machine runs it (a subprocess, one multi-process engine with the
-random model loaded by ``load_format="dummy"``, the worker-side timers sent by reference); the
-numbers are meaningless at this size, the test checks that every section is measured and
-written.
+The script runs as the GPU machine runs it (a subprocess, the random model loaded by
+``load_format="dummy"``, the worker-side timers sent by reference), its engines in its own
+process; the numbers are meaningless at this size, the test checks that every section is
+measured and written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
+    # Its engines run in the script's process (vLLM's single-process engine core, see
+    # `tests.engines.start_engine`): on CPU each multi-process start imports vLLM twice more.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--shape", "tiny", "--out",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads((out / "results.json").read_text())
     assert list(doc["sections"]) == list(gpu.SECTIONS)

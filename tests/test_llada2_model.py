@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.engines import dllm_score
 from tests.reference.llada2_model import LLaDA2ReferenceModel
 from tests.tolerances import assert_forward_close
 from tests.worker_probes import model_contract
@@ -42,7 +43,7 @@ def _block_windows(length: int, block: int) -> list[tuple[int, int, int]]:
 
 def _score(llm, canvas: list[int], windows: list[tuple[int, ...]]) -> torch.Tensor:
     """The windows' logits from every rank (identical), concatenated in window order."""
-    ranks = llm.collective_rpc("dllm_score", args=(canvas, windows))
+    ranks = dllm_score(llm, canvas, windows)
     assert all(rank == ranks[0] for rank in ranks)
     return torch.cat([torch.tensor(logits) for logits in ranks[0]])
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids, server_args
+from tests.engines import dllm_score, end_token_ids, server_args
 from tests.oracle_cache import memoized
 from tests.reference import generate
 from tests.reference.llada_moe_model import LLaDAMoEReferenceModel
@@ -170,9 +170,7 @@ def test_logits_equal_oracle(llada_moe_engine, oracle):
     """The full forward equals the oracle's; a DualCache window equals the full forward."""
     canvas = PROMPTS[1] + [MASK] * 8 + [7, 8, 9] + [MASK] * 13
     length, start = len(canvas), len(PROMPTS[1])
-    full, window = llada_moe_engine.collective_rpc(
-        "dllm_score", args=(canvas, [(0, length), (start, start + 8)])
-    )[0]
+    full, window = dllm_score(llada_moe_engine, canvas, [(0, length), (start, start + 8)])[0]
     expected = oracle.forward(torch.tensor(canvas), torch.arange(length))
     assert_forward_close(torch.tensor(full), expected, oracle)
     assert_forward_close(torch.tensor(window), torch.tensor(full)[start : start + 8], oracle)
@@ -185,9 +183,7 @@ def test_variant_logits_and_tokens_equal_oracle(llada_moe_variant_engine, llada_
     oracle = LLaDAMoEReferenceModel(llada_moe_variant_dir)
     canvas = PROMPTS[1] + [MASK] * 8 + [7, 8, 9] + [MASK] * 13
     positions = torch.arange(len(canvas))
-    ((full,),) = llada_moe_variant_engine.collective_rpc(
-        "dllm_score", args=(canvas, [(0, len(canvas))])
-    )
+    ((full,),) = dllm_score(llada_moe_variant_engine, canvas, [(0, len(canvas))])
     expected = oracle.forward(torch.tensor(canvas), positions)
     assert_forward_close(torch.tensor(full), expected, oracle)
     for layer in oracle.layers:

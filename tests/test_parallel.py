@@ -26,7 +26,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engines import end_token_ids, start_tp2_engine
+from tests.engines import dllm_score, end_token_ids, start_tp2_engine, stop_engine
 from tests.reference import bidirectional_oracle
 from tests.tolerances import assert_forward_close
 
@@ -77,7 +77,7 @@ def tp2_engine(family, request):
     """A TP=2 engine on the family's tiny checkpoint; shut down before the next family's."""
     llm = start_tp2_engine(request.getfixturevalue(f"{family}_tiny_dir"))
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    stop_engine(llm)
 
 
 def _run(llm, cases):
@@ -136,9 +136,7 @@ def test_ranks_see_identical_logits(family, tp2_engine, request):
     mask = oracle.spec.mask_token_id
     canvas = PROMPTS[1] + [mask] * 8 + [7, 8, 9] + [mask] * 13
     length, start = len(canvas), len(PROMPTS[1])
-    ranks = tp2_engine.collective_rpc(
-        "dllm_score", args=(canvas, [(0, length), (start, start + 8)])
-    )
+    ranks = dllm_score(tp2_engine, canvas, [(0, length), (start, start + 8)])
     assert len(ranks) == 2
     assert ranks[0] == ranks[1]
     full, cached = (torch.tensor(x) for x in ranks[0])

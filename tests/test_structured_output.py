@@ -69,7 +69,7 @@ def test_constrained_batch_validates_and_leaves_the_others_unchanged(
 
 def test_trained_model_answers_under_a_regex_in_parallel() -> None:
     """`123+989=` under `[0-9]{1,4}`: `1112`, more than one token per forward."""
-    from tests.engines import start_engine
+    from tests.engines import start_engine, stop_engine
 
     llm = start_engine(REPO / "models" / "llada-arith", max_model_len=128)
     try:
@@ -82,7 +82,7 @@ def test_trained_model_answers_under_a_regex_in_parallel() -> None:
             out = llm.generate(["123+989="], sp, use_tqdm=False)[0]
             results[name] = (out.outputs[0].text, out.kv_transfer_params["dllm"])
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        stop_engine(llm)
     text, stats = results["regex"]
     assert text == "1112", results
     assert stats["forwards"] < len("1112"), results  # several digits in one forward

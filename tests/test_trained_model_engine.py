@@ -31,11 +31,11 @@ def eval_module() -> ModuleType:
 def llm():
     """The engine on the shipped model, with `examples/demo.py`'s settings (fp32, eager, max
     model length 128, seed 0)."""
-    from tests.engines import start_engine
+    from tests.engines import start_engine, stop_engine
 
     llm = start_engine(MODEL_DIR, max_model_len=128, max_num_seqs=128)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    stop_engine(llm)
 
 
 @pytest.fixture(scope="module")
