@@ -51,6 +51,7 @@ SHARED_WORKER = {
     "test_server.py": "llada server",
     "test_infill.py": "llada server",
     "test_logprobs.py": "llada server",
+    "test_structured_server.py": "llada server",
     "test_parallel.py": "multi-rank",
     "test_block_parallel.py": "multi-rank",
     "test_ray.py": "multi-rank",
@@ -70,7 +71,6 @@ SLOWEST_FIRST = (
     "test_llada_moe.py",
     "test_structured_output.py",
     "test_shutdown.py",
-    "test_structured_server.py",
     "test_gpu_benchmark_smoke.py",
     "test_cli.py",
     "test_defaults.py",
@@ -217,7 +217,8 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     """The OpenAI-compatible server (`vllm-dllm serve`) on the tiny LLaDA checkpoint.
 
     Started with server-wide defaults (block length 8, PrefixCache); the tests that compare with
-    the offline engine pass every parameter explicitly.
+    the offline engine pass every parameter explicitly. Its structured output has no free
+    whitespace in JSON (vLLM's `disable_any_whitespace`): a random model would pad with it.
     """
     from tests.engines import server_args
     from tests.server import Server
@@ -228,6 +229,8 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             *server_args("tiny-llada"),
             "--dllm-defaults",
             '{"dllm_block_length": 8, "dllm_cache": "prefix"}',
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',
         ],
         tmp_path_factory.mktemp("server") / "server.log",
     )
@@ -330,10 +333,10 @@ def llada_moe_variant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class EnginePool:
     """The session's offline engines, at most `capacity` alive at once.
 
-    An engine process holds about a gigabyte; with every family's engines alive the suite's
-    later tests (Ray, TP=2) ran out of memory on 24 GB machines. Tests use engines in runs (one
-    file after another), so the least recently used one is shut down when another is needed,
-    and started again if a later test asks for it.
+    An engine holds about a gigabyte (its KV cache); with every family's engines alive the
+    suite's later tests (Ray, TP=2) ran out of memory on 24 GB machines. Tests use engines in
+    runs (one file after another), so the least recently used one is shut down when another is
+    needed, and started again if a later test asks for it.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -364,8 +367,9 @@ class EnginePool:
 
 @pytest.fixture(scope="session")
 def engine_pool() -> Iterator[EnginePool]:
-    # Under xdist two workers hold pools side by side: two engines each.
-    pool = EnginePool(capacity=2 if os.environ.get("PYTEST_XDIST_WORKER") else 3)
+    # Under xdist two workers hold pools side by side: three engines each (a file's tests may
+    # use an eager and a compiled engine of one family beside the other family's).
+    pool = EnginePool(capacity=3 if os.environ.get("PYTEST_XDIST_WORKER") else 4)
     yield pool
     pool.close()
 

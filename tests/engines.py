@@ -29,13 +29,14 @@ MAX_MODEL_LEN = 512
 def start_engine(checkpoint: Path, *, in_process: bool = True, **kwargs):
     """A real `vllm.LLM` on `checkpoint` in fp32 (exact comparisons with the oracle).
 
-    `in_process` runs vLLM's engine core and its one worker in this process
-    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, vLLM's single-process executor), as vLLM's own tests
-    do. On CPU the default start spawns an engine-core process and a worker process, each of
-    which imports vLLM again: about 40 s on 2 cores, against under 10 s in process. The
-    scheduler, worker, model and step are the same objects either way; the servers, the
-    tensor-parallel and Ray engines, and the server-against-offline comparisons keep vLLM's
-    process layout, so the hand-over between processes is tested there.
+    `in_process` runs vLLM's engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+    as vLLM's own tests do), and with one rank its worker too (vLLM's single-process executor;
+    tensor parallelism keeps a process per rank). On CPU the default start spawns an
+    engine-core process and a worker process, each of which imports vLLM again: about 40 s on
+    2 cores, against under 10 s in process. The scheduler, worker, model and step are the same
+    objects either way; the servers, the Ray engines and the multi-rank workers keep processes
+    of their own, and the server-against-offline comparisons check that the hand-over between
+    processes changes nothing.
     """
     import gc
 
@@ -63,6 +64,10 @@ def start_engine(checkpoint: Path, *, in_process: bool = True, **kwargs):
         # The in-process engine core froze vLLM's view of the environment
         # (`enable_envs_cache`); later engines in this process read theirs afresh.
         vllm.envs.disable_envs_cache()
+        # vLLM's CPU worker names its shared-memory group in the environment, read once at its
+        # start; the servers and commands started later would inherit a variable vLLM itself
+        # reports as unknown.
+        os.environ.pop("VLLM_DIST_IDENT", None)
 
 
 def dllm_score(llm, canvas: list[int], windows: list[tuple[int, ...]]) -> list:
@@ -163,13 +168,13 @@ def _environment(values: dict[str, str]):
 
 
 def start_tp2_engine(checkpoint: Path, **kwargs):
-    """`start_engine` with tensor parallelism 2 on CPU (multiprocess backend), its workers
-    extended with `CanvasRecorder`, under `TP_ENGINE_ENV`. Start it after the previous TP
-    engine is shut down: two ranks already fill the two cores."""
+    """`start_engine` with tensor parallelism 2 on CPU (multiprocess backend: a process per
+    rank; the engine core in this process), its workers extended with `CanvasRecorder`, under
+    `TP_ENGINE_ENV`. Start it after the previous TP engine is shut down: two ranks already fill
+    the two cores."""
     with _environment(TP_ENGINE_ENV):
         return start_engine(
             checkpoint,
-            in_process=False,
             tensor_parallel_size=2,
             distributed_executor_backend="mp",
             worker_extension_cls=f"{__name__}.CanvasRecorder",

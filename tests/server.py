@@ -66,6 +66,13 @@ class Server:
     exactly as the README does: from the repository root, with a relative model path.
     `new_session` puts it in a process group of its own, which a test can signal as a terminal's
     Ctrl-C does (every process of the server at once).
+
+    `worker_in_engine_core` runs the model's one worker inside the engine-core process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which vLLM's CPU platform needs for its single-process
+    executor; the API server still starts the engine core as a process of its own). That is
+    the layout of a one-GPU server; on CPU vLLM otherwise spawns a worker process as well, one
+    more import of vLLM (about 10 s) per start. The servers started exactly as the README says,
+    and the shutdown tests, keep vLLM's CPU layout.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class Server:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         new_session: bool = False,
+        worker_in_engine_core: bool = True,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -91,6 +99,8 @@ class Server:
             *args,
         ]
         environment = {**os.environ, **(env or {})}
+        if worker_in_engine_core:
+            environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

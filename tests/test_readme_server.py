@@ -53,6 +53,7 @@ def readme_server(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("readme_server") / "server.log",
         cwd=REPO,
         env={**env, "VLLM_LOG_STATS_INTERVAL": "1"},
+        worker_in_engine_core=False,
     )
     server.wait_ready()
     yield server

@@ -127,6 +127,7 @@ def start_server(tmp_path: Path, timeout_s: int, new_session: bool = False) -> S
         cwd=REPO,
         env=ENV,
         new_session=new_session,
+        worker_in_engine_core=False,
     )
     server.wait_ready()
     return server

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -23,26 +22,10 @@ XARGS = {"dllm_cache": "dual", "dllm_threshold": 0.9, "dllm_block_length": 8}
 
 
 @pytest.fixture(scope="module")
-def structured_client(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A LLaDA server whose JSON has no free whitespace (vLLM's `disable_any_whitespace`: a
-    random model would pad with it forever)."""
-    import openai
-
-    from tests.engines import server_args
-    from tests.server import Server
-
-    server = Server(
-        llada_tiny_dir,
-        [
-            *server_args(MODEL),
-            "--structured-outputs-config",
-            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
-        ],
-        tmp_path_factory.mktemp("structured_server") / "server.log",
-    )
-    server.wait_ready()
-    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    server.stop()
+def structured_client(client):
+    """The LLaDA server's client (`llada_server`): its JSON has no free whitespace (vLLM's
+    `disable_any_whitespace`: a random model would pad with it forever)."""
+    return client
 
 
 def _complete(client, prompt: str, structured: dict, **options):
