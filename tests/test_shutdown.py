@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,16 +134,19 @@ def start_server(tmp_path: Path, timeout_s: int, new_session: bool = False) -> S
     return server
 
 
-def wait_in_engine(server: Server, count: int, timeout: float = 120.0) -> None:
+def wait_in_engine(
+    server: Server, count: int, answered: Sequence[Call] = (), timeout: float = 120.0
+) -> None:
     """Wait until the engine holds `count` requests (running or waiting), so that they are in
     flight when the test signals the server (on a loaded machine a request sent just before may
-    otherwise arrive after the signal, and get the 503)."""
+    otherwise arrive after the signal, and get the 503). The calls in `answered` count once
+    their answer is complete: a short request can finish between two reads of the metrics."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         held = metric_value(server, "vllm:num_requests_running") + metric_value(
             server, "vllm:num_requests_waiting"
         )
-        if held >= count:
+        if held + sum(not call.thread.is_alive() for call in answered) >= count:
             return
         time.sleep(0.2)
     pytest.fail(f"the engine never held {count} requests:\n{server.log()}")
@@ -220,7 +224,7 @@ def test_sigterm_drains_then_ends_the_rest_explicitly_and_exits_in_time(tmp_path
             Call(server.url, body(SHORT_TOKENS, SHORT_XARGS, stream)).start()
             for stream in (True, False)
         ]
-        wait_in_engine(server, len(longs) + 1 + len(shorts))
+        wait_in_engine(server, len(longs) + 1 + len(shorts), answered=shorts)
         server.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         time.sleep(0.5)
