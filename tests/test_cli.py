@@ -1,7 +1,8 @@
 """The `vllm-dllm` command, the example scripts' `--help` and start-up refusals (no engine runs).
 
-Every test here runs the real command or builds vLLM's real engine configuration; none starts
-an engine, so they take seconds each (mostly vLLM's import).
+Every test here runs the real command (the help pages: its entry point, in one process) or
+builds vLLM's real engine configuration; none starts an engine, so they take seconds each
+(mostly vLLM's import).
 """
 
 from __future__ import annotations
@@ -36,29 +37,67 @@ def run(*command: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def test_serve_help_lists_our_group():
-    result = run(VLLM_DLLM, "serve", "--help")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: vllm-dllm serve")
-    assert "vllm-dllm (diffusion LLMs): --dllm-defaults JSON" in result.stdout
-    assert "--diffusion-config does not apply" in result.stdout
-    assert "Details: vllm-dllm serve --help=vllm-dllm." in result.stdout
-    assert "For full list:            vllm-dllm serve --help=all" in result.stdout
+HELP_COMMANDS = (
+    ("serve", "--help"),
+    ("--help",),
+    ("serve", "--help=vllm-dllm"),
+    ("serve", "--help=all"),
+    ("serve", "--help=dllm-defaults"),
+)
 
 
-def test_help_footer_names_our_command():
-    result = run(VLLM_DLLM, "--help")
+@pytest.fixture(scope="module")
+def help_pages() -> dict[tuple[str, ...], tuple[int, str]]:
+    """`vllm-dllm ARGS` for each of `HELP_COMMANDS`: exit status and stdout.
+
+    One process runs the command's entry point (`vllm_dllm.cli:main`, what the `vllm-dllm`
+    script calls) once per command line, which prints the same bytes as separate runs of the
+    script: each run would spend its seconds importing vLLM. The other tests here run the
+    script itself.
+    """
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from vllm_dllm.cli import main\n"
+        "pages = []\n"
+        f"for args in {HELP_COMMANDS!r}:\n"
+        "    sys.argv, out, status = ['vllm-dllm', *args], io.StringIO(), 0\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            main()\n"
+        "        except SystemExit as stop:\n"
+        "            status = stop.code or 0\n"
+        "    pages.append((status, out.getvalue()))\n"
+        "print(json.dumps(pages))\n"
+    )
+    result = run(sys.executable, "-c", probe)
     assert result.returncode == 0, result.stderr
-    assert "vllm-dllm [subcommand] --help=all" in result.stdout
-    assert "vllm [subcommand]" not in result.stdout
+    pages = json.loads(result.stdout)
+    return {args: (status, text) for args, (status, text) in zip(HELP_COMMANDS, pages, strict=True)}
+
+
+def test_serve_help_lists_our_group(help_pages):
+    status, text = help_pages["serve", "--help"]
+    assert status == 0
+    assert text.startswith("usage: vllm-dllm serve")
+    assert "vllm-dllm (diffusion LLMs): --dllm-defaults JSON" in text
+    assert "--diffusion-config does not apply" in text
+    assert "Details: vllm-dllm serve --help=vllm-dllm." in text
+    assert "For full list:            vllm-dllm serve --help=all" in text
+
+
+def test_help_footer_names_our_command(help_pages):
+    status, text = help_pages["--help",]
+    assert status == 0
+    assert "vllm-dllm [subcommand] --help=all" in text
+    assert "vllm [subcommand]" not in text
 
 
 @pytest.mark.parametrize("search", ["--help=vllm-dllm", "--help=all", "--help=dllm-defaults"])
-def test_serve_help_documents_dllm_defaults(search):
-    result = run(VLLM_DLLM, "serve", search)
-    assert result.returncode == 0, result.stderr
+def test_serve_help_documents_dllm_defaults(help_pages, search):
+    status, page = help_pages["serve", search]
+    assert status == 0
     # argparse wraps help lines after hyphens too ("--diffusion-" / "config"): undo both.
-    text = " ".join(result.stdout.split()).replace("- ", "-")
+    text = " ".join(page.split()).replace("- ", "-")
     assert "--dllm-defaults JSON" in text
     assert "--help=vllm-dllm" not in text or search != "--help=vllm-dllm"  # not to itself
     assert "Server-wide defaults for the per-request diffusion parameters" in text

@@ -222,7 +222,11 @@ def test_batch_job_equals_single_engine(ray_cluster, llada_tiny_dir, llada_engin
         model=str(llada_tiny_dir),
         num_replicas=2,
         engine_kwargs=ENGINE_KWARGS,
-        actor_options=ray_batch.replica_options(cpu=True),
+        # Each actor's engine core and worker in the actor's process (vLLM's single-process
+        # engine, see `tests.engines.start_engine`): on CPU each would import vLLM again.
+        actor_options=ray_batch.replica_options(
+            cpu=True, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+        ),
     )
     expected = llada_engine.generate(
         [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in BATCH_PROMPTS],
