@@ -305,8 +305,14 @@ def plugin_log(caplog):
     """Capture the plugin's log records (once each). Its loggers are under vLLM's `vllm`
     logger, which vLLM may have configured not to propagate to the root logger, where `caplog`
     listens."""
+    from vllm.config import LoggingConfig
+    from vllm.logger import configure_logging_if_needed
+
     from vllm_dllm.logger import ROOT
 
+    # vLLM applies its logging configuration at a process's first engine configuration, which
+    # resets the handlers of the loggers below `vllm`: apply it first, as that call will find it.
+    configure_logging_if_needed(LoggingConfig())
     logger = logging.getLogger(ROOT)
     level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
