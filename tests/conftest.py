@@ -7,6 +7,7 @@ that keeps a few alive (`EnginePool`).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -220,7 +221,7 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     the offline engine pass every parameter explicitly. Its structured output has no free
     whitespace in JSON (vLLM's `disable_any_whitespace`): a random model would pad with it.
     """
-    from tests.engines import server_args
+    from tests.engines import NO_FREE_WHITESPACE, server_args
     from tests.server import Server
 
     server = Server(
@@ -230,7 +231,7 @@ def llada_server(llada_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             "--dllm-defaults",
             '{"dllm_block_length": 8, "dllm_cache": "prefix"}',
             "--structured-outputs-config",
-            '{"backend": "xgrammar", "disable_any_whitespace": true}',
+            json.dumps(NO_FREE_WHITESPACE),
         ],
         tmp_path_factory.mktemp("server") / "server.log",
     )

@@ -24,6 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 MAX_MODEL_LEN = 512
+#: vLLM's single-process engine: the engine core in the process that starts the engine, and with
+#: one rank its worker too (see `start_engine`).
+IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+#: vLLM's structured-output options for the tests: JSON without free whitespace, with which a
+#: random model would pad a constrained answer forever.
+NO_FREE_WHITESPACE = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 def start_engine(checkpoint: Path, *, in_process: bool = True, **kwargs):
@@ -58,7 +64,7 @@ def start_engine(checkpoint: Path, *, in_process: bool = True, **kwargs):
     import vllm.envs
 
     try:
-        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        with _environment(IN_PROCESS_ENV):
             return LLM(**options)
     finally:
         # The in-process engine core froze vLLM's view of the environment

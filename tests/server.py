@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from tests.engines import IN_PROCESS_ENV
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -100,7 +102,7 @@ class Server:
         ]
         environment = {**os.environ, **(env or {})}
         if worker_in_engine_core:
-            environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            environment.update(IN_PROCESS_ENV)
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

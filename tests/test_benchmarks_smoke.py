@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks import engine_job, report, run
 from benchmarks.run import TINY_MODEL, write_llama_like
+from tests.engines import IN_PROCESS_ENV
 from vllm_dllm.testing.checkpoints import write_llada_checkpoint
 
 
@@ -25,7 +26,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
     # The job's engine runs in its process (vLLM's single-process engine core, see
     # `tests.engines.start_engine`): the smoke test checks what is measured and written.
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        for name, value in IN_PROCESS_ENV.items():
+            env.setenv(name, value)
         doc = run.main(["--smoke", "--out", str(out)])
     return doc, out
 

@@ -21,7 +21,7 @@ import pytest
 import requests
 from vllm import SamplingParams
 
-from tests.engines import server_args
+from tests.engines import NO_FREE_WHITESPACE, server_args
 from tests.server import Server, assert_completion_equals_offline, metric_value
 from tests.structured_cases import MAX_TOKENS as CONSTRAINED_MAX_TOKENS
 from tests.structured_cases import cases
@@ -29,9 +29,6 @@ from vllm_dllm.testing.block_checkpoints import IM_END, IM_START
 from vllm_dllm.testing.llada2_checkpoints import ROLE_END
 
 pytestmark = pytest.mark.server
-
-#: vLLM's structured-output options for these servers: JSON without free whitespace.
-NO_FREE_WHITESPACE = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 #: Per family: served name, the parameters the equality tests send, and requests the family
 #: refuses (parameters of other families, or values outside its own) with the name to expect.
@@ -102,7 +99,6 @@ def server(family, request, tmp_path_factory):
         checkpoint,
         server_args(FAMILIES[family]["model"])
         + (["--dllm-defaults", json.dumps(defaults)] if defaults else [])
-        # JSON without free whitespace: a random model would pad a constrained answer with it.
         + ["--structured-outputs-config", json.dumps(NO_FREE_WHITESPACE)],
         tmp_path_factory.mktemp(f"{family}_server") / "server.log",
     )
@@ -293,7 +289,6 @@ def test_shared_prefix_hits_the_prefix_cache_and_answers_as_a_cold_run(family, c
     # may have left the first one's in the cache too).
     assert metric_value(server, "vllm:prefix_cache_hits_total") - hits >= 256
     assert metric_value(server, "vllm:prefix_cache_queries_total") - queries >= 2 * 300
-
 
 
 def test_constrained_requests_validate_and_stream_alike(family, client):

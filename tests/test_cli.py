@@ -8,6 +8,7 @@ builds vLLM's real engine configuration; none starts an engine, so they take sec
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -338,9 +339,7 @@ def plugin_lines(caplog, level: int) -> list[str]:
 def test_start_up_says_what_the_plugin_set_and_what_it_overrode(llada_tiny_dir, caplog):
     """One INFO line with the plugin's settings; a WARNING naming an explicit setting it turns
     off (vLLM's `--enable-prefix-caching`)."""
-    def lines(level: int) -> list[str]:
-        return plugin_lines(caplog, level)
-
+    lines = functools.partial(plugin_lines, caplog)
     with plugin_log(caplog):
         engine_config(llada_tiny_dir)
     info = lines(logging.INFO)
@@ -369,9 +368,7 @@ def test_prefix_caching_stays_on_for_block_diffusion_and_warns_for_dream(
     """Block-diffusion families keep vLLM's prefix caching (on by default, off when asked); an
     explicit request for it on Dream is overridden with a WARNING that names the setting, the
     model and the reason."""
-    def lines(level: int) -> list[str]:
-        return plugin_lines(caplog, level)
-
+    lines = functools.partial(plugin_lines, caplog)
     with plugin_log(caplog):
         assert engine_config(sdar_tiny_dir).cache_config.enable_prefix_caching is True
         assert engine_config(

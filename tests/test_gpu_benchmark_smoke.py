@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu
+from tests.engines import IN_PROCESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def test_tiny_profile_measures_every_section(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     # Its engines run in the script's process (vLLM's single-process engine core, see
     # `tests.engines.start_engine`): on CPU each multi-process start imports vLLM twice more.
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, **IN_PROCESS_ENV}
     proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--shape", "tiny", "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=env)

@@ -33,7 +33,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from tests import scripts  # noqa: E402
-from tests.engines import MAX_MODEL_LEN, server_args  # noqa: E402
+from tests.engines import IN_PROCESS_ENV, MAX_MODEL_LEN, server_args  # noqa: E402
 from tests.server import assert_completion_equals_offline, free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -225,7 +225,7 @@ def test_batch_job_equals_single_engine(ray_cluster, llada_tiny_dir, llada_engin
         # Each actor's engine core and worker in the actor's process (vLLM's single-process
         # engine, see `tests.engines.start_engine`): on CPU each would import vLLM again.
         actor_options=ray_batch.replica_options(
-            cpu=True, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+            cpu=True, runtime_env={"env_vars": IN_PROCESS_ENV}
         ),
     )
     expected = llada_engine.generate(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engines import NO_FREE_WHITESPACE
 from tests.structured_cases import MAX_TOKENS, cases
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,10 +24,8 @@ FAMILIES = {
     "sdar": "sdar_tiny_dir",
     "llada2": "llada2_tiny_dir",
 }
-#: vLLM's option: JSON without free whitespace (a random model would pad with it forever).
-NO_FREE_WHITESPACE = {
-    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}
-}
+#: The engine option for JSON without free whitespace.
+STRUCTURED = {"structured_outputs_config": NO_FREE_WHITESPACE}
 
 
 def _params(spec: dict | None, seed: int | None = None, temperature: float = 0.0):
@@ -46,7 +45,7 @@ def test_constrained_batch_validates_and_leaves_the_others_unchanged(
     family: str, engine_pool, request: pytest.FixtureRequest
 ) -> None:
     checkpoint = request.getfixturevalue(FAMILIES[family])
-    llm = engine_pool.engine(f"{family}_structured", checkpoint, **NO_FREE_WHITESPACE)
+    llm = engine_pool.engine(f"{family}_structured", checkpoint, **STRUCTURED)
     free_prompts = ["The cat", "Numbers: 1 2 3", "Hello"]
     free = [_params(None), _params(None), _params(None, seed=7, temperature=1.0)]
     alone = [o.outputs[0].token_ids for o in llm.generate(free_prompts, free, use_tqdm=False)]
@@ -94,7 +93,7 @@ def test_a_constrained_step_still_reads_the_device_once(engine_pool, llada_tiny_
     of a batch mixing constrained and free requests makes exactly one host read."""
     from tests.worker_probes import start_counting_host_reads, stop_counting_host_reads
 
-    llm = engine_pool.engine("llada_structured", llada_tiny_dir, **NO_FREE_WHITESPACE)
+    llm = engine_pool.engine("llada_structured", llada_tiny_dir, **STRUCTURED)
     constrained = cases(4)
     params = [_params(c.spec) for c in constrained] + [_params(None), _params(None, 5, 1.0)]
     llm.collective_rpc(start_counting_host_reads)

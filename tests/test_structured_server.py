@@ -3,7 +3,9 @@
 Every request form vLLM's server offers (`response_format` `json_schema` / `json_object`,
 `structured_outputs` with `json`, `regex`, `choice`, `grammar`) returns text the constraint
 accepts; streamed text equals the non-streamed text; stop strings and `n > 1` work as
-without a constraint; an invalid schema is a 400 and the server keeps serving.
+without a constraint; an invalid schema is a 400 and the server keeps serving. The server is
+the session's LLaDA server (`llada_server`, through the `client` fixture), whose JSON has no
+free whitespace.
 """
 
 from __future__ import annotations
@@ -21,13 +23,6 @@ MODEL = "tiny-llada"
 XARGS = {"dllm_cache": "dual", "dllm_threshold": 0.9, "dllm_block_length": 8}
 
 
-@pytest.fixture(scope="module")
-def structured_client(client):
-    """The LLaDA server's client (`llada_server`): its JSON has no free whitespace (vLLM's
-    `disable_any_whitespace`: a random model would pad with it forever)."""
-    return client
-
-
 def _complete(client, prompt: str, structured: dict, **options):
     extra_body = {"structured_outputs": structured, "vllm_xargs": XARGS}
     return client.completions.create(
@@ -36,11 +31,11 @@ def _complete(client, prompt: str, structured: dict, **options):
     )  # fmt: skip
 
 
-def test_every_request_form_returns_valid_output(structured_client) -> None:
+def test_every_request_form_returns_valid_output(client) -> None:
     constrained = cases(20)
 
     def one(i: int):
-        return _complete(structured_client, f"Answer {i}:", constrained[i].spec).choices[0]
+        return _complete(client, f"Answer {i}:", constrained[i].spec).choices[0]
 
     with ThreadPoolExecutor(8) as pool:
         choices = list(pool.map(one, range(len(constrained))))
@@ -49,13 +44,13 @@ def test_every_request_form_returns_valid_output(structured_client) -> None:
         assert case.valid(choice.text), (case.spec, choice.text)
 
     grammar = 'root ::= "x" digit digit\ndigit ::= [0-9]'
-    text = _complete(structured_client, "G:", {"grammar": grammar}).choices[0].text
+    text = _complete(client, "G:", {"grammar": grammar}).choices[0].text
     assert re.fullmatch("x[0-9][0-9]", text), text
 
     import jsonschema
 
     schema = SCHEMAS[0]
-    chat = structured_client.chat.completions.create(
+    chat = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "A colour and a count, please."}],
         max_tokens=MAX_TOKENS,
@@ -69,7 +64,7 @@ def test_every_request_form_returns_valid_output(structured_client) -> None:
     assert chat.finish_reason == "stop", chat.message.content
     jsonschema.validate(json.loads(chat.message.content), schema)
 
-    anything = structured_client.chat.completions.create(
+    anything = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Any JSON object."}],
         max_tokens=MAX_TOKENS,
@@ -84,24 +79,24 @@ def test_every_request_form_returns_valid_output(structured_client) -> None:
         assert isinstance(json.loads(content), dict), content
 
 
-def test_streamed_text_equals_non_streamed(structured_client) -> None:
+def test_streamed_text_equals_non_streamed(client) -> None:
     for i, case in enumerate(cases(6)):
-        whole = _complete(structured_client, f"S{i}:", case.spec).choices[0]
-        stream = _complete(structured_client, f"S{i}:", case.spec, stream=True)
+        whole = _complete(client, f"S{i}:", case.spec).choices[0]
+        stream = _complete(client, f"S{i}:", case.spec, stream=True)
         chunks = list(stream)
         streamed = "".join(c.choices[0].text for c in chunks if c.choices)
         assert streamed == whole.text, case.spec
         assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "stop"
 
 
-def test_stop_strings_and_several_samples_under_a_constraint(structured_client) -> None:
+def test_stop_strings_and_several_samples_under_a_constraint(client) -> None:
     regex = "[a-f]{2,5}-[0-9]{2}"
-    full = _complete(structured_client, "Code:", {"regex": regex}).choices[0].text
+    full = _complete(client, "Code:", {"regex": regex}).choices[0].text
     assert re.fullmatch(regex, full), full
-    cut = _complete(structured_client, "Code:", {"regex": regex}, stop=["-"]).choices[0]
+    cut = _complete(client, "Code:", {"regex": regex}, stop=["-"]).choices[0]
     assert cut.text == full.split("-")[0] and cut.finish_reason == "stop", (full, cut.text)
 
-    response = structured_client.completions.create(
+    response = client.completions.create(
         model=MODEL, prompt="Pick:", max_tokens=MAX_TOKENS, temperature=1.0, seed=3, n=4,
         extra_body={"structured_outputs": {"choice": ["alpha", "beta", "gamma"]},
                     "vllm_xargs": XARGS},
@@ -110,11 +105,11 @@ def test_stop_strings_and_several_samples_under_a_constraint(structured_client) 
     assert all(c.text in ("alpha", "beta", "gamma") for c in response.choices), response
 
 
-def test_invalid_constraints_are_400_and_the_server_serves_on(structured_client) -> None:
+def test_invalid_constraints_are_400_and_the_server_serves_on(client) -> None:
     import openai
 
     with pytest.raises(openai.BadRequestError):
-        structured_client.chat.completions.create(
+        client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=8,
@@ -124,9 +119,9 @@ def test_invalid_constraints_are_400_and_the_server_serves_on(structured_client)
             },
         )
     with pytest.raises(openai.BadRequestError, match="dllm_suffix"):
-        structured_client.completions.create(
+        client.completions.create(
             model=MODEL, prompt="a", suffix="b", max_tokens=8,
             extra_body={"structured_outputs": {"regex": "[0-9]+"}},
         )  # fmt: skip
-    text = _complete(structured_client, "After:", {"choice": ["up", "down"]}).choices[0].text
+    text = _complete(client, "After:", {"choice": ["up", "down"]}).choices[0].text
     assert text in ("up", "down")
